@@ -1,8 +1,31 @@
-// Package certmgr makes automatic HTTPS certificates from
-// golang.org/x/crypto/acme/autocert safe to run in production.
 package certmgr
 
-import "errors"
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	mathrand "math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
+	"golang.org/x/sync/singleflight"
+)
 
 // Errors that callers branch on with errors.Is. Each error certmgr returns
 // for one of these reasons wraps the sentinel together with the detail.
@@ -15,3 +38,970 @@ var (
 	// cluster (or a CAA record forbids the CA).
 	ErrDNSNotReady = errors.New("certmgr: DNS not ready")
 )
+
+// Config configures a Manager. Only Autocert is required; every other
+// field has a usable zero value.
+type Config struct {
+	// Autocert holds the ACME settings (required). Its Cache, HostPolicy,
+	// Client, Email, RenewBefore, Prompt, ExtraExtensions and
+	// ExternalAccountBinding are used as they are. certmgr reads them once,
+	// in New, and never changes the Manager: it runs autocert.Managers of
+	// its own built from them, so do not use Autocert's own
+	// GetCertificate, TLSConfig or HTTPHandler next to certmgr's.
+	//
+	// If Autocert.Client is nil, certmgr's client talks to
+	// autocert.DefaultACMEDirectory. If its RetryBackoff is nil, certmgr
+	// sets one that surfaces a 429 at once and retries only short faults.
+	Autocert *autocert.Manager
+
+	// Logger receives certmgr's structured logs. If nil, slog.Default() is used.
+	Logger *slog.Logger
+
+	// OnEvent, if not nil, is called with every event certmgr logs, in
+	// order, synchronously, from the goroutine where it happened (a
+	// handshake, a Provision, an attempt or a renewal) and with no lock
+	// held: it may call Status and Domains. It must not block for long.
+	OnEvent func(Event)
+
+	// HandshakeTimeout is how long a handshake waits for a certificate
+	// before it gets a self-signed fallback; the attempt goes on in the
+	// background. If zero, DefaultHandshakeTimeout (10 s).
+	HandshakeTimeout time.Duration
+
+	// Backoff is the schedule of ACME attempts after consecutive failures.
+	// If zero, DefaultBackoff. The CA's Retry-After always wins over it.
+	Backoff Backoff
+
+	// AuthzBudget is the most failed authorizations an attempt may risk
+	// per domain in any rolling hour; an attempt counts one per challenge
+	// type autocert may try (two when HTTPHandler is in use). If zero, 4:
+	// one less than Let's Encrypt's limit of 5, so the operator keeps one.
+	AuthzBudget int
+
+	// KnownIPs are the addresses the cluster serves on. Before every ACME
+	// attempt, the domain's A and AAAA records must all be among them. If
+	// empty, DNS is not checked.
+	KnownIPs []netip.Addr
+
+	// Resolvers are the DNS servers ("host:port") the pre-check asks. If
+	// empty, the nameservers of /etc/resolv.conf.
+	Resolvers []string
+
+	// CAAIdentities are the CA's identities in CAA records. If empty,
+	// "letsencrypt.org" when the directory is Let's Encrypt's; otherwise
+	// CAA is not checked.
+	CAAIdentities []string
+
+	// DNSRecheck is the schedule of DNS rechecks after a failed pre-check.
+	// If zero, DefaultDNSRecheck (30 s growing to 10 min).
+	DNSRecheck Backoff
+
+	// MaxDomains bounds how many domains certmgr tracks at once. Domains
+	// with a certificate or a failure to remember are kept; others make
+	// room. If zero, 10,000.
+	MaxDomains int
+
+	// MaxFallbacks bounds how many fallback certificates are kept. If
+	// zero, 1,024.
+	MaxFallbacks int
+
+	nowFunc       func() time.Time // the clock; if nil, time.Now
+	randFunc      func() float64   // jitter source in [0, 1); if nil, math/rand/v2
+	cacheRetry    time.Duration    // how often failed cache writes are retried; if zero, 30 s
+	dnsTimeout    time.Duration    // per DNS query; if zero, CheckDNS's default
+	maxInFlight   int              // concurrent attempts; if zero, 64
+	renewalMaxAge time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
+}
+
+// Manager obtains, renews and serves certificates through autocert, with
+// backoff, a DNS pre-check, a handshake timeout and status reporting. Create
+// one with New; its methods are safe for concurrent use.
+type Manager struct {
+	cfg       Config // defaults applied
+	log       *slog.Logger
+	onEvent   func(Event)
+	now       func() time.Time
+	rand      func() float64
+	timeout   time.Duration
+	cache     *certCache
+	client    *acme.Client // shared by every autocert.Manager
+	obs       *acmeObserver
+	dns       *dnsChecker // nil when KnownIPs is empty
+	fallbacks *fallbackStore
+	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
+	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
+	loads     singleflight.Group
+
+	accountMu sync.Mutex // guards the setting of client.Key
+
+	servedMu sync.RWMutex
+	served   map[certKey]*tls.Certificate // valid certificates, by name and key type
+
+	stateMu   sync.Mutex
+	domains   map[string]*domain
+	queue     []string // domain names, oldest first: where room is made
+	inFlight  int      // attempts running in goroutines
+	http01    bool     // HTTPHandler was called
+	persistMu sync.Mutex
+
+	ctx    context.Context // ends at Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // attempts and the cache retry loop
+	closed atomic.Bool
+	once   sync.Once
+}
+
+// domain is what certmgr knows of one normalised name. Its fields are
+// guarded by Manager.stateMu.
+type domain struct {
+	name     string
+	fail     failureRecord
+	lastErr  error             // the last failure, as returned (not persisted)
+	attempt  *attempt          // in flight, or nil
+	am       *autocert.Manager // this domain's autocert; nil until needed
+	loading  bool              // am is reading the cache: no order may start
+	loaded   [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
+	notAfter time.Time         // expiry of the newest certificate served
+	dnsErr   error             // the failed pre-check, nil when it passed
+	dnsFails int               // consecutive failed pre-checks
+	dnsNext  time.Time         // next pre-check
+	logged   bool              // a fallback was logged since the last change
+}
+
+// attempt is one ACME attempt for a domain: started by a handshake or
+// Provision (a goroutine runs it) or by autocert's renewal timer (seen
+// only through the ACME traffic).
+type attempt struct {
+	path  string
+	start time.Time
+	done  chan struct{} // closed when cert and err are set
+
+	cert *tls.Certificate
+	err  error
+
+	// What the CA said, from the traffic; guarded by Manager.stateMu.
+	orders      int
+	authzFailed int
+	problem     string
+	challenge   string
+	rateLimited bool
+	retryAfter  time.Time
+}
+
+// New returns a Manager for cfg. It reads the persisted failure cache, so
+// that Status reports every domain's state at once; it starts no ACME
+// request.
+func New(cfg Config) (*Manager, error) {
+	if cfg.Autocert == nil {
+		return nil, errors.New("certmgr: Config.Autocert is nil; it is required")
+	}
+	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 {
+		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains or MaxFallbacks")
+	}
+	for _, r := range cfg.Resolvers {
+		if _, _, err := net.SplitHostPort(r); err != nil {
+			return nil, fmt.Errorf("certmgr: resolver %q is not host:port: %v", r, err)
+		}
+	}
+	m := &Manager{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		onEvent: cfg.OnEvent,
+		now:     cfg.nowFunc,
+		rand:    cfg.randFunc,
+		timeout: cfg.HandshakeTimeout,
+		served:  make(map[certKey]*tls.Certificate),
+		domains: make(map[string]*domain),
+	}
+	if m.log == nil {
+		m.log = slog.Default()
+	}
+	if m.now == nil {
+		m.now = time.Now
+	}
+	if m.rand == nil {
+		m.rand = mathrand.Float64
+	}
+	if m.timeout == 0 {
+		m.timeout = DefaultHandshakeTimeout
+	}
+	m.cfg.Backoff = cfg.Backoff.withDefaults(DefaultBackoff)
+	m.cfg.DNSRecheck = cfg.DNSRecheck.withDefaults(DefaultDNSRecheck)
+	m.cfg.AuthzBudget = cmpOr(cfg.AuthzBudget, 4)
+	m.cfg.MaxDomains = cmpOr(cfg.MaxDomains, 10000)
+	m.cfg.MaxFallbacks = cmpOr(cfg.MaxFallbacks, 1024)
+	m.cfg.cacheRetry = cmpOr(cfg.cacheRetry, 30*time.Second)
+	m.cfg.maxInFlight = cmpOr(cfg.maxInFlight, 64)
+	m.cfg.renewalMaxAge = cmpOr(cfg.renewalMaxAge, 15*time.Minute)
+
+	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
+	if err != nil {
+		return nil, fmt.Errorf("certmgr: fallback key: %w", err)
+	}
+	m.fallbacks = fb
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.cache = newCertCache(cfg.Autocert.Cache)
+	m.cache.onPut = m.certStored
+	m.cache.onError = func(op, key string, err error) {
+		m.emit(Event{Kind: EventCacheError, Time: m.now(), Domain: certKeyOf(key).domain,
+			Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)})
+	}
+
+	user := cfg.Autocert.Client
+	if user == nil {
+		user = &acme.Client{DirectoryURL: autocert.DefaultACMEDirectory}
+	}
+	var next http.RoundTripper
+	if user.HTTPClient != nil {
+		next = user.HTTPClient.Transport
+	}
+	m.obs = newACMEObserver(next)
+	m.obs.admit = m.admitOrder
+	m.obs.report = m.observed
+	m.obs.closed = m.closed.Load
+	httpClient := &http.Client{Transport: m.obs}
+	if user.HTTPClient != nil {
+		httpClient.Timeout = user.HTTPClient.Timeout
+		httpClient.CheckRedirect = user.HTTPClient.CheckRedirect
+		httpClient.Jar = user.HTTPClient.Jar
+	}
+	m.client = &acme.Client{
+		Key:          user.Key,
+		HTTPClient:   httpClient,
+		DirectoryURL: cmpOr(user.DirectoryURL, autocert.DefaultACMEDirectory),
+		RetryBackoff: user.RetryBackoff,
+		UserAgent:    cmpOr(user.UserAgent, "certmgr"),
+		KID:          user.KID,
+	}
+	if m.client.RetryBackoff == nil {
+		m.client.RetryBackoff = retryBackoff
+	}
+
+	if len(cfg.KnownIPs) > 0 {
+		caa := cfg.CAAIdentities
+		if len(caa) == 0 && isLetsEncrypt(m.client.DirectoryURL) {
+			caa = []string{"letsencrypt.org"}
+		}
+		opts := DNSCheck{KnownIPs: cfg.KnownIPs, Resolvers: cfg.Resolvers, CAAIdentities: caa, Timeout: cfg.dnsTimeout}
+		m.dns = newDNSChecker(opts, m.cfg.DNSRecheck.step(1), m.now)
+	}
+	m.base = m.newAutocert()
+	m.acmeTLS = &tls.Config{
+		GetCertificate: m.GetCertificate,
+		MinVersion:     tls.VersionTLS12,
+		NextProtos:     []string{acme.ALPNProto},
+	}
+
+	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+	recs := m.loadState(ctx)
+	for name, f := range recs {
+		if err := m.hostPolicy(ctx, name); err != nil {
+			continue
+		}
+		if d, err := m.domainFor(name); err == nil {
+			d.fail = f
+		}
+	}
+	cancel()
+
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		m.cache.retryLoop(m.ctx, m.cfg.cacheRetry)
+	}()
+	return m, nil
+}
+
+func cmpOr[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+// isLetsEncrypt reports whether dir is one of Let's Encrypt's directories.
+func isLetsEncrypt(dir string) bool {
+	return strings.Contains(dir, ".api.letsencrypt.org/") || strings.HasPrefix(dir, "https://acme-v02.api.letsencrypt.org")
+}
+
+// newAutocert returns an autocert.Manager with the user's settings that
+// writes through certmgr's cache and talks through certmgr's client.
+func (m *Manager) newAutocert() *autocert.Manager {
+	u := m.cfg.Autocert
+	am := &autocert.Manager{
+		Prompt:                 u.Prompt,
+		Cache:                  m.cache,
+		HostPolicy:             u.HostPolicy,
+		RenewBefore:            u.RenewBefore,
+		Client:                 m.client,
+		Email:                  u.Email,
+		ExtraExtensions:        u.ExtraExtensions,
+		ExternalAccountBinding: u.ExternalAccountBinding,
+	}
+	if am.Prompt == nil {
+		am.Prompt = autocert.AcceptTOS
+	}
+	if m.http01 {
+		am.HTTPHandler(nil) // let autocert try http-01 too
+	}
+	return am
+}
+
+// Close stops certmgr's background work: attempts in flight end (their
+// ACME requests are refused from now on) and Close waits for their
+// goroutines. Certificates already obtained are still served. Close is
+// idempotent and returns nil.
+//
+// autocert's renewal timers cannot be stopped; after Close, a renewal that
+// fires makes no ACME request.
+func (m *Manager) Close() error {
+	m.once.Do(func() {
+		m.closed.Store(true)
+		m.cancel()
+		m.wg.Wait()
+	})
+	return nil
+}
+
+// hostPolicy runs the user's HostPolicy, if any.
+func (m *Manager) hostPolicy(ctx context.Context, name string) error {
+	if p := m.cfg.Autocert.HostPolicy; p != nil {
+		if err := p(ctx, name); err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrHostNotAllowed, name, err)
+		}
+	}
+	return nil
+}
+
+// GetCertificate implements tls.Config.GetCertificate. It returns:
+//   - for a TLS-ALPN-01 validation hello (acme.ALPNProto its only
+//     protocol), autocert's answer, with no other check;
+//   - for a name the HostPolicy refuses, an error wrapping ErrHostNotAllowed;
+//   - a valid certificate from memory or the Cache, if there is one;
+//   - otherwise the certificate of an ACME attempt, if one ends within
+//     HandshakeTimeout, and else a self-signed fallback certificate:
+//     at once while the domain backs off or waits for DNS.
+//
+// Anyone who builds their own tls.Config with this GetCertificate,
+// instead of using TLSConfig, must add acme.ALPNProto to its NextProtos,
+// or every TLS-ALPN-01 validation fails at the handshake.
+func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if wantsTokenCert(hello) {
+		return m.tokenCert(hello)
+	}
+	k := certKey{domain: hello.ServerName, rsa: !supportsECDSA(hello)}
+	if c := m.servedCert(k); c != nil {
+		return c, nil
+	}
+	name, err := normalize(hello.ServerName)
+	if err != nil {
+		return nil, err
+	}
+	if k.domain != name {
+		k.domain = name
+		if c := m.servedCert(k); c != nil {
+			return c, nil
+		}
+	}
+	parent := hello.Context()
+	if parent == nil {
+		parent = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(parent, m.timeout)
+	defer cancel()
+	if err := m.hostPolicy(ctx, name); err != nil {
+		return nil, err
+	}
+	cert, err := m.obtain(ctx, k, PathHandshake)
+	if err == nil {
+		return cert, nil
+	}
+	return m.fallback(name)
+}
+
+// fallback returns the fallback certificate for name, and logs (once per
+// change of the domain's state) that it was served.
+func (m *Manager) fallback(name string) (*tls.Certificate, error) {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	first := d != nil && !d.logged
+	if first {
+		d.logged = true
+	}
+	m.stateMu.Unlock()
+	if first {
+		m.emit(Event{Kind: EventFallback, Time: m.now(), Domain: name})
+	}
+	return m.fallbacks.get(name)
+}
+
+// tokenCert answers a TLS-ALPN-01 validation hello.
+func (m *Manager) tokenCert(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	am := m.base
+	if name, err := normalize(hello.ServerName); err == nil {
+		am = m.autocertOf(name)
+	}
+	return am.GetCertificate(hello)
+}
+
+// autocertOf returns the autocert.Manager of name, or the base one.
+func (m *Manager) autocertOf(name string) *autocert.Manager {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil && d.am != nil {
+		return d.am
+	}
+	return m.base
+}
+
+// HTTPHandler returns a handler that answers ACME http-01 challenges and
+// passes every other request to fallback; it must serve port 80. If
+// fallback is nil, the handler redirects GET and HEAD to https and
+// refuses other methods, as autocert's does. Calling HTTPHandler lets
+// attempts use http-01 after tls-alpn-01, as autocert does; every attempt
+// then risks two failed authorizations instead of one.
+func (m *Manager) HTTPHandler(fallback http.Handler) http.Handler {
+	m.stateMu.Lock()
+	m.http01 = true
+	for _, d := range m.domains {
+		if d.am != nil {
+			d.am.HTTPHandler(nil)
+		}
+	}
+	m.stateMu.Unlock()
+	base := m.base.HTTPHandler(fallback)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasPrefix(r.URL.Path, "/.well-known/acme-challenge/") {
+			base.ServeHTTP(w, r)
+			return
+		}
+		// A validation on another port than 80 carries it in Host; the
+		// HostPolicy is asked about the name alone.
+		host := r.Host
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		name, err := normalize(host)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r = r.Clone(r.Context())
+		r.Host = name
+		m.autocertOf(name).HTTPHandler(fallback).ServeHTTP(w, r)
+	})
+}
+
+// servedCert returns the valid certificate held for k, or nil.
+func (m *Manager) servedCert(k certKey) *tls.Certificate {
+	m.servedMu.RLock()
+	c := m.served[k]
+	m.servedMu.RUnlock()
+	if c != nil && m.now().Before(c.Leaf.NotAfter) {
+		return c
+	}
+	return nil
+}
+
+// serve makes c the certificate served for k, and returns whether it
+// replaced an older one.
+func (m *Manager) serve(k certKey, c *tls.Certificate) bool {
+	m.servedMu.Lock()
+	old := m.served[k]
+	newer := old == nil || !c.Leaf.NotAfter.Before(old.Leaf.NotAfter)
+	if newer {
+		m.served[k] = c
+	}
+	m.servedMu.Unlock()
+	if newer {
+		m.stateMu.Lock()
+		if d := m.domains[k.domain]; d != nil {
+			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
+		}
+		m.stateMu.Unlock()
+	}
+	return old != nil && newer && !old.Leaf.Equal(c.Leaf)
+}
+
+// obtain returns a certificate for k: from the cache, or from an ACME
+// attempt (started now, or already in flight). It waits for the attempt
+// until ctx ends; the attempt goes on without it.
+func (m *Manager) obtain(ctx context.Context, k certKey, path string) (*tls.Certificate, error) {
+	d, err := m.domainFor(k.domain)
+	if err != nil {
+		return nil, err
+	}
+	if c, err := m.load(ctx, d, k); c != nil || err != nil {
+		return c, err
+	}
+	a, err := m.begin(d, k, path)
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case <-a.done:
+		if a.err != nil {
+			return nil, a.err
+		}
+		return a.cert, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// domainFor returns the domain of name, creating it if needed. When
+// MaxDomains are tracked, it makes room by dropping the oldest domain that
+// carries no information (no certificate, no failure, no attempt), and
+// fails when there is none among the first few.
+func (m *Manager) domainFor(name string) (*domain, error) {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil {
+		return d, nil
+	}
+	if len(m.domains) >= m.cfg.MaxDomains && !m.makeRoomLocked() {
+		return nil, fmt.Errorf("certmgr: tracking %d domains already; %s not added", len(m.domains), name)
+	}
+	d := &domain{name: name}
+	m.domains[name] = d
+	m.queue = append(m.queue, name)
+	return d, nil
+}
+
+// makeRoomLocked drops one domain that carries no information, looking at
+// a few of the oldest. Those it keeps go to the back of the queue.
+func (m *Manager) makeRoomLocked() bool {
+	now := m.now()
+	for range 16 {
+		if len(m.queue) == 0 {
+			return false
+		}
+		name := m.queue[0]
+		m.queue = m.queue[1:]
+		d := m.domains[name]
+		if d == nil {
+			continue // already gone
+		}
+		if d.attempt == nil && d.am == nil && d.fail.empty(now) && !now.Before(d.dnsNext) {
+			delete(m.domains, name)
+			return true
+		}
+		m.queue = append(m.queue, name)
+	}
+	return false
+}
+
+// load returns k's certificate from the Cache the first time the domain
+// is used in this process, or nil. A certificate found is handed to the
+// domain's autocert.Manager, which then renews it.
+func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certificate, error) {
+	m.stateMu.Lock()
+	done := d.loaded[b2i(k.rsa)]
+	m.stateMu.Unlock()
+	if done {
+		return nil, nil
+	}
+	v, err, _ := m.loads.Do(k.cacheKey(), func() (any, error) {
+		defer func() {
+			m.stateMu.Lock()
+			d.loaded[b2i(k.rsa)] = true
+			m.stateMu.Unlock()
+		}()
+		data, err := m.cache.Get(ctx, k.cacheKey())
+		if err != nil {
+			return nil, nil // a miss, or an error the cache reported
+		}
+		if _, err := parseCert(k, data, m.now()); err != nil {
+			return nil, nil // expired or unusable: an attempt replaces it
+		}
+		am, err := m.autocertFor(ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		m.stateMu.Lock()
+		d.loading = true
+		m.stateMu.Unlock()
+		c, err := am.GetCertificate(syntheticHello(k))
+		m.stateMu.Lock()
+		d.loading = false
+		m.stateMu.Unlock()
+		if err != nil || c.Leaf == nil {
+			return nil, nil
+		}
+		m.serve(k, c)
+		m.emit(Event{Kind: EventLoaded, Time: m.now(), Domain: k.domain, NotAfter: c.Leaf.NotAfter})
+		return c, nil
+	})
+	c, _ := v.(*tls.Certificate)
+	return c, err
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// autocertFor returns d's autocert.Manager, creating it (and making sure
+// the shared client has its account key) if needed.
+func (m *Manager) autocertFor(ctx context.Context, d *domain) (*autocert.Manager, error) {
+	if err := m.accountKey(ctx); err != nil {
+		return nil, err
+	}
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d.am == nil {
+		d.am = m.newAutocert()
+	}
+	return d.am, nil
+}
+
+// accountKey sets the shared client's account key, before any
+// autocert.Manager uses the client: from the user's Client, the Cache (where
+// autocert keeps it), or a new one written to the Cache.
+func (m *Manager) accountKey(ctx context.Context) error {
+	m.accountMu.Lock()
+	defer m.accountMu.Unlock()
+	if m.client.Key != nil {
+		return nil
+	}
+	const keyName = "acme_account+key" // autocert's
+	data, err := m.cache.Get(ctx, keyName)
+	if errors.Is(err, autocert.ErrCacheMiss) {
+		data, err = m.cache.Get(ctx, "acme_account.key") // autocert's former name
+	}
+	switch {
+	case err == nil:
+		block, _ := pem.Decode(data)
+		if block == nil || !strings.Contains(block.Type, "PRIVATE") {
+			return errors.New("certmgr: invalid account key in cache")
+		}
+		key, err := parsePrivateKey(block.Bytes)
+		if err != nil {
+			return err
+		}
+		m.client.Key = key
+		return nil
+	case !errors.Is(err, autocert.ErrCacheMiss):
+		return fmt.Errorf("certmgr: reading account key: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	der, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := m.cache.Put(ctx, keyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})); err != nil {
+		return fmt.Errorf("certmgr: writing account key: %w", err)
+	}
+	m.client.Key = crypto.Signer(key)
+	return nil
+}
+
+// begin returns d's attempt in flight, or starts one for k if the
+// domain's schedule, budget and DNS allow it.
+func (m *Manager) begin(d *domain, k certKey, path string) (*attempt, error) {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d.attempt != nil {
+		return d.attempt, nil
+	}
+	if m.closed.Load() {
+		return nil, errClosed
+	}
+	if err := m.gateLocked(d); err != nil {
+		return nil, err
+	}
+	if m.inFlight >= m.cfg.maxInFlight {
+		return nil, fmt.Errorf("certmgr: %d attempts in flight already; %s waits", m.inFlight, d.name)
+	}
+	a := &attempt{path: path, start: m.now(), done: make(chan struct{})}
+	d.attempt = a
+	m.inFlight++
+	m.wg.Add(1)
+	go m.run(d, a, k)
+	return a, nil
+}
+
+// gateLocked returns why no attempt may start for d now, or nil.
+func (m *Manager) gateLocked(d *domain) error {
+	now := m.now()
+	if !d.fail.due(now) {
+		return fmt.Errorf("%w: %s: next attempt at %s after %d failure(s): %s", ErrBackoff, d.name,
+			d.fail.NextAttempt.UTC().Format(time.RFC3339), d.fail.Failures, d.fail.LastError)
+	}
+	if t := d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget); t.After(now) {
+		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	if d.dnsErr != nil && now.Before(d.dnsNext) {
+		return d.dnsErr
+	}
+	return nil
+}
+
+// cost is how many authorizations one attempt can fail: one per
+// challenge type autocert tries. m.stateMu must be held.
+func (m *Manager) cost() int {
+	if m.http01 {
+		return 2
+	}
+	return 1
+}
+
+// run is the goroutine of an attempt started by begin.
+func (m *Manager) run(d *domain, a *attempt, k certKey) {
+	defer m.wg.Done()
+	if m.dns != nil {
+		ctx, cancel := context.WithTimeout(m.ctx, dnsCheckTimeout)
+		err := m.dns.check(ctx, d.name)
+		cancel()
+		if m.dnsChecked(d, err) {
+			m.finish(d, a, nil, err)
+			return
+		}
+	}
+	am, err := m.autocertFor(m.ctx, d)
+	if err == nil {
+		var c *tls.Certificate
+		c, err = am.GetCertificate(syntheticHello(k))
+		if err == nil {
+			m.finish(d, a, c, nil)
+			return
+		}
+	}
+	m.finish(d, a, nil, err)
+}
+
+// dnsCheckTimeout bounds one DNS pre-check, all its queries together.
+const dnsCheckTimeout = 15 * time.Second
+
+// dnsChecked records the outcome of d's DNS pre-check and reports whether
+// it failed. Only changes are logged.
+func (m *Manager) dnsChecked(d *domain, err error) (failed bool) {
+	now := m.now()
+	var ev []Event
+	m.stateMu.Lock()
+	if err == nil {
+		if d.dnsErr != nil {
+			ev = append(ev, Event{Kind: EventDNSReady, Time: now, Domain: d.name})
+			d.logged = false
+		}
+		d.dnsErr, d.dnsFails, d.dnsNext = nil, 0, time.Time{}
+	} else {
+		if !errors.Is(err, ErrDNSNotReady) {
+			err = fmt.Errorf("%w: %s: %w", ErrDNSNotReady, d.name, err)
+		}
+		d.dnsFails++
+		d.dnsNext = now.Add(m.cfg.DNSRecheck.delay(d.dnsFails, m.rand()))
+		if d.dnsErr == nil || d.dnsErr.Error() != err.Error() {
+			ev = append(ev, Event{Kind: EventDNSNotReady, Time: now, Domain: d.name, NextAttempt: d.dnsNext, Err: err})
+			d.logged = false
+		}
+		d.dnsErr = err
+	}
+	m.stateMu.Unlock()
+	m.emit(ev...)
+	return err != nil
+}
+
+// finish records the outcome of attempt a of d and wakes its waiters.
+// An attempt that failed for certmgr's own reasons (Close, DNS, a local
+// refusal) spends nothing and does not move the schedule.
+func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error) {
+	now := m.now()
+	var events []Event
+	m.stateMu.Lock()
+	if d.attempt != a {
+		m.stateMu.Unlock()
+		return // already finished
+	}
+	d.attempt = nil
+	if a.path != PathRenewal {
+		m.inFlight--
+	}
+	attemptNo := d.fail.Failures + 1
+	local := errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) || errors.Is(err, ErrBackoff) || errors.Is(err, errLoading)
+	switch {
+	case err == nil:
+		kind := EventObtained
+		if a.path == PathRenewal {
+			kind = EventRenewed
+		}
+		d.fail.succeed(now)
+		d.lastErr = nil
+		d.logged = false
+		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
+			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
+	case local:
+	default:
+		if a.problem != "" {
+			err = &AttemptError{Domain: d.name, Detail: a.problem, Err: err}
+		} else {
+			err = &AttemptError{Domain: d.name, Err: err}
+		}
+		retryAfter := a.retryAfter
+		if ra, ok := acme.RateLimit(errors.Unwrap(err)); ok {
+			a.rateLimited = true
+			if ra > 0 {
+				retryAfter = maxTime(retryAfter, now.Add(ra))
+			}
+		}
+		spent := 0
+		if a.orders > 0 || a.authzFailed > 0 {
+			spent = max(m.cost(), a.authzFailed)
+		}
+		d.fail.fail(now, err.Error(), spent, m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, m.rand())
+		d.lastErr = err
+		d.logged = false
+		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
+			d.am = nil // drop autocert's failed state with it; the next attempt starts afresh
+			d.loaded = [2]bool{}
+		}
+		events = append(events, Event{Kind: EventFailed, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
+			Attempt: attemptNo, Duration: now.Sub(a.start), Err: err})
+		if a.rateLimited {
+			events = append(events, Event{Kind: EventRateLimited, Time: now, Domain: d.name, Path: a.path, NextAttempt: d.fail.NextAttempt, Err: err})
+		} else {
+			events = append(events, Event{Kind: EventBackoff, Time: now, Domain: d.name, Path: a.path, Attempt: attemptNo, NextAttempt: d.fail.NextAttempt})
+		}
+	}
+	a.cert, a.err = cert, err
+	persist := err == nil || !local
+	m.stateMu.Unlock()
+	m.obs.forget(d.name)
+	if cert != nil {
+		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
+	}
+	close(a.done)
+	m.emit(events...)
+	if persist {
+		m.saveState(m.ctx)
+	}
+}
+
+func isRSA(c *tls.Certificate) bool {
+	_, ok := c.PrivateKey.(*rsa.PrivateKey)
+	return ok
+}
+
+// errLoading refuses an order while a domain's autocert reads the cache.
+var errLoading = errors.New("certmgr: no ACME order while loading from cache")
+
+// admitOrder is asked by the ACME transport before every new order. An
+// order inside an attempt certmgr started passes; any other is a renewal
+// by autocert's own timer, which must pass the same schedule, budget and
+// DNS pre-check as any attempt.
+func (m *Manager) admitOrder(req *http.Request, name string) error {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	if d == nil {
+		m.stateMu.Unlock()
+		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	}
+	if d.loading {
+		m.stateMu.Unlock()
+		return errLoading
+	}
+	if a := d.attempt; a != nil {
+		if a.path != PathRenewal || m.now().Sub(a.start) < m.cfg.renewalMaxAge {
+			m.stateMu.Unlock()
+			return nil
+		}
+		m.stateMu.Unlock()
+		m.finish(d, a, nil, errors.New("certmgr: renewal gave no outcome"))
+		m.stateMu.Lock()
+	}
+	if err := m.gateLocked(d); err != nil {
+		m.stateMu.Unlock()
+		return err
+	}
+	a := &attempt{path: PathRenewal, start: m.now(), done: make(chan struct{})}
+	d.attempt = a
+	m.stateMu.Unlock()
+	if m.dns != nil {
+		ctx, cancel := context.WithTimeout(req.Context(), dnsCheckTimeout)
+		err := m.dns.check(ctx, name)
+		cancel()
+		if m.dnsChecked(d, err) {
+			m.finish(d, a, nil, err)
+			return err
+		}
+	}
+	return nil
+}
+
+// observed records what the CA said about name's attempt in flight. A
+// renewal ends here when the CA refused it or every challenge type failed.
+func (m *Manager) observed(name string, ob observation) {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	if d == nil || d.attempt == nil {
+		m.stateMu.Unlock()
+		return
+	}
+	a := d.attempt
+	if ob.order {
+		a.orders++
+	}
+	if ob.authzFailed {
+		a.authzFailed++
+	}
+	if ob.problem != "" {
+		a.problem = ob.problem
+	}
+	if ob.challenge != "" {
+		a.challenge = ob.challenge
+	}
+	a.rateLimited = a.rateLimited || ob.rateLimited
+	a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
+	end := a.path == PathRenewal && (ob.rateLimited || ob.refused || a.authzFailed >= m.cost())
+	m.stateMu.Unlock()
+	if end {
+		m.finish(d, a, nil, errors.New(a.problem))
+	}
+}
+
+// certStored is called for every certificate written to the Cache:
+// autocert's first issuance and its renewals. The new certificate is
+// served from the next handshake on; a renewal in flight ends with it.
+func (m *Manager) certStored(key string, data []byte) {
+	k := certKeyOf(key)
+	c, err := parseCert(k, data, m.now())
+	if err != nil {
+		return
+	}
+	m.serve(k, c)
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	var a *attempt
+	if d != nil && d.attempt != nil && d.attempt.path == PathRenewal {
+		a = d.attempt
+	}
+	m.stateMu.Unlock()
+	if a != nil {
+		m.finish(d, a, c, nil)
+	}
+}
+
+// AttemptError is the error of a failed ACME attempt. Detail is what the
+// CA said (autocert itself only reports "missing certificate" or the last
+// step that failed); Err is what autocert returned, for errors.As.
+type AttemptError struct {
+	Domain string
+	Detail string // the CA's problem detail; empty if it gave none
+	Err    error
+}
+
+func (e *AttemptError) Error() string {
+	if e.Detail != "" {
+		return "certmgr: " + e.Domain + ": " + e.Detail
+	}
+	return "certmgr: " + e.Domain + ": " + e.Err.Error()
+}
+
+// Unwrap returns the error autocert returned.
+func (e *AttemptError) Unwrap() error { return e.Err }

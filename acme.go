@@ -1,0 +1,299 @@
+package certmgr
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// acmeObserver is the HTTP transport of the acme.Client that all of a
+// Manager's autocert.Managers share. It sees every ACME request, those of
+// autocert's own renewal timers included, so it is where certmgr:
+//   - refuses locally a new order that the domain's schedule does not allow
+//     (admit), so that no renewal reaches the CA while the domain backs off;
+//   - reads what the CA answers: orders made, authorizations that failed and
+//     the CA's problem detail (which autocert drops), rate limits and their
+//     Retry-After (report).
+type acmeObserver struct {
+	next   http.RoundTripper
+	admit  func(req *http.Request, domain string) error
+	report func(domain string, ob observation)
+	closed func() bool
+
+	authzMu sync.Mutex
+	authz   map[string]string   // authorization and challenge URL → domain, for attempts in flight
+	byName  map[string][]string // domain → its URLs in authz
+	failed  map[string]bool     // authorizations already seen invalid
+}
+
+// observation is what one ACME response said about a domain.
+type observation struct {
+	order       bool      // the CA created an order
+	authzFailed bool      // an authorization is invalid
+	problem     string    // the CA's problem detail, if any
+	challenge   string    // the type of a challenge the client accepted
+	rateLimited bool      // the CA answered rateLimited
+	retryAfter  time.Time // the CA's Retry-After, if any
+	refused     bool      // a 4xx other than badNonce: the request failed for good
+}
+
+// maxACMEBody bounds what the observer reads of a request or response.
+const maxACMEBody = 1 << 20
+
+// errClosed is returned for ACME requests made after Close.
+var errClosed = errors.New("certmgr: manager closed")
+
+func newACMEObserver(next http.RoundTripper) *acmeObserver {
+	if next == nil {
+		next = http.DefaultTransport
+	}
+	return &acmeObserver{next: next, authz: make(map[string]string), byName: make(map[string][]string), failed: make(map[string]bool)}
+}
+
+// RoundTrip implements http.RoundTripper.
+func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
+	if o.closed() {
+		return nil, errClosed
+	}
+	domain, newOrder := "", false
+	if req.Method == http.MethodPost && req.Body != nil {
+		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
+		req.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		req = req.Clone(req.Context())
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+		domain, newOrder = orderIdentifier(body)
+	}
+	if newOrder {
+		if err := o.admit(req, domain); err != nil {
+			return nil, err
+		}
+	} else {
+		domain = o.owner(req.URL.String())
+	}
+	res, err := o.next.RoundTrip(req)
+	if err != nil || domain == "" {
+		return res, err
+	}
+	body, rerr := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
+	res.Body.Close()
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	if rerr != nil {
+		return res, nil
+	}
+	ob := o.observe(domain, newOrder, res, body)
+	if ob.authzFailed && !o.firstFailure(req.URL.String()) {
+		ob.authzFailed = false // autocert polls an invalid authorization again
+	}
+	if ob != (observation{}) {
+		o.report(domain, ob)
+	}
+	return res, nil
+}
+
+// observe reads one response for domain.
+func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response, body []byte) observation {
+	var ob observation
+	if res.StatusCode >= 400 {
+		var p struct {
+			Type   string `json:"type"`
+			Detail string `json:"detail"`
+		}
+		json.Unmarshal(body, &p)
+		ob.problem = p.Detail
+		if ob.problem == "" {
+			ob.problem = http.StatusText(res.StatusCode)
+		}
+		ob.retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), p.Detail, time.Now())
+		switch {
+		case strings.HasSuffix(strings.ToLower(p.Type), ":ratelimited"):
+			ob.rateLimited = true
+		case strings.HasSuffix(strings.ToLower(p.Type), ":badnonce"):
+			return observation{}
+		case res.StatusCode < 500:
+			ob.refused = true
+		}
+		return ob
+	}
+	var r struct {
+		Status         string   `json:"status"`
+		Type           string   `json:"type"`  // a challenge's
+		Token          string   `json:"token"` // a challenge's
+		Authorizations []string `json:"authorizations"`
+		Challenges     []struct {
+			URL   string `json:"url"`
+			Error *struct {
+				Detail string `json:"detail"`
+			} `json:"error"`
+		} `json:"challenges"`
+		Error *struct {
+			Detail string `json:"detail"`
+		} `json:"error"`
+	}
+	if json.Unmarshal(body, &r) != nil {
+		return ob
+	}
+	switch {
+	case newOrder:
+		ob.order = true
+		o.track(domain, r.Authorizations)
+		return ob
+	case r.Token != "" && r.Type != "":
+		// A challenge: the client accepting it, or polling it.
+		ob.challenge = r.Type
+		if r.Status == "invalid" && r.Error != nil {
+			ob.problem = r.Error.Detail
+		}
+		return ob
+	case r.Challenges == nil:
+		return ob // an order, a certificate, ...
+	}
+	// An authorization.
+	urls := make([]string, 0, len(r.Challenges))
+	for _, c := range r.Challenges {
+		urls = append(urls, c.URL)
+	}
+	o.track(domain, urls)
+	if r.Status != "invalid" {
+		return ob
+	}
+	ob.authzFailed = true
+	for _, c := range r.Challenges {
+		if c.Error != nil && c.Error.Detail != "" {
+			ob.problem = c.Error.Detail
+		}
+	}
+	return ob
+}
+
+// track remembers the authorization URLs of a new order for domain.
+func (o *acmeObserver) track(domain string, urls []string) {
+	o.authzMu.Lock()
+	defer o.authzMu.Unlock()
+	for _, u := range urls {
+		if _, ok := o.authz[u]; !ok && u != "" {
+			o.authz[u] = domain
+			o.byName[domain] = append(o.byName[domain], u)
+		}
+	}
+}
+
+// owner returns the domain whose authorization url is, or "".
+func (o *acmeObserver) owner(url string) string {
+	o.authzMu.Lock()
+	defer o.authzMu.Unlock()
+	return o.authz[url]
+}
+
+// firstFailure reports whether the authorization at url is seen invalid
+// for the first time.
+func (o *acmeObserver) firstFailure(url string) bool {
+	o.authzMu.Lock()
+	defer o.authzMu.Unlock()
+	if o.failed[url] {
+		return false
+	}
+	if _, ok := o.authz[url]; ok {
+		o.failed[url] = true
+	}
+	return true
+}
+
+// forget drops what track remembered for domain; called when its attempt
+// ends, so the maps hold only attempts in flight.
+func (o *acmeObserver) forget(domain string) {
+	o.authzMu.Lock()
+	defer o.authzMu.Unlock()
+	for _, u := range o.byName[domain] {
+		delete(o.authz, u)
+		delete(o.failed, u)
+	}
+	delete(o.byName, domain)
+}
+
+// orderIdentifier reads a JWS request body and reports whether it asks
+// for a new order, and for which DNS identifier.
+func orderIdentifier(body []byte) (domain string, ok bool) {
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	if json.Unmarshal(body, &jws) != nil || jws.Payload == "" {
+		return "", false
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(jws.Payload)
+	if err != nil {
+		return "", false
+	}
+	var order struct {
+		Identifiers []struct {
+			Type  string `json:"type"`
+			Value string `json:"value"`
+		} `json:"identifiers"`
+	}
+	if json.Unmarshal(payload, &order) != nil || len(order.Identifiers) == 0 {
+		return "", false
+	}
+	return order.Identifiers[0].Value, true
+}
+
+// parseRetryAfter returns the time the CA asks to wait for: the
+// Retry-After header (seconds or an HTTP date) or, without one, the
+// "retry after <time>" that Let's Encrypt writes in its problem detail.
+// It returns the zero time when neither says.
+func parseRetryAfter(header, detail string, now time.Time) time.Time {
+	if header = strings.TrimSpace(header); header != "" {
+		if s, err := strconv.ParseInt(header, 10, 64); err == nil && s >= 0 {
+			return now.Add(time.Duration(min(s, 1<<32)) * time.Second)
+		}
+		if t, err := http.ParseTime(header); err == nil {
+			return t
+		}
+	}
+	i := strings.Index(strings.ToLower(detail), "retry after ")
+	if i < 0 {
+		return time.Time{}
+	}
+	rest := detail[i+len("retry after "):]
+	// "2026-01-17 00:27:45 UTC", as Let's Encrypt writes it.
+	if len(rest) >= 23 && rest[19:23] == " UTC" {
+		if t, err := time.Parse(time.DateTime, rest[:19]); err == nil {
+			return t
+		}
+	}
+	// "2023-08-04T12:00:00Z:", an RFC 3339 time ending a phrase.
+	if n := strings.IndexAny(rest, " ,;"); n >= 0 {
+		rest = rest[:n]
+	}
+	if t, err := time.Parse(time.RFC3339, strings.TrimSuffix(rest, ":")); err == nil {
+		return t.UTC()
+	}
+	return time.Time{}
+}
+
+// retryBackoff is the acme.Client RetryBackoff certmgr installs when the
+// user set none. acme.Client's own default retries a 429 until the
+// context ends (five minutes inside autocert): this one surfaces a 429 at
+// once, so the CA's Retry-After reaches certmgr's schedule, and retries
+// only short-lived faults (badNonce, 5xx without a long Retry-After) a few
+// times within seconds.
+func retryBackoff(n int, _ *http.Request, res *http.Response) time.Duration {
+	if res == nil || res.StatusCode == http.StatusTooManyRequests || n > 3 {
+		return -1
+	}
+	if ra := parseRetryAfter(res.Header.Get("Retry-After"), "", time.Now()); !ra.IsZero() {
+		if d := time.Until(ra); d > 3*time.Second {
+			return -1
+		}
+	}
+	return time.Duration(n) * 200 * time.Millisecond
+}

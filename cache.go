@@ -1,0 +1,257 @@
+package certmgr
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// certCache is the autocert.Cache that every autocert.Manager of a
+// certmgr.Manager writes through. It wraps the user's Cache (a memory map
+// when there is none) and:
+//   - tells the Manager of every certificate written, so that a renewal
+//     done on autocert's own timers is served from the next handshake on;
+//   - keeps the certificates and state whose write failed, serves them to
+//     readers, and writes them again later, so that nothing obtained is lost.
+type certCache struct {
+	inner   autocert.Cache
+	onPut   func(key string, data []byte) // after a certificate key is written (or kept)
+	onError func(op, key string, err error)
+	kick    chan struct{} // wakes the retry loop; buffered, 1
+
+	pendingMu sync.Mutex
+	pending   map[string][]byte // writes that failed, by key
+}
+
+func newCertCache(inner autocert.Cache) *certCache {
+	if inner == nil {
+		inner = &memCache{m: make(map[string][]byte)}
+	}
+	return &certCache{inner: inner, kick: make(chan struct{}, 1), pending: make(map[string][]byte)}
+}
+
+// Get implements autocert.Cache.
+func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
+	c.pendingMu.Lock()
+	data, ok := c.pending[key]
+	c.pendingMu.Unlock()
+	if ok {
+		return data, nil
+	}
+	data, err := c.inner.Get(ctx, key)
+	if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+		c.onError("get", key, err)
+	}
+	return data, err
+}
+
+// Put implements autocert.Cache. A certificate or state write that fails
+// is kept and retried; the error is still returned.
+func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
+	err := c.inner.Put(ctx, key, data)
+	keep := isCertKey(key) || key == stateKey
+	c.pendingMu.Lock()
+	if err != nil && keep {
+		c.pending[key] = data
+	} else {
+		delete(c.pending, key)
+	}
+	c.pendingMu.Unlock()
+	if err != nil {
+		c.onError("put", key, err)
+		if keep {
+			select {
+			case c.kick <- struct{}{}:
+			default:
+			}
+		}
+	}
+	if isCertKey(key) {
+		c.onPut(key, data)
+	}
+	return err
+}
+
+// Delete implements autocert.Cache.
+func (c *certCache) Delete(ctx context.Context, key string) error {
+	c.pendingMu.Lock()
+	delete(c.pending, key)
+	c.pendingMu.Unlock()
+	return c.inner.Delete(ctx, key)
+}
+
+// retryLoop writes the kept entries again every interval until they are
+// all written or ctx ends.
+func (c *certCache) retryLoop(ctx context.Context, interval time.Duration) {
+	t := time.NewTimer(interval)
+	t.Stop()
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.kick:
+			t.Reset(interval)
+		case <-t.C:
+			if c.flush(ctx) > 0 {
+				t.Reset(interval)
+			}
+		}
+	}
+}
+
+// flush writes the kept entries and returns how many are left.
+func (c *certCache) flush(ctx context.Context) int {
+	c.pendingMu.Lock()
+	todo := make(map[string][]byte, len(c.pending))
+	for k, v := range c.pending {
+		todo[k] = v
+	}
+	c.pendingMu.Unlock()
+	for k, v := range todo {
+		wctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+		err := c.inner.Put(wctx, k, v)
+		cancel()
+		c.pendingMu.Lock()
+		if cur, ok := c.pending[k]; ok && err == nil && bytes.Equal(cur, v) {
+			delete(c.pending, k) // unless a newer write came meanwhile
+		}
+		c.pendingMu.Unlock()
+		if err != nil {
+			c.onError("put", k, err)
+		}
+	}
+	c.pendingMu.Lock()
+	defer c.pendingMu.Unlock()
+	return len(c.pending)
+}
+
+// cacheTimeout bounds one Cache call made by certmgr itself.
+const cacheTimeout = 10 * time.Second
+
+// isCertKey reports whether key is one under which autocert stores a
+// domain's certificate: "example.com" (ECDSA) or "example.com+rsa".
+// Its other keys have other suffixes ("+token", "+http-01",
+// "acme_account+key") and certmgr's own start with "certmgr+".
+func isCertKey(key string) bool {
+	i := strings.IndexByte(key, '+')
+	return i < 0 || key[i:] == "+rsa"
+}
+
+// certKey names one of a domain's certificates.
+type certKey struct {
+	domain string
+	rsa    bool
+}
+
+// cacheKey returns the autocert.Cache key of k.
+func (k certKey) cacheKey() string {
+	if k.rsa {
+		return k.domain + "+rsa"
+	}
+	return k.domain
+}
+
+func certKeyOf(cacheKey string) certKey {
+	if d, ok := strings.CutSuffix(cacheKey, "+rsa"); ok {
+		return certKey{domain: d, rsa: true}
+	}
+	return certKey{domain: cacheKey}
+}
+
+// parseCert decodes a certificate as autocert stores it (the private key
+// then the chain, in PEM) and checks that it is usable for k at now.
+func parseCert(k certKey, data []byte, now time.Time) (*tls.Certificate, error) {
+	keyBlock, rest := pem.Decode(data)
+	if keyBlock == nil || !strings.Contains(keyBlock.Type, "PRIVATE") {
+		return nil, errors.New("certmgr: cached certificate has no private key")
+	}
+	var chain [][]byte
+	for len(rest) > 0 {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		chain = append(chain, b.Bytes)
+	}
+	if len(chain) == 0 || len(strings.TrimSpace(string(rest))) > 0 {
+		return nil, errors.New("certmgr: cached certificate is malformed")
+	}
+	key, err := parsePrivateKey(keyBlock.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return nil, err
+	}
+	if now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter) {
+		return nil, errors.New("certmgr: cached certificate is not valid now")
+	}
+	if err := leaf.VerifyHostname(k.domain); err != nil {
+		return nil, err
+	}
+	if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != k.rsa {
+		return nil, errors.New("certmgr: cached certificate has the wrong key type")
+	}
+	return &tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
+}
+
+func parsePrivateKey(der []byte) (crypto.Signer, error) {
+	if k, err := x509.ParsePKCS1PrivateKey(der); err == nil {
+		return k, nil
+	}
+	if k, err := x509.ParseECPrivateKey(der); err == nil {
+		return k, nil
+	}
+	k, err := x509.ParsePKCS8PrivateKey(der)
+	if err != nil {
+		return nil, errors.New("certmgr: cannot parse private key")
+	}
+	s, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, errors.New("certmgr: private key cannot sign")
+	}
+	return s, nil
+}
+
+// memCache is the Cache of a Manager whose autocert.Manager has none:
+// state then lives as long as the process.
+type memCache struct {
+	mu sync.Mutex
+	m  map[string][]byte
+}
+
+func (c *memCache) Get(_ context.Context, key string) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if v, ok := c.m[key]; ok {
+		return v, nil
+	}
+	return nil, autocert.ErrCacheMiss
+}
+
+func (c *memCache) Put(_ context.Context, key string, data []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.m[key] = data
+	return nil
+}
+
+func (c *memCache) Delete(_ context.Context, key string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, key)
+	return nil
+}

@@ -1,0 +1,531 @@
+package certmgr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+	"golang.org/x/sync/singleflight"
+)
+
+// DNSCheck configures CheckDNS.
+type DNSCheck struct {
+	// KnownIPs lists the addresses the cluster serves on. The domain must
+	// have at least one A or AAAA record, and every one of them must be in
+	// KnownIPs; IPv4-mapped IPv6 addresses compare equal to their IPv4
+	// form. KnownIPs must not be empty.
+	KnownIPs []netip.Addr
+
+	// Resolvers lists the DNS servers to ask, as "host:port", in order.
+	// A query that times out, fails or is answered with an rcode other
+	// than NOERROR or NXDOMAIN (such as SERVFAIL) is retried with the next
+	// server. The servers must resolve recursively.
+	// If empty, the nameservers of /etc/resolv.conf are used, on port 53.
+	Resolvers []string
+
+	// CAAIdentities lists the issuer domain names of the CA, as they
+	// appear in CAA "issue" records, such as "letsencrypt.org". The
+	// domain's CAA records (RFC 8659) must authorise one of them.
+	// If empty, CAA records are not checked.
+	CAAIdentities []string
+
+	// Timeout bounds each query to each server.
+	// If zero, 2 seconds.
+	Timeout time.Duration
+}
+
+// CheckDNS reports whether domain is ready for an ACME certificate request:
+// whether it resolves only to opts.KnownIPs, and whether its CAA records
+// allow the CA.
+//
+// A and AAAA records are looked up concurrently, following CNAME records
+// for at most 8 steps. When opts.CAAIdentities is not empty, the relevant
+// CAA record set is the first non-empty one found on domain and then on
+// each of its parents up to, and including, the top-level domain; the root
+// is not asked. Issuance is allowed if there is no relevant set, if the set
+// holds no "issue" record, or if an "issue" record names one of
+// opts.CAAIdentities; it is refused if the set holds a record with the
+// critical flag and a tag other than issue, issuewild and iodef.
+//
+// CheckDNS returns nil if domain is ready. If it is not, or its DNS cannot
+// be resolved, the error wraps ErrDNSNotReady and describes what was found.
+// Invalid arguments and an unusable /etc/resolv.conf yield other errors, as
+// does ctx being done, whose error is then wrapped.
+func CheckDNS(ctx context.Context, domain string, opts DNSCheck) error {
+	return newDNSChecker(opts, 0, time.Now).check(ctx, domain)
+}
+
+const (
+	// maxCNAMEChain bounds how many CNAME records a lookup follows.
+	maxCNAMEChain = 8
+	// maxDNSCacheEntries bounds the number of answers a dnsChecker caches.
+	maxDNSCacheEntries = 4096
+	// defaultDNSTimeout is the query timeout if DNSCheck.Timeout is zero.
+	defaultDNSTimeout = 2 * time.Second
+	// ednsUDPSize is the UDP payload size advertised in queries, the
+	// size recommended by DNS Flag Day 2020.
+	ednsUDPSize = 1232
+)
+
+// dnsNotReadyError reports why a domain is not ready. It wraps
+// ErrDNSNotReady.
+type dnsNotReadyError struct {
+	domain string // without the trailing dot
+	reason string
+}
+
+func (e *dnsNotReadyError) Error() string {
+	return ErrDNSNotReady.Error() + ": " + e.domain + ": " + e.reason
+}
+
+func (e *dnsNotReadyError) Unwrap() error { return ErrDNSNotReady }
+
+// dnsAnswer is the outcome of one query that some server answered with
+// NOERROR or NXDOMAIN.
+type dnsAnswer struct {
+	rcode  int           // dns.RcodeSuccess or dns.RcodeNameError
+	answer []dns.RR      // the answer section
+	from   string        // the server that answered
+	ttl    time.Duration // how long it may be cached; -1 if unknown
+}
+
+// dnsCacheKey identifies a query.
+type dnsCacheKey struct {
+	name  string // canonical, with the trailing dot
+	qtype uint16
+}
+
+// dnsCacheEntry is a cached query outcome: an answer, or the error of a
+// query no server answered usably.
+type dnsCacheEntry struct {
+	ans     *dnsAnswer
+	err     error
+	added   time.Time
+	expires time.Time
+}
+
+// dnsChecker implements CheckDNS with a cache of query outcomes, so that
+// checking a name often costs at most one query per name and record type
+// per cache interval. It is safe for concurrent use.
+type dnsChecker struct {
+	known     []netip.Addr // unmapped
+	resolvers []string
+	caaIDs    []string
+	timeout   time.Duration
+	maxCache  time.Duration // zero disables the cache
+	now       func() time.Time
+	err       error // a configuration error that every check returns
+
+	flight singleflight.Group // de-duplicates concurrent identical queries
+
+	cacheMu sync.Mutex // guards cache
+	cache   map[dnsCacheKey]*dnsCacheEntry
+}
+
+// newDNSChecker returns a checker for opts whose query outcomes are cached
+// for the smaller of their TTL and maxCache; negative answers without an
+// SOA record and failed queries are cached for maxCache. If maxCache is
+// zero, nothing is cached. now is the checker's clock.
+func newDNSChecker(opts DNSCheck, maxCache time.Duration, now func() time.Time) *dnsChecker {
+	c := &dnsChecker{
+		resolvers: append([]string(nil), opts.Resolvers...),
+		caaIDs:    append([]string(nil), opts.CAAIdentities...),
+		timeout:   opts.Timeout,
+		maxCache:  maxCache,
+		now:       now,
+		cache:     make(map[dnsCacheKey]*dnsCacheEntry),
+	}
+	if c.timeout <= 0 {
+		c.timeout = defaultDNSTimeout
+	}
+	for _, ip := range opts.KnownIPs {
+		if !ip.IsValid() {
+			c.err = errors.New("certmgr: DNSCheck.KnownIPs holds an invalid address")
+		}
+		c.known = append(c.known, ip.Unmap())
+	}
+	if len(c.known) == 0 {
+		c.err = errors.New("certmgr: DNSCheck.KnownIPs is empty")
+	}
+	if len(c.resolvers) == 0 && c.err == nil {
+		conf, err := dns.ClientConfigFromFile("/etc/resolv.conf")
+		switch {
+		case err != nil:
+			c.err = fmt.Errorf("certmgr: no DNS resolvers: %v", err)
+		case len(conf.Servers) == 0:
+			c.err = errors.New("certmgr: no DNS resolvers: no nameserver in /etc/resolv.conf")
+		default:
+			for _, s := range conf.Servers {
+				c.resolvers = append(c.resolvers, net.JoinHostPort(s, conf.Port))
+			}
+		}
+	}
+	return c
+}
+
+// check implements CheckDNS.
+func (c *dnsChecker) check(ctx context.Context, domain string) error {
+	if c.err != nil {
+		return c.err
+	}
+	name, err := canonicalDomain(domain)
+	if err != nil {
+		return err
+	}
+	domain = strings.TrimSuffix(name, ".")
+	if err := ctx.Err(); err != nil {
+		return c.failure(domain, err)
+	}
+
+	qtypes := [2]uint16{dns.TypeA, dns.TypeAAAA}
+	var rrs [2][]dns.RR
+	var errs [2]error
+	var wg sync.WaitGroup
+	for i, qtype := range qtypes {
+		wg.Go(func() { rrs[i], errs[i] = c.resolve(ctx, name, qtype) })
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return c.failure(domain, err)
+		}
+	}
+
+	var foreign []string
+	for i := range rrs {
+		for _, rr := range rrs[i] {
+			var ip netip.Addr
+			switch rr := rr.(type) {
+			case *dns.A:
+				ip, _ = netip.AddrFromSlice(rr.A)
+			case *dns.AAAA:
+				ip, _ = netip.AddrFromSlice(rr.AAAA)
+			}
+			if ip = ip.Unmap(); !slices.Contains(c.known, ip) {
+				foreign = append(foreign, dns.TypeToString[qtypes[i]]+" "+ip.String())
+			}
+		}
+	}
+	notReady := func(format string, args ...any) error {
+		return &dnsNotReadyError{domain: domain, reason: fmt.Sprintf(format, args...)}
+	}
+	switch {
+	case len(rrs[0]) == 0 && len(rrs[1]) == 0:
+		return notReady("no A or AAAA record")
+	case len(foreign) == 1:
+		return notReady("%s is not a known IP (known: %s)", foreign[0], joinAddrs(c.known))
+	case len(foreign) > 1:
+		return notReady("%s are not known IPs (known: %s)", strings.Join(foreign, ", "), joinAddrs(c.known))
+	}
+	if len(c.caaIDs) == 0 {
+		return nil
+	}
+
+	for at := name; at != ""; _, at, _ = strings.Cut(at, ".") {
+		rrs, err := c.resolve(ctx, at, dns.TypeCAA)
+		var le *lookupError
+		switch {
+		case errors.As(err, &le) && le.nxdomain:
+			// No CAA record here: climb to the parent.
+		case err != nil:
+			return c.failure(domain, err)
+		case len(rrs) > 0:
+			return c.checkCAA(domain, strings.TrimSuffix(at, "."), rrs)
+		}
+	}
+	return nil
+}
+
+// checkCAA reports whether rrs, the relevant CAA record set of domain found
+// at the name at, authorise one of c.caaIDs.
+func (c *dnsChecker) checkCAA(domain, at string, rrs []dns.RR) error {
+	notReady := func(format string, args ...any) error {
+		return &dnsNotReadyError{domain: domain, reason: fmt.Sprintf(format, args...)}
+	}
+	var issue []string // the issue records, for the error message
+	authorised := false
+	for _, rr := range rrs {
+		caa, ok := rr.(*dns.CAA)
+		if !ok {
+			continue
+		}
+		switch strings.ToLower(caa.Tag) {
+		case "issue":
+			issue = append(issue, fmt.Sprintf("issue %q", caa.Value))
+			issuer, _, _ := strings.Cut(caa.Value, ";")
+			issuer = strings.TrimSpace(issuer)
+			authorised = authorised || issuer != "" && slices.ContainsFunc(c.caaIDs, func(id string) bool {
+				return strings.EqualFold(id, issuer)
+			})
+		case "issuewild", "iodef":
+			// issuewild only restricts wildcard names, which ACME
+			// HTTP-01 and TLS-ALPN-01 challenges cannot validate.
+		default:
+			if caa.Flag&128 != 0 {
+				return notReady("CAA at %s has a critical record with unknown tag %q", at, caa.Tag)
+			}
+		}
+	}
+	if len(issue) == 0 || authorised {
+		return nil // RFC 8659: a set without issue records does not restrict issuance
+	}
+	return notReady("CAA at %s does not authorise any of %v (found %s)", at, c.caaIDs, strings.Join(issue, ", "))
+}
+
+// lookupError reports a query for name and qtype that yielded no usable
+// records: NXDOMAIN, a CNAME loop, or failures of every server.
+type lookupError struct {
+	name     string // canonical
+	qtype    uint16
+	problem  string // e.g. "SERVFAIL from 127.0.0.1:53"
+	nxdomain bool
+}
+
+func (e *lookupError) Error() string { return e.problem }
+
+// failure returns the error check returns for err, a lookupError or the
+// error of a done context.
+func (c *dnsChecker) failure(domain string, err error) error {
+	var le *lookupError
+	if !errors.As(err, &le) {
+		return fmt.Errorf("certmgr: DNS check of %s: %w", domain, err)
+	}
+	what := dns.TypeToString[le.qtype] + " lookup"
+	if name := strings.TrimSuffix(le.name, "."); name != domain {
+		what += " of " + name
+	}
+	return &dnsNotReadyError{domain: domain, reason: what + ": " + le.problem}
+}
+
+// resolve returns name's records of type qtype, following CNAME records.
+func (c *dnsChecker) resolve(ctx context.Context, name string, qtype uint16) ([]dns.RR, error) {
+	seen := map[string]bool{name: true}
+	for {
+		ans, err := c.query(ctx, name, qtype)
+		if err != nil {
+			return nil, err
+		}
+		end := name // the end of the CNAME chain in the answer
+		for {
+			target := ""
+			for _, rr := range ans.answer {
+				if cname, ok := rr.(*dns.CNAME); ok && dns.CanonicalName(cname.Hdr.Name) == end {
+					target = dns.CanonicalName(cname.Target)
+					break
+				}
+			}
+			if target == "" {
+				break
+			}
+			if seen[target] {
+				return nil, &lookupError{name: name, qtype: qtype, problem: "CNAME loop at " + strings.TrimSuffix(target, ".")}
+			}
+			if len(seen) > maxCNAMEChain {
+				return nil, &lookupError{name: name, qtype: qtype, problem: fmt.Sprintf("CNAME chain longer than %d", maxCNAMEChain)}
+			}
+			seen[target] = true
+			end = target
+		}
+		if ans.rcode == dns.RcodeNameError {
+			return nil, &lookupError{name: end, qtype: qtype, problem: "NXDOMAIN from " + ans.from, nxdomain: true}
+		}
+		var rrs []dns.RR
+		for _, rr := range ans.answer {
+			if h := rr.Header(); h.Rrtype == qtype && dns.CanonicalName(h.Name) == end {
+				rrs = append(rrs, rr)
+			}
+		}
+		if len(rrs) > 0 || end == name {
+			return rrs, nil
+		}
+		name = end // the server did not follow the chain to its end
+	}
+}
+
+// query returns the outcome of the query for name and qtype, from the cache
+// or from the servers. Concurrent identical queries share one exchange,
+// which runs to completion even if the callers' contexts are done, so that
+// its outcome is cached; its duration is bounded by the timeout.
+func (c *dnsChecker) query(ctx context.Context, name string, qtype uint16) (*dnsAnswer, error) {
+	key := dnsCacheKey{name, qtype}
+	if e := c.cached(key); e != nil {
+		return e.ans, e.err
+	}
+	ch := c.flight.DoChan(strconv.Itoa(int(qtype))+" "+name, func() (any, error) {
+		if e := c.cached(key); e != nil {
+			return e, nil // stored since this caller looked
+		}
+		e := new(dnsCacheEntry)
+		e.ans, e.err = c.exchange(context.WithoutCancel(ctx), name, qtype)
+		c.store(key, e)
+		return e, nil
+	})
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case r := <-ch:
+		e := r.Val.(*dnsCacheEntry)
+		return e.ans, e.err
+	}
+}
+
+// exchange asks c.resolvers in turn for name and qtype, over UDP and then,
+// if the answer is truncated, over TCP. It returns the first answer with
+// rcode NOERROR or NXDOMAIN, or a lookupError listing every server's
+// failure.
+func (c *dnsChecker) exchange(ctx context.Context, name string, qtype uint16) (*dnsAnswer, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(name, qtype)
+	m.SetEdns0(ednsUDPSize, false)
+	var problems []string
+	for _, addr := range c.resolvers {
+		r, err := c.exchangeWith(ctx, "udp", addr, m)
+		if err == nil && r.Truncated {
+			r, err = c.exchangeWith(ctx, "tcp", addr, m)
+		}
+		switch {
+		case err != nil:
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				problems = append(problems, "query to "+addr+" timed out")
+			} else {
+				problems = append(problems, fmt.Sprintf("query to %s failed: %v", addr, err))
+			}
+		case r.Rcode == dns.RcodeSuccess || r.Rcode == dns.RcodeNameError:
+			return &dnsAnswer{rcode: r.Rcode, answer: r.Answer, from: addr, ttl: answerTTL(r)}, nil
+		default:
+			rcode, ok := dns.RcodeToString[r.Rcode]
+			if !ok {
+				rcode = "rcode " + strconv.Itoa(r.Rcode)
+			}
+			problems = append(problems, rcode+" from "+addr)
+		}
+	}
+	return nil, &lookupError{name: name, qtype: qtype, problem: strings.Join(problems, "; ")}
+}
+
+func (c *dnsChecker) exchangeWith(ctx context.Context, network, addr string, m *dns.Msg) (*dns.Msg, error) {
+	client := &dns.Client{Net: network, Timeout: c.timeout}
+	r, _, err := client.ExchangeContext(ctx, m, addr)
+	return r, err
+}
+
+// answerTTL returns how long r may be cached: the smallest TTL of its
+// answer records or, for a negative answer, the negative caching TTL of its
+// SOA record (RFC 2308). It returns -1 if r holds neither.
+func answerTTL(r *dns.Msg) time.Duration {
+	ttl := int64(-1)
+	for _, rr := range r.Answer {
+		if t := int64(rr.Header().Ttl); ttl < 0 || t < ttl {
+			ttl = t
+		}
+	}
+	if len(r.Answer) == 0 {
+		for _, rr := range r.Ns {
+			if soa, ok := rr.(*dns.SOA); ok {
+				ttl = int64(min(soa.Hdr.Ttl, soa.Minttl))
+			}
+		}
+	}
+	if ttl < 0 {
+		return -1
+	}
+	return time.Duration(ttl) * time.Second
+}
+
+// cached returns the unexpired cache entry for key, or nil.
+func (c *dnsChecker) cached(key dnsCacheKey) *dnsCacheEntry {
+	c.cacheMu.Lock()
+	defer c.cacheMu.Unlock()
+	if e := c.cache[key]; e != nil && c.now().Before(e.expires) {
+		return e
+	}
+	return nil
+}
+
+// store caches e for key, for the smaller of its answer's TTL and
+// c.maxCache. When the cache is full it evicts the expired entries or, if
+// there are none, the oldest one.
+func (c *dnsChecker) store(key dnsCacheKey, e *dnsCacheEntry) {
+	lifetime := c.maxCache
+	if e.ans != nil && e.ans.ttl >= 0 {
+		lifetime = min(lifetime, e.ans.ttl)
+	}
+	if lifetime <= 0 {
+		return
+	}
+	c.cacheMu.Lock()
+	defer c.cacheMu.Unlock()
+	now := c.now()
+	e.added, e.expires = now, now.Add(lifetime)
+	if _, ok := c.cache[key]; !ok && len(c.cache) >= maxDNSCacheEntries {
+		var oldest dnsCacheKey
+		for k, old := range c.cache {
+			if !now.Before(old.expires) {
+				delete(c.cache, k)
+			} else if c.cache[oldest] == nil || old.added.Before(c.cache[oldest].added) {
+				oldest = k
+			}
+		}
+		if len(c.cache) >= maxDNSCacheEntries {
+			delete(c.cache, oldest)
+		}
+	}
+	c.cache[key] = e
+}
+
+// canonicalDomain returns domain in lower case with a trailing dot, or an
+// error if it is not a valid host name.
+func canonicalDomain(domain string) (string, error) {
+	d := strings.ToLower(strings.TrimSuffix(domain, "."))
+	if d == "" {
+		return "", errors.New("certmgr: empty domain name")
+	}
+	valid := len(d) <= 253
+	if _, err := netip.ParseAddr(d); err == nil {
+		valid = false
+	}
+	for label := range strings.SplitSeq(d, ".") {
+		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			valid = false
+		}
+		for _, r := range label {
+			if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' {
+				valid = false
+			}
+		}
+	}
+	if !valid {
+		return "", fmt.Errorf("certmgr: invalid domain name %q", domain)
+	}
+	return d + ".", nil
+}
+
+func joinAddrs(addrs []netip.Addr) string {
+	s := make([]string, len(addrs))
+	for i, a := range addrs {
+		s[i] = a.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// forget drops the cached answers for name and the names it climbs to for
+// CAA, so that the next check asks again.
+func (c *dnsChecker) forget(name string) {
+	name = dns.Fqdn(strings.ToLower(name))
+	c.cacheMu.Lock()
+	defer c.cacheMu.Unlock()
+	for k := range c.cache {
+		if dns.IsSubDomain(k.name, name) {
+			delete(c.cache, k)
+		}
+	}
+}

@@ -1,0 +1,256 @@
+package certmgr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/certmgr/certmgr/internal/dnstest"
+	"github.com/miekg/dns"
+)
+
+func startDNS(t *testing.T) *dnstest.Server {
+	t.Helper()
+	s, err := dnstest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func testDNSCheck(resolvers ...string) DNSCheck {
+	return DNSCheck{
+		KnownIPs:  []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")},
+		Resolvers: resolvers,
+	}
+}
+
+func TestCheckDNS(t *testing.T) {
+	s := startDNS(t)
+	addr := s.Addr()
+
+	// A second server, silent for every name used, and a dead address.
+	silent := startDNS(t)
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := pc.LocalAddr().String()
+	pc.Close()
+
+	s.SetA("a.test", "127.0.0.1")
+	s.SetA("foreign.test", "127.0.0.2")
+	s.SetA("foreign6.test", "127.0.0.1")
+	s.SetAAAA("foreign6.test", "2001:db8::1")
+	s.SetA("both.test", "127.0.0.1")
+	s.SetAAAA("both.test", "::1")
+	s.SetCNAME("www.a.test", "both.test")
+	s.SetCNAME("loop1.test", "loop2.test")
+	s.SetCNAME("loop2.test", "loop1.test")
+	for i := range 11 {
+		s.SetCNAME(fmt.Sprintf("c%d.test", i), fmt.Sprintf("c%d.test", i+1))
+	}
+	s.SetA("c11.test", "127.0.0.1")
+	s.SetCNAME("dangling.test", "elsewhere.test")
+	s.SetRcode("servfail.test", dns.RcodeServerFailure)
+	s.SetCAA("noaddr.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"})
+	s.SetA("silent.test", "127.0.0.1")
+	s.SetSilent("silent.test", true)
+	s.SetA("tc.test", "127.0.0.1")
+	s.SetTruncate("tc.test", true)
+	for _, name := range []string{"caa.test", "sub.parent.test", "nobody.test", "critical.test", "wild.test"} {
+		s.SetA(name, "127.0.0.1")
+	}
+	s.SetCAA("caa.test", dnstest.CAA{Tag: "issue", Value: "ca.example.net"})
+	s.SetCAA("parent.test", dnstest.CAA{Tag: "issue", Value: " Pebble.Test ; account=1"}, dnstest.CAA{Tag: "iodef", Value: "mailto:x@parent.test"})
+	s.SetCAA("nobody.test", dnstest.CAA{Tag: "issue", Value: ";"})
+	s.SetCAA("critical.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"}, dnstest.CAA{Flag: 128, Tag: "tbs", Value: "x"})
+	s.SetCAA("wild.test", dnstest.CAA{Tag: "issuewild", Value: "ca.example.net"})
+	silent.SetSilent("fallback.test", true)
+	s.SetA("fallback.test", "127.0.0.1")
+
+	caa := testDNSCheck(addr)
+	caa.CAAIdentities = []string{"pebble.test"}
+	fallback := testDNSCheck(silent.Addr(), dead, addr)
+	fallback.Timeout = 100 * time.Millisecond
+	short := testDNSCheck(addr)
+	short.Timeout = 100 * time.Millisecond
+
+	tests := []struct {
+		domain string
+		opts   DNSCheck
+		want   string // the error's reason, or "" for nil
+	}{
+		{"a.test", testDNSCheck(addr), ""},
+		{"A.Test.", testDNSCheck(addr), ""},
+		{"foreign.test", testDNSCheck(addr), "A 127.0.0.2 is not a known IP (known: 127.0.0.1, ::1)"},
+		{"foreign6.test", testDNSCheck(addr), "AAAA 2001:db8::1 is not a known IP (known: 127.0.0.1, ::1)"},
+		{"both.test", testDNSCheck(addr), ""},
+		{"www.a.test", testDNSCheck(addr), ""},
+		{"loop1.test", testDNSCheck(addr), "A lookup: CNAME loop at loop1.test"},
+		{"c3.test", testDNSCheck(addr), ""},
+		{"c0.test", testDNSCheck(addr), "A lookup: CNAME chain longer than 8"},
+		{"dangling.test", testDNSCheck(addr), "A lookup of elsewhere.test: NXDOMAIN from " + addr},
+		{"missing.test", testDNSCheck(addr), "A lookup: NXDOMAIN from " + addr},
+		{"servfail.test", testDNSCheck(addr), "A lookup: SERVFAIL from " + addr},
+		{"noaddr.test", testDNSCheck(addr), "no A or AAAA record"},
+		{"silent.test", short, "A lookup: query to " + addr + " timed out"},
+		{"tc.test", testDNSCheck(addr), ""},
+		{"fallback.test", fallback, ""},
+		{"a.test", caa, ""},
+		{"caa.test", caa, `CAA at caa.test does not authorise any of [pebble.test] (found issue "ca.example.net")`},
+		{"sub.parent.test", caa, ""},
+		{"nobody.test", caa, `CAA at nobody.test does not authorise any of [pebble.test] (found issue ";")`},
+		{"critical.test", caa, `CAA at critical.test has a critical record with unknown tag "tbs"`},
+		{"wild.test", caa, ""},
+	}
+	for _, tt := range tests {
+		start := time.Now()
+		err := CheckDNS(t.Context(), tt.domain, tt.opts)
+		if tt.want == "" {
+			if err != nil {
+				t.Errorf("CheckDNS(%q) = %v, want nil", tt.domain, err)
+			}
+			continue
+		}
+		domain := strings.ToLower(strings.TrimSuffix(tt.domain, "."))
+		want := "certmgr: DNS not ready: " + domain + ": " + tt.want
+		if err == nil || err.Error() != want || !errors.Is(err, ErrDNSNotReady) {
+			t.Errorf("CheckDNS(%q) = %v,\nwant %s", tt.domain, err, want)
+		}
+		if d := time.Since(start); d > 1500*time.Millisecond { // under the default timeout
+			t.Errorf("CheckDNS(%q) took %v", tt.domain, d)
+		}
+	}
+	if n := s.Queries("tc.test", dns.TypeA); n != 2 {
+		t.Errorf("tc.test: %d A queries, want 2 (UDP, then TCP)", n)
+	}
+	if n := silent.Queries("fallback.test", dns.TypeA); n != 1 {
+		t.Errorf("fallback.test: silent server got %d A queries, want 1", n)
+	}
+}
+
+func TestCheckDNSInvalid(t *testing.T) {
+	s := startDNS(t)
+	s.SetA("a.test", "127.0.0.1")
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	tests := []struct {
+		ctx    context.Context
+		domain string
+		opts   DNSCheck
+		want   string
+	}{
+		{t.Context(), "", testDNSCheck(s.Addr()), "certmgr: empty domain name"},
+		{t.Context(), "a..test", testDNSCheck(s.Addr()), `certmgr: invalid domain name "a..test"`},
+		{t.Context(), "127.0.0.1", testDNSCheck(s.Addr()), `certmgr: invalid domain name "127.0.0.1"`},
+		{t.Context(), "a.test", DNSCheck{Resolvers: []string{s.Addr()}}, "certmgr: DNSCheck.KnownIPs is empty"},
+		{ctx, "a.test", testDNSCheck(s.Addr()), "certmgr: DNS check of a.test: context canceled"},
+	}
+	for _, tt := range tests {
+		err := CheckDNS(tt.ctx, tt.domain, tt.opts)
+		if err == nil || err.Error() != tt.want || errors.Is(err, ErrDNSNotReady) {
+			t.Errorf("CheckDNS(%q) = %v, want %s", tt.domain, err, tt.want)
+		}
+	}
+}
+
+// fakeClock is a settable clock.
+type fakeClock struct {
+	mu sync.Mutex // guards t
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func TestDNSCheckerCache(t *testing.T) {
+	s := startDNS(t)
+	s.SetA("a.test", "127.0.0.1")
+	s.SetRcode("servfail.test", dns.RcodeServerFailure)
+	clock := &fakeClock{t: time.Unix(1e9, 0)}
+	opts := testDNSCheck(s.Addr())
+	opts.CAAIdentities = []string{"pebble.test"}
+	c := newDNSChecker(opts, time.Minute, clock.now)
+
+	flood := func(domain string, wantNil bool) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make([]error, 1000)
+		for i := range errs {
+			wg.Go(func() { errs[i] = c.check(t.Context(), domain) })
+		}
+		wg.Wait()
+		for _, err := range errs {
+			if (err == nil) != wantNil {
+				t.Fatalf("check(%q) = %v", domain, err)
+			}
+		}
+	}
+	queries := func(want int) {
+		t.Helper()
+		for _, name := range []string{"a.test", "servfail.test"} {
+			for _, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
+				if n := s.Queries(name, qtype); n != want {
+					t.Errorf("%s %s: %d queries, want %d", name, dns.TypeToString[qtype], n, want)
+				}
+			}
+		}
+		if n := s.Queries("a.test", dns.TypeCAA); n != want {
+			t.Errorf("a.test CAA: %d queries, want %d", n, want)
+		}
+	}
+
+	flood("a.test", true)
+	flood("servfail.test", false)
+	queries(1)
+	clock.advance(59 * time.Second)
+	flood("a.test", true)
+	flood("servfail.test", false)
+	queries(1)
+	clock.advance(time.Second)
+	flood("a.test", true)
+	flood("servfail.test", false)
+	queries(2)
+}
+
+func TestDNSCheckerCacheBound(t *testing.T) {
+	clock := &fakeClock{t: time.Unix(1e9, 0)}
+	c := newDNSChecker(testDNSCheck("127.0.0.1:1"), time.Minute, clock.now)
+	key := func(i int) dnsCacheKey { return dnsCacheKey{fmt.Sprintf("n%d.test.", i), dns.TypeA} }
+	for i := range maxDNSCacheEntries {
+		ttl := time.Hour // capped to a minute
+		if i < 8 {
+			ttl = 10 * time.Second
+		}
+		c.store(key(i), &dnsCacheEntry{ans: &dnsAnswer{ttl: ttl}})
+		clock.advance(time.Millisecond)
+	}
+	// Full, nothing expired: the oldest entry goes.
+	c.store(key(-1), &dnsCacheEntry{ans: &dnsAnswer{ttl: -1}})
+	if len(c.cache) != maxDNSCacheEntries || c.cached(key(0)) != nil || c.cached(key(1)) == nil {
+		t.Fatalf("after overflow: %d entries, oldest kept: %v", len(c.cache), c.cached(key(0)) != nil)
+	}
+	// Full, entries 1 to 7 expired: they all go, and no other.
+	clock.advance(10 * time.Second)
+	c.store(key(-2), &dnsCacheEntry{err: errors.New("x")})
+	if n := len(c.cache); n != maxDNSCacheEntries-6 || c.cached(key(8)) == nil {
+		t.Fatalf("after expiry: %d entries, want %d", n, maxDNSCacheEntries-6)
+	}
+}

@@ -1,0 +1,133 @@
+package certmgr
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// EventKind says what an Event reports.
+type EventKind int
+
+// The events certmgr reports, with the level it logs each at.
+const (
+	EventObtained    EventKind = iota + 1 // Info: a new certificate was obtained
+	EventRenewed                          // Info: a certificate was renewed
+	EventLoaded                           // Debug: a certificate was loaded from the cache at first use
+	EventFailed                           // Warn: an ACME attempt failed; Err has the CA's detail
+	EventBackoff                          // Info: no attempt before NextAttempt (once per failure)
+	EventRateLimited                      // Warn: the CA rate-limited the domain until NextAttempt
+	EventDNSNotReady                      // Info: the DNS pre-check failed (once per change of its result)
+	EventDNSReady                         // Info: the DNS pre-check passes again
+	EventFallback                         // Debug: a handshake got the self-signed fallback (sampled)
+	EventCacheError                       // Error: reading or writing the Cache failed
+	EventRetry                            // Info: the operator asked for an early retry
+)
+
+var eventMessages = [...]string{
+	EventObtained:    "certificate obtained",
+	EventRenewed:     "certificate renewed",
+	EventLoaded:      "certificate loaded from cache",
+	EventFailed:      "certificate attempt failed",
+	EventBackoff:     "backing off",
+	EventRateLimited: "rate limited by CA",
+	EventDNSNotReady: "DNS not ready",
+	EventDNSReady:    "DNS ready",
+	EventFallback:    "fallback certificate served",
+	EventCacheError:  "cache error",
+	EventRetry:       "retry requested",
+}
+
+// String returns the event's log message, e.g. "certificate obtained".
+func (k EventKind) String() string {
+	if k > 0 && int(k) < len(eventMessages) {
+		return eventMessages[k]
+	}
+	return fmt.Sprintf("EventKind(%d)", int(k))
+}
+
+func (k EventKind) level() slog.Level {
+	switch k {
+	case EventLoaded, EventFallback:
+		return slog.LevelDebug
+	case EventFailed, EventRateLimited:
+		return slog.LevelWarn
+	case EventCacheError:
+		return slog.LevelError
+	}
+	return slog.LevelInfo
+}
+
+// Paths an attempt takes, in Event.Path.
+const (
+	PathHandshake = "handshake" // started by a TLS handshake
+	PathProvision = "provision" // started by Provision
+	PathRenewal   = "renewal"   // autocert's own renewal timer
+)
+
+// Event is one thing that happened to a domain's certificate. Each is
+// logged as one line and passed to Config.OnEvent. Fields that do not
+// apply to the Kind are zero.
+type Event struct {
+	Kind        EventKind
+	Time        time.Time
+	Domain      string        // normalised name
+	Path        string        // PathHandshake, PathProvision or PathRenewal
+	Challenge   string        // challenge type that was used, where known
+	Attempt     int           // the attempt's number: 1 for the first after a success
+	Duration    time.Duration // how long the attempt took
+	NotAfter    time.Time     // expiry of the certificate obtained or loaded
+	NextAttempt time.Time     // earliest next attempt (backoff, rate limit, DNS recheck)
+	Err         error         // what failed
+}
+
+// String returns the event as one line: its message and its set fields.
+func (e Event) String() string {
+	s := e.Kind.String() + " domain=" + e.Domain
+	for _, a := range e.attrs() {
+		if a.Key != "domain" {
+			s += " " + a.String()
+		}
+	}
+	return s
+}
+
+// attrs returns the event's set fields as log attributes.
+func (e Event) attrs() []slog.Attr {
+	attrs := make([]slog.Attr, 0, 8)
+	attrs = append(attrs, slog.String("domain", e.Domain))
+	if e.Path != "" {
+		attrs = append(attrs, slog.String("path", e.Path))
+	}
+	if e.Challenge != "" {
+		attrs = append(attrs, slog.String("challenge", e.Challenge))
+	}
+	if e.Attempt != 0 {
+		attrs = append(attrs, slog.Int("attempt", e.Attempt))
+	}
+	if e.Duration != 0 {
+		attrs = append(attrs, slog.Duration("duration", e.Duration))
+	}
+	if !e.NotAfter.IsZero() {
+		attrs = append(attrs, slog.Time("not_after", e.NotAfter))
+	}
+	if !e.NextAttempt.IsZero() {
+		attrs = append(attrs, slog.Time("next_attempt", e.NextAttempt))
+	}
+	if e.Err != nil {
+		attrs = append(attrs, slog.String("error", e.Err.Error()))
+	}
+	return attrs
+}
+
+// emit logs each event and hands it to Config.OnEvent. It must be called
+// with no lock held: OnEvent may call Status or Domains.
+func (m *Manager) emit(events ...Event) {
+	for _, e := range events {
+		m.log.LogAttrs(context.Background(), e.Kind.level(), e.Kind.String(), e.attrs()...)
+		if m.onEvent != nil {
+			m.onEvent(e)
+		}
+	}
+}

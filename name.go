@@ -1,0 +1,37 @@
+package certmgr
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"golang.org/x/net/idna"
+)
+
+// maxNameLen is the longest DNS name (RFC 1035) in presentation form.
+const maxNameLen = 253
+
+// normalize returns the name under which certmgr and autocert know the
+// server name: IDNA Lookup to ASCII (which also folds case), trailing dot
+// dropped. It refuses what autocert refuses: an empty name, a name of one
+// label, a name with characters IDNA does not allow.
+func normalize(name string) (string, error) {
+	if name == "" {
+		return "", errors.New("certmgr: missing server name")
+	}
+	if len(name) > 4*maxNameLen {
+		return "", errors.New("certmgr: server name too long")
+	}
+	ascii, err := idna.Lookup.ToASCII(name)
+	if err != nil {
+		return "", fmt.Errorf("certmgr: server name %q contains an invalid character", name)
+	}
+	ascii = strings.ToLower(strings.TrimSuffix(ascii, "."))
+	if !strings.Contains(strings.Trim(ascii, "."), ".") {
+		return "", fmt.Errorf("certmgr: server name %q needs at least two labels", name)
+	}
+	if len(ascii) > maxNameLen {
+		return "", errors.New("certmgr: server name too long")
+	}
+	return ascii, nil
+}

@@ -1,0 +1,69 @@
+package certmgr
+
+import (
+	"context"
+	"time"
+)
+
+// Provision obtains (or loads from cache) the certificate for domain now, running the
+// HostPolicy, the backoff and the DNS pre-check first. It returns when the certificate is
+// ready, ctx is done, or a check refuses; it never starts a second attempt while one is in flight.
+//
+// The certificate is the ECDSA one that modern clients' handshakes look
+// up (TLS 1.3 clients, and TLS 1.2 clients offering ECDSA suites). If ctx
+// ends first, Provision returns ctx.Err() at once; the attempt goes on in
+// the background and its outcome is recorded as for a handshake. Errors
+// wrap ErrHostNotAllowed, ErrBackoff or ErrDNSNotReady when a check
+// refuses, and are an *AttemptError when the CA does.
+func (m *Manager) Provision(ctx context.Context, domain string) error {
+	name, err := normalize(domain)
+	if err != nil {
+		return err
+	}
+	if err := m.hostPolicy(ctx, name); err != nil {
+		return err
+	}
+	k := certKey{domain: name}
+	if m.servedCert(k) != nil {
+		return nil
+	}
+	_, err = m.obtain(ctx, k, PathProvision)
+	return err
+}
+
+// Retry is the operator's early retry: it clears domain's backoff so that
+// the next handshake or Provision makes a real new attempt at once, even
+// within autocert's own one-minute failed state. It keeps the CA's
+// Retry-After, the failed-authorization budget, the HostPolicy and the
+// DNS pre-check (whose cached answers it drops). Retry on a domain
+// certmgr does not know does nothing.
+func (m *Manager) Retry(domain string) {
+	name, err := normalize(domain)
+	if err != nil {
+		return
+	}
+	now := m.now()
+	m.stateMu.Lock()
+	d := m.domains[name]
+	if d == nil {
+		m.stateMu.Unlock()
+		return
+	}
+	d.fail.retryNow(now, m.cost(), m.cfg.AuthzBudget)
+	d.dnsNext = time.Time{}
+	if d.attempt == nil && (d.notAfter.IsZero() || !now.Before(d.notAfter)) {
+		d.am = nil // autocert's failed state goes with it
+		d.loaded = [2]bool{}
+	}
+	d.logged = false
+	ev := Event{Kind: EventRetry, Time: now, Domain: name}
+	if now.Before(d.fail.NextAttempt) {
+		ev.NextAttempt = d.fail.NextAttempt
+	}
+	m.stateMu.Unlock()
+	if m.dns != nil {
+		m.dns.forget(name)
+	}
+	m.emit(ev)
+	m.saveState(m.ctx)
+}

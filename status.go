@@ -1,0 +1,104 @@
+package certmgr
+
+import (
+	"errors"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// State is where a domain stands.
+type State int
+
+const (
+	StateNone       State = iota // no certificate, nothing attempted
+	StateObtaining               // an attempt is in flight
+	StateValid                   // a valid certificate is served
+	StateBackoff                 // the last attempt failed; waiting for NextAttempt
+	StateWaitingDNS              // the DNS pre-check failed; rechecked at NextAttempt
+)
+
+var stateNames = [...]string{"none", "obtaining", "valid", "backoff", "waiting-dns"}
+
+// String returns the state's name in lower case: "none", "obtaining",
+// "valid", "backoff" or "waiting-dns".
+func (s State) String() string {
+	if s >= 0 && int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return "State(" + strconv.Itoa(int(s)) + ")"
+}
+
+// Status is an operator's view of one domain.
+type Status struct {
+	Domain      string    // normalised name
+	State       State     // where the domain stands
+	NotAfter    time.Time // expiry of the certificate being served; zero if none
+	Failures    int       // consecutive failed attempts
+	LastError   error     // last failure, nil if none
+	NextAttempt time.Time // earliest start of the next ACME attempt; zero means now
+}
+
+// Status returns the status of domain. A name certmgr does not know (never
+// seen, refused by the HostPolicy, or not a valid name) is StateNone.
+func (m *Manager) Status(domain string) Status {
+	name, err := normalize(domain)
+	if err != nil {
+		return Status{Domain: strings.ToLower(domain)}
+	}
+	now := m.now()
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	d := m.domains[name]
+	if d == nil {
+		return Status{Domain: name}
+	}
+	return m.statusLocked(d, now)
+}
+
+// Domains returns the status of every domain certmgr knows, sorted by
+// Domain.
+func (m *Manager) Domains() []Status {
+	now := m.now()
+	m.stateMu.Lock()
+	out := make([]Status, 0, len(m.domains))
+	for _, d := range m.domains {
+		out = append(out, m.statusLocked(d, now))
+	}
+	m.stateMu.Unlock()
+	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Domain, b.Domain) })
+	return out
+}
+
+// statusLocked computes d's status. m.stateMu must be held.
+func (m *Manager) statusLocked(d *domain, now time.Time) Status {
+	s := Status{Domain: d.name, Failures: d.fail.Failures, NotAfter: d.notAfter}
+	if !now.Before(s.NotAfter) {
+		s.NotAfter = time.Time{}
+	}
+	if d.fail.Failures > 0 {
+		s.LastError = d.lastErr
+		if s.LastError == nil {
+			s.LastError = errors.New(d.fail.LastError)
+		}
+	}
+	if now.Before(d.fail.NextAttempt) {
+		s.NextAttempt = d.fail.NextAttempt
+	}
+	switch {
+	case !s.NotAfter.IsZero():
+		s.State = StateValid
+	case d.attempt != nil:
+		s.State = StateObtaining
+	case d.dnsErr != nil:
+		s.State = StateWaitingDNS
+		s.LastError = d.dnsErr
+		if now.Before(d.dnsNext) {
+			s.NextAttempt = maxTime(s.NextAttempt, d.dnsNext)
+		}
+	case d.fail.Failures > 0:
+		s.State = StateBackoff
+	}
+	return s
+}
