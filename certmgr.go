@@ -149,6 +149,8 @@ type Manager struct {
 	wg     sync.WaitGroup // attempts and the cache retry loop
 	closed atomic.Bool
 	once   sync.Once
+
+	refusedOrders atomic.Int64 // orders refused locally (a test hook)
 }
 
 // domain is what certmgr knows of one normalised name. Its fields are
@@ -243,8 +245,11 @@ func New(cfg Config) (*Manager, error) {
 	m.cache = newCertCache(cfg.Autocert.Cache)
 	m.cache.onPut = m.certStored
 	m.cache.onError = func(op, key string, err error) {
-		m.emit(Event{Kind: EventCacheError, Time: m.now(), Domain: certKeyOf(key).domain,
-			Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)})
+		ev := Event{Kind: EventCacheError, Time: m.now(), Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)}
+		if isCertKey(key) {
+			ev.Domain = certKeyOf(key).domain
+		}
+		m.emit(ev)
 	}
 
 	user := cfg.Autocert.Client
@@ -876,11 +881,11 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if cert != nil {
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
 	}
+	if persist {
+		m.saveState() // before waking the waiters: what they see is stored
+	}
 	close(a.done)
 	m.emit(events...)
-	if persist {
-		m.saveState(m.ctx)
-	}
 }
 
 func isRSA(c *tls.Certificate) bool {
@@ -904,6 +909,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 	}
 	if d.loading {
 		m.stateMu.Unlock()
+		m.refusedOrders.Add(1)
 		return errLoading
 	}
 	if a := d.attempt; a != nil {
@@ -917,6 +923,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 	}
 	if err := m.gateLocked(d); err != nil {
 		m.stateMu.Unlock()
+		m.refusedOrders.Add(1)
 		return err
 	}
 	a := &attempt{path: PathRenewal, start: m.now(), done: make(chan struct{})}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"io"
 	"log/slog"
@@ -51,7 +52,7 @@ func startEnv(t *testing.T, opts pebbletest.Options, cfg Config, names ...string
 	}
 	logs := &syncBuffer{}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		cfg.Logger = newTestLogger(logs)
 	}
 	m, err := New(cfg)
 	if err != nil {
@@ -87,6 +88,25 @@ func (e *testEnv) handshake(t *testing.T, name string, conf *tls.Config) (*x509.
 	}
 	defer c.Close()
 	return c.(*tls.Conn).ConnectionState().PeerCertificates[0], nil
+}
+
+// newTestLogger logs everything, Debug included, to w.
+func newTestLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// pemCert encodes c as autocert stores it: the key, then the chain.
+func pemCert(t *testing.T, c *tls.Certificate) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	for _, b := range c.Certificate {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: b})...)
+	}
+	return out
 }
 
 // insecure accepts any certificate: to see fallbacks.
@@ -152,6 +172,28 @@ func leakedGoroutines() []string {
 		}
 	}
 	return leaked
+}
+
+// waitDetached waits for the goroutines autocert detaches after an
+// attempt (withdrawing unused authorizations, deleting challenge tokens).
+func waitDetached(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var leaked []string
+		for _, g := range leakedGoroutines() {
+			if strings.Contains(g, "acme/autocert.") {
+				leaked = append(leaked, g)
+			}
+		}
+		if len(leaked) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("autocert's detached work did not end:\n%s", strings.Join(leaked, "\n\n"))
+		}
+		time.Sleep(5 * time.Millisecond) // polling with a deadline
+	}
 }
 
 // waitFor polls cond until it holds or d passes.

@@ -100,8 +100,9 @@ func (m *Manager) loadState(ctx context.Context) map[string]failureRecord {
 
 // saveState writes the failure records of all domains that have one.
 // Writes are serialised, so the last one written is the newest state; a
-// failed write is kept by the cache and retried.
-func (m *Manager) saveState(ctx context.Context) {
+// failed write is kept by the cache and retried. Close does not cut a
+// write short.
+func (m *Manager) saveState() {
 	m.persistMu.Lock()
 	defer m.persistMu.Unlock()
 	now := m.now()
@@ -120,7 +121,7 @@ func (m *Manager) saveState(ctx context.Context) {
 		m.emit(Event{Kind: EventCacheError, Time: now, Err: err})
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
 	defer cancel()
 	m.cache.Put(ctx, stateKey, data) // errors are reported and retried by the cache
 }

@@ -65,5 +65,5 @@ func (m *Manager) Retry(domain string) {
 		m.dns.forget(name)
 	}
 	m.emit(ev)
-	m.saveState(m.ctx)
+	m.saveState()
 }

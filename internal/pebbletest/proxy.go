@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/letsencrypt/pebble/v2/acme"
 	"github.com/letsencrypt/pebble/v2/db"
 )
 
@@ -755,4 +756,35 @@ func (p *Proxy) settleUntil(ctx context.Context, done func() bool) {
 			return
 		}
 	}
+}
+
+// ExpireAuthorizations marks every valid authorization Pebble holds for
+// identifier as deactivated, as a CA does when an authorization's lifetime
+// ends. The next order for identifier then needs a new validation instead
+// of reusing the old one (see the package documentation on reuse): this is
+// how a test makes a renewal validate.
+func (p *Proxy) ExpireAuthorizations(identifier string) int {
+	identifier = strings.ToLower(identifier)
+	p.mu.Lock()
+	var ids []string
+	for path, idents := range p.idents {
+		if id, ok := strings.CutPrefix(path, "/authZ/"); ok && len(idents) == 1 && idents[0] == identifier {
+			ids = append(ids, id)
+		}
+	}
+	p.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		a := p.store.GetAuthorizationByID(id)
+		if a == nil {
+			continue
+		}
+		a.Lock()
+		if a.Status == acme.StatusValid {
+			a.Status = acme.StatusDeactivated
+			n++
+		}
+		a.Unlock()
+	}
+	return n
 }

@@ -1,0 +1,166 @@
+package certmgr
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/acme/autocert"
+)
+
+func newFakeClock() *fakeClock {
+	return &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+}
+
+func TestBackoffDelays(t *testing.T) {
+	b := DefaultBackoff
+	for n, want := range []time.Duration{time.Minute, 10 * time.Minute, 100 * time.Minute, 24 * time.Hour, 24 * time.Hour} {
+		if got := b.delay(n+1, 0); got != want {
+			t.Errorf("delay(%d, 0) = %v, want %v", n+1, got, want)
+		}
+		if got, max := b.delay(n+1, 0.999), want+want/10; got < want || got > max {
+			t.Errorf("delay(%d, 0.999) = %v, want in [%v, %v]", n+1, got, want, max)
+		}
+	}
+	if got := (Backoff{Jitter: -1}).withDefaults(DefaultBackoff).delay(1, 0.9); got != time.Minute {
+		t.Errorf("negative jitter: delay = %v, want exactly 1m", got)
+	}
+	custom := Backoff{Steps: []time.Duration{time.Second}}.withDefaults(DefaultBackoff)
+	if got := custom.delay(7, 0); got != time.Second {
+		t.Errorf("custom schedule: delay(7) = %v, want 1s", got)
+	}
+}
+
+func TestBudgetFree(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	f := failureRecord{Spends: []spend{{t0, 2}, {t0.Add(time.Minute), 2}}}
+	if got := f.budgetFree(t0.Add(2*time.Minute), 1, 4); !got.Equal(t0.Add(time.Hour)) {
+		t.Errorf("budgetFree = %v, want when the first spend leaves the window (%v)", got, t0.Add(time.Hour))
+	}
+	if got := f.budgetFree(t0.Add(2*time.Minute), 2, 4); !got.Equal(t0.Add(time.Hour)) {
+		t.Errorf("budgetFree(cost 2) = %v, want %v", got, t0.Add(time.Hour))
+	}
+	if got := f.budgetFree(t0.Add(3*time.Hour), 2, 4); !got.Equal(t0.Add(3 * time.Hour)) {
+		t.Errorf("budgetFree after the window = %v, want now", got)
+	}
+}
+
+// Acceptance 5 (failure path): over 48 simulated hours of continuous
+// failure, first issuance and renewal attempts alike, the failed
+// authorizations in every rolling hour stay within the budget of 4, and
+// after the first day within 2 a day.
+func TestScheduleKeepsBudget(t *testing.T) {
+	for _, http01 := range []bool{false, true} {
+		clock := newFakeClock()
+		rng := rand.New(rand.NewPCG(1, 2))
+		m, err := New(Config{
+			Autocert: &autocert.Manager{},
+			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+			nowFunc:  clock.now,
+			randFunc: rng.Float64,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.http01 = http01
+		const name = "sim.test"
+		d, err := m.domainFor(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := clock.now()
+		var spends []time.Time // one per failed authorization
+		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+		for i := 0; clock.now().Sub(start) < 48*time.Hour; i++ {
+			cost := 1
+			if http01 {
+				cost = 2
+			}
+			if i%2 == 0 {
+				// A renewal by autocert's timer: the order is admitted or refused.
+				if m.admitOrder(req, name) == nil {
+					m.observed(name, observation{order: true})
+					for range cost {
+						m.observed(name, observation{authzFailed: true, problem: "Connection refused"})
+						spends = append(spends, clock.now())
+					}
+				}
+			} else {
+				// A handshake: begin's gate, then a failed attempt.
+				m.stateMu.Lock()
+				gate := m.gateLocked(d)
+				var a *attempt
+				if gate == nil {
+					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{}), orders: cost, authzFailed: cost}
+					d.attempt = a
+					m.inFlight++
+				}
+				m.stateMu.Unlock()
+				if gate == nil {
+					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
+					for range cost {
+						spends = append(spends, clock.now())
+					}
+				} else if !errors.Is(gate, ErrBackoff) {
+					t.Fatalf("gate: %v", gate)
+				}
+			}
+			clock.advance(time.Minute)
+		}
+		if len(spends) < 4 {
+			t.Fatalf("http01=%v: only %d failed authorizations in 48h; the simulation did not run", http01, len(spends))
+		}
+		for _, s := range spends {
+			if n := countIn(spends, s, time.Hour); n > 4 {
+				t.Errorf("http01=%v: %d failed authorizations in the hour from %v", http01, n, s.Sub(start))
+			}
+			if s.Sub(start) >= 24*time.Hour {
+				if n := countIn(spends, s, 24*time.Hour); n > 2 {
+					t.Errorf("http01=%v: %d failed authorizations in the day from %v", http01, n, s.Sub(start))
+				}
+			}
+		}
+		t.Logf("http01=%v: %d failed authorizations in 48h, at %v", http01, len(spends), offsets(spends, start))
+		m.Close()
+	}
+}
+
+// countIn counts the times in [from, from+window).
+func countIn(ts []time.Time, from time.Time, window time.Duration) int {
+	n := 0
+	for _, t := range ts {
+		if !t.Before(from) && t.Before(from.Add(window)) {
+			n++
+		}
+	}
+	return n
+}
+
+func offsets(ts []time.Time, start time.Time) []time.Duration {
+	out := make([]time.Duration, len(ts))
+	for i, t := range ts {
+		out[i] = t.Sub(start).Round(time.Minute)
+	}
+	return out
+}
+
+func TestFailureRecordRetryKeepsRetryAfter(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var f failureRecord
+	f.fail(t0, "rate limited", 1, 1, 4, DefaultBackoff, t0.Add(time.Hour), 0)
+	if !f.NextAttempt.Equal(t0.Add(time.Hour)) {
+		t.Fatalf("NextAttempt = %v, want the CA's Retry-After", f.NextAttempt)
+	}
+	f.retryNow(t0.Add(time.Minute), 1, 4)
+	if !f.NextAttempt.Equal(t0.Add(time.Hour)) {
+		t.Errorf("after retryNow NextAttempt = %v, want the CA's Retry-After kept", f.NextAttempt)
+	}
+	f.succeed(t0.Add(2 * time.Hour))
+	if f.Failures != 0 || f.LastError != "" || !f.NextAttempt.IsZero() || !f.empty(t0.Add(2*time.Hour)) {
+		t.Errorf("after success: %+v", f)
+	}
+}
