@@ -1,0 +1,270 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// demoDomains are the domains -pebble serves by default.
+var demoDomains = []string{"a.pebble.test", "b.pebble.test"}
+
+// lockedBuffer is a bytes.Buffer safe for concurrent use.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// scanLines sends r's lines to the returned channel, which is closed at EOF.
+func scanLines(r io.Reader) <-chan string {
+	lines := make(chan string, 64)
+	go func() {
+		defer close(lines)
+		s := bufio.NewScanner(r)
+		for s.Scan() {
+			lines <- s.Text()
+		}
+	}()
+	return lines
+}
+
+// waitStatusURL returns the URL of the line "status: URL" from lines.
+func waitStatusURL(t *testing.T, lines <-chan string) string {
+	t.Helper()
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatal("the server's output ended without a status line")
+			}
+			if url, ok := strings.CutPrefix(line, "status: "); ok {
+				if !strings.HasPrefix(url, "https://127.0.0.1:") || !strings.HasSuffix(url, statusPath) {
+					t.Fatalf("status URL %q, want https://127.0.0.1:PORT%s", url, statusPath)
+				}
+				return url
+			}
+		case <-timeout:
+			t.Fatal("no status line within 30 s")
+		}
+	}
+}
+
+// statusClient returns a client that trusts only the root certificate in
+// the PEM file rootFile and expects the certificate of serverName.
+func statusClient(t *testing.T, rootFile, serverName string) *http.Client {
+	t.Helper()
+	pemData, err := os.ReadFile(rootFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pemData) {
+		t.Fatalf("%s holds no PEM certificate", rootFile)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: serverName}}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// get fetches url with the given Accept header and returns the body and
+// the Content-Type.
+func get(t *testing.T, c *http.Client, url, accept string) (body, contentType string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	return string(b), resp.Header.Get("Content-Type")
+}
+
+// checkJSONStatus checks that the JSON status page lists every demo domain
+// as valid, over connections verified for each domain.
+func checkJSONStatus(t *testing.T, url, rootFile string) {
+	t.Helper()
+	for _, d := range demoDomains {
+		c := statusClient(t, rootFile, d)
+		for _, tc := range []struct{ url, accept string }{
+			{url, "application/json"},
+			{url + "?format=json", ""},
+		} {
+			body, ctype := get(t, c, tc.url, tc.accept)
+			if ctype != "application/json" {
+				t.Errorf("GET %s (Accept %q): Content-Type %q, want application/json", tc.url, tc.accept, ctype)
+			}
+			var page struct {
+				Domains []domainStatus `json:"domains"`
+			}
+			if err := json.Unmarshal([]byte(body), &page); err != nil {
+				t.Fatalf("status page: %v\n%s", err, body)
+			}
+			states := make(map[string]string)
+			for _, s := range page.Domains {
+				states[s.Domain] = s.State
+				if s.State == "valid" && !s.NotAfter.After(time.Now()) {
+					t.Errorf("%s: valid, but not_after is %v", s.Domain, s.NotAfter)
+				}
+			}
+			for _, want := range demoDomains {
+				if states[want] != "valid" {
+					t.Errorf("%s: state %q, want valid\n%s", want, states[want], body)
+				}
+			}
+		}
+	}
+}
+
+// TestPebble runs the server in process against the embedded CA.
+func TestPebble(t *testing.T) {
+	rootFile := filepath.Join(t.TempDir(), "root.pem")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	var stderr lockedBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"-pebble", "-pebble-root-out", rootFile}, pw, &stderr)
+		pw.Close()
+	}()
+	defer func() { t.Logf("server log:\n%s", stderr.String()) }()
+
+	url := waitStatusURL(t, scanLines(pr))
+	checkJSONStatus(t, url, rootFile)
+
+	body, ctype := get(t, statusClient(t, rootFile, demoDomains[0]), url, "text/html")
+	if !strings.HasPrefix(ctype, "text/html") {
+		t.Errorf("HTML status page: Content-Type %q", ctype)
+	}
+	for _, want := range append([]string{"<table>", "<td>valid</td>"}, demoDomains...) {
+		if !strings.Contains(body, want) {
+			t.Errorf("HTML status page lacks %q:\n%s", want, body)
+		}
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("run returned %d, want 0", code)
+		}
+	case <-time.After(shutdownTimeout):
+		t.Fatalf("run still running %v after its context ended", shutdownTimeout)
+	}
+}
+
+// TestSIGTERM builds the command, runs it with -pebble, checks its status
+// page over a verified connection and stops it with SIGTERM.
+func TestSIGTERM(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the command")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "server")
+	build := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+
+	rootFile := filepath.Join(dir, "root.pem")
+	cmd := exec.Command(bin, "-pebble", "-pebble-root-out", rootFile)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pr.Close()
+	var stderr lockedBuffer
+	cmd.Stdout, cmd.Stderr = pw, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pw.Close()
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			<-exited
+		}
+		t.Logf("server log:\n%s", stderr.String())
+	}()
+
+	url := waitStatusURL(t, scanLines(pr))
+	checkJSONStatus(t, url, rootFile)
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Errorf("after SIGTERM: %v, want exit status 0", err)
+		}
+		t.Logf("exited %v after SIGTERM", time.Since(start).Round(time.Millisecond))
+	case <-time.After(shutdownTimeout):
+		t.Errorf("still running %v after SIGTERM", shutdownTimeout)
+	}
+}
+
+// TestUsage checks that wrong command lines are refused before anything
+// starts.
+func TestUsage(t *testing.T) {
+	dir := t.TempDir()
+	for _, args := range [][]string{
+		{"unexpected"},
+		{"-pebble", "-cache-dir", dir},
+		{"-pebble", "-production"},
+		{"-pebble", "-https-addr", ":8443"},
+		{"-pebble", "-known-ip", "not-an-ip"},
+		{"-cache-dir", dir},
+		{"-domain", "example.com"},
+		{"-domain", "example.com", "-cache-dir", dir, "-production", "-directory", "https://ca.example/dir"},
+		{"-domain", "example.com", "-cache-dir", dir, "-pebble-root-out", filepath.Join(dir, "root.pem")},
+	} {
+		var stderr bytes.Buffer
+		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 {
+			t.Errorf("server %q: exit status %d, want 2\n%s", args, code, stderr.String())
+		}
+	}
+}
