@@ -221,8 +221,9 @@ func TestSIGTERM(t *testing.T) {
 	pw.Close()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
+	waited := false
 	defer func() {
-		if cmd.ProcessState == nil {
+		if !waited {
 			cmd.Process.Kill()
 			<-exited
 		}
@@ -238,6 +239,7 @@ func TestSIGTERM(t *testing.T) {
 	start := time.Now()
 	select {
 	case err := <-exited:
+		waited = true
 		if err != nil {
 			t.Errorf("after SIGTERM: %v, want exit status 0", err)
 		}
