@@ -2,6 +2,7 @@ package certmgr
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -22,10 +23,12 @@ import (
 //     the CA's problem detail (which autocert drops), rate limits and their
 //     Retry-After (report).
 type acmeObserver struct {
-	next   http.RoundTripper
-	admit  func(req *http.Request, domain string) error
-	report func(domain string, ob observation)
-	closed func() bool
+	next    http.RoundTripper
+	life    context.Context // ends at Close: requests in flight are cut
+	timeout time.Duration   // bounds each request, its body included
+	admit   func(req *http.Request, domain string) error
+	report  func(domain string, ob observation)
+	closed  func() bool
 
 	authzMu sync.Mutex
 	authz   map[string]string   // authorization and challenge URL → domain, for attempts in flight
@@ -62,6 +65,12 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	if o.closed() {
 		return nil, errClosed
 	}
+	// A CA that accepts the connection and never answers must not hold an
+	// attempt (and Close) for the five minutes of autocert's context.
+	ctx, cancel := context.WithTimeout(req.Context(), o.timeout)
+	defer cancel()
+	stop := context.AfterFunc(o.life, cancel)
+	defer stop()
 	domain, newOrder := "", false
 	if req.Method == http.MethodPost && req.Body != nil {
 		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
@@ -69,10 +78,13 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err != nil {
 			return nil, err
 		}
-		req = req.Clone(req.Context())
+		req = req.Clone(ctx)
 		req.Body = io.NopCloser(bytes.NewReader(body))
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		domain, newOrder = orderIdentifier(body)
+	}
+	if req.Context() != ctx {
+		req = req.WithContext(ctx)
 	}
 	if newOrder {
 		if err := o.admit(req, domain); err != nil {
@@ -82,13 +94,17 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		domain = o.owner(req.URL.String())
 	}
 	res, err := o.next.RoundTrip(req)
-	if err != nil || domain == "" {
-		return res, err
+	if err != nil {
+		return nil, err
 	}
-	body, rerr := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
+	// The body is read here, while ctx lives.
+	body, err := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
 	res.Body.Close()
+	if err != nil {
+		return nil, err
+	}
 	res.Body = io.NopCloser(bytes.NewReader(body))
-	if rerr != nil {
+	if domain == "" {
 		return res, nil
 	}
 	ob := o.observe(domain, newOrder, res, body)

@@ -143,6 +143,7 @@ func (f *failureRecord) fail(now time.Time, msg string, authz, cost, budget int,
 func (f *failureRecord) prune(now time.Time) {
 	keep := f.Spends[:0]
 	for _, s := range f.Spends {
+		s.At = minTime(s.At, now) // the clock went back: not in the future
 		if s.At.After(now.Add(-budgetWindow)) {
 			keep = append(keep, s)
 		}
@@ -167,8 +168,13 @@ func (f *failureRecord) retryNow(now time.Time, cost, budget int) {
 	f.NextAttempt = maxTime(f.RetryAfter, f.budgetFree(now, cost, budget))
 }
 
-// due reports whether an attempt may start at now.
-func (f *failureRecord) due(now time.Time) bool {
+// due reports whether an attempt may start at now. A wait longer than
+// the schedule can ask for (the clock went back) is cut to that longest
+// wait; the CA's Retry-After is kept as it is.
+func (f *failureRecord) due(now time.Time, b Backoff) bool {
+	if limit := now.Add(b.delay(len(b.Steps), 1)); f.NextAttempt.After(limit) && f.NextAttempt.After(f.RetryAfter) {
+		f.NextAttempt = maxTime(limit, f.RetryAfter)
+	}
 	return !now.Before(f.NextAttempt)
 }
 
@@ -176,6 +182,13 @@ func (f *failureRecord) due(now time.Time) bool {
 func (f *failureRecord) empty(now time.Time) bool {
 	f.prune(now)
 	return f.Failures == 0 && len(f.Spends) == 0 && !now.Before(f.RetryAfter)
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
 }
 
 func maxTime(a, b time.Time) time.Time {

@@ -59,7 +59,7 @@ func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 // is kept and retried; the error is still returned.
 func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 	err := c.inner.Put(ctx, key, data)
-	keep := isCertKey(key) || key == stateKey
+	keep := isCertKey(key) || key == stateKey || key == accountKeyName
 	c.pendingMu.Lock()
 	if err != nil && keep {
 		c.pending[key] = data
@@ -135,6 +135,10 @@ func (c *certCache) flush(ctx context.Context) int {
 	defer c.pendingMu.Unlock()
 	return len(c.pending)
 }
+
+// accountKeyName is the Cache key of the ACME account key, as autocert
+// names it.
+const accountKeyName = "acme_account+key"
 
 // cacheTimeout bounds one Cache call made by certmgr itself.
 const cacheTimeout = 10 * time.Second

@@ -105,12 +105,13 @@ type Config struct {
 	// zero, 1,024.
 	MaxFallbacks int
 
-	nowFunc       func() time.Time // the clock; if nil, time.Now
-	randFunc      func() float64   // jitter source in [0, 1); if nil, math/rand/v2
-	cacheRetry    time.Duration    // how often failed cache writes are retried; if zero, 30 s
-	dnsTimeout    time.Duration    // per DNS query; if zero, CheckDNS's default
-	maxInFlight   int              // concurrent attempts; if zero, 64
-	renewalMaxAge time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
+	nowFunc        func() time.Time // the clock; if nil, time.Now
+	randFunc       func() float64   // jitter source in [0, 1); if nil, math/rand/v2
+	cacheRetry     time.Duration    // how often failed cache writes are retried; if zero, 30 s
+	dnsTimeout     time.Duration    // per DNS query; if zero, CheckDNS's default
+	maxInFlight    int              // concurrent attempts; if zero, 64
+	renewalMaxAge  time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
+	requestTimeout time.Duration    // bounds one ACME request; if zero, 30 s
 }
 
 // Manager obtains, renews and serves certificates through autocert, with
@@ -164,6 +165,8 @@ type domain struct {
 	loading  bool              // am is reading the cache: no order may start
 	loaded   [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
 	notAfter time.Time         // expiry of the newest certificate served
+	lifetime time.Duration     // of the newest certificate served
+	renewed  time.Time         // when a renewal last succeeded in this process
 	dnsErr   error             // the failed pre-check, nil when it passed
 	dnsFails int               // consecutive failed pre-checks
 	dnsNext  time.Time         // next pre-check
@@ -235,6 +238,7 @@ func New(cfg Config) (*Manager, error) {
 	m.cfg.cacheRetry = cmpOr(cfg.cacheRetry, 30*time.Second)
 	m.cfg.maxInFlight = cmpOr(cfg.maxInFlight, 64)
 	m.cfg.renewalMaxAge = cmpOr(cfg.renewalMaxAge, 15*time.Minute)
+	m.cfg.requestTimeout = cmpOr(cfg.requestTimeout, 30*time.Second)
 
 	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
 	if err != nil {
@@ -261,6 +265,8 @@ func New(cfg Config) (*Manager, error) {
 		next = user.HTTPClient.Transport
 	}
 	m.obs = newACMEObserver(next)
+	m.obs.life = m.ctx
+	m.obs.timeout = m.cfg.requestTimeout
 	m.obs.admit = m.admitOrder
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
@@ -523,6 +529,7 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) bool {
 		m.stateMu.Lock()
 		if d := m.domains[k.domain]; d != nil {
 			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
+			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
 		}
 		m.stateMu.Unlock()
 	}
@@ -672,7 +679,7 @@ func (m *Manager) accountKey(ctx context.Context) error {
 	if m.client.Key != nil {
 		return nil
 	}
-	const keyName = "acme_account+key" // autocert's
+	const keyName = accountKeyName
 	data, err := m.cache.Get(ctx, keyName)
 	if errors.Is(err, autocert.ErrCacheMiss) {
 		data, err = m.cache.Get(ctx, "acme_account.key") // autocert's former name
@@ -700,9 +707,9 @@ func (m *Manager) accountKey(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := m.cache.Put(ctx, keyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})); err != nil {
-		return fmt.Errorf("certmgr: writing account key: %w", err)
-	}
+	// A failed write is reported, kept and retried by the cache, which
+	// serves the key meanwhile: the account is not lost.
+	m.cache.Put(ctx, keyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}))
 	m.client.Key = crypto.Signer(key)
 	return nil
 }
@@ -735,12 +742,15 @@ func (m *Manager) begin(d *domain, k certKey, path string) (*attempt, error) {
 // gateLocked returns why no attempt may start for d now, or nil.
 func (m *Manager) gateLocked(d *domain) error {
 	now := m.now()
-	if !d.fail.due(now) {
+	if !d.fail.due(now, m.cfg.Backoff) {
 		return fmt.Errorf("%w: %s: next attempt at %s after %d failure(s): %s", ErrBackoff, d.name,
 			d.fail.NextAttempt.UTC().Format(time.RFC3339), d.fail.Failures, d.fail.LastError)
 	}
 	if t := d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget); t.After(now) {
 		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	if limit := now.Add(m.cfg.DNSRecheck.delay(len(m.cfg.DNSRecheck.Steps), 1)); d.dnsNext.After(limit) {
+		d.dnsNext = limit // the clock went back
 	}
 	if d.dnsErr != nil && now.Before(d.dnsNext) {
 		return d.dnsErr
@@ -838,6 +848,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		}
 		d.fail.succeed(now)
 		d.lastErr = nil
+		if a.path == PathRenewal {
+			d.renewed = now
+		}
 		d.logged = false
 		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
 			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
@@ -884,8 +897,8 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if persist {
 		m.saveState() // before waking the waiters: what they see is stored
 	}
+	m.emit(events...) // and logged
 	close(a.done)
-	m.emit(events...)
 }
 
 func isRSA(c *tls.Certificate) bool {
@@ -921,7 +934,13 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 		m.finish(d, a, nil, errors.New("certmgr: renewal gave no outcome"))
 		m.stateMu.Lock()
 	}
-	if err := m.gateLocked(d); err != nil {
+	err := m.gateLocked(d)
+	if age := m.now().Sub(d.renewed); err == nil && !d.renewed.IsZero() && age >= 0 && age < min(d.lifetime/3, time.Hour) {
+		// autocert renews again at once when RenewBefore exceeds the
+		// certificate's lifetime; this keeps that from looping.
+		err = fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
+	}
+	if err != nil {
 		m.stateMu.Unlock()
 		m.refusedOrders.Add(1)
 		return err

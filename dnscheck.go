@@ -445,7 +445,8 @@ func answerTTL(r *dns.Msg) time.Duration {
 func (c *dnsChecker) cached(key dnsCacheKey) *dnsCacheEntry {
 	c.cacheMu.Lock()
 	defer c.cacheMu.Unlock()
-	if e := c.cache[key]; e != nil && c.now().Before(e.expires) {
+	// An entry added "in the future" is stale: the clock went back.
+	if e := c.cache[key]; e != nil && !c.now().Before(e.added) && c.now().Before(e.expires) {
 		return e
 	}
 	return nil

@@ -140,6 +140,9 @@ func TestEventStory(t *testing.T) {
 	}
 	// autocert's timer renews the 30 s certificate within seconds.
 	waitFor(t, 10*time.Second, "the renewal", func() bool { return events.count(EventRenewed) == 1 })
+	// RenewBefore exceeds the new certificate's life too: autocert asks
+	// again at once, and certmgr refuses rather than loop.
+	waitFor(t, 10*time.Second, "the next renewal to be refused", func() bool { return m.refusedOrders.Load() >= 1 })
 	m.Close()
 	// A restart loads the certificate from the cache at first use.
 	m2, err := New(cfg)
