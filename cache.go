@@ -206,6 +206,9 @@ func parseCert(k certKey, data []byte, now time.Time) (*tls.Certificate, error) 
 	if err := leaf.VerifyHostname(k.domain); err != nil {
 		return nil, err
 	}
+	if pub, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(key.Public()) {
+		return nil, errors.New("certmgr: cached certificate does not match its key")
+	}
 	if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != k.rsa {
 		return nil, errors.New("certmgr: cached certificate has the wrong key type")
 	}

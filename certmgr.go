@@ -405,6 +405,9 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 	if c := m.servedCert(k); c != nil {
 		return c, nil
 	}
+	if c := m.waitingFallback(k); c != nil {
+		return c, nil
+	}
 	name, err := normalize(hello.ServerName)
 	if err != nil {
 		return nil, err
@@ -429,6 +432,31 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		return cert, nil
 	}
 	return m.fallback(name)
+}
+
+// waitingFallback returns, at once and without allocating, the fallback
+// for a known domain that can start no attempt now (it backs off or waits
+// for DNS), or nil. A name that is not a domain's (normalised) name, or
+// whose Cache was not read yet, takes the full path.
+func (m *Manager) waitingFallback(k certKey) *tls.Certificate {
+	now := m.now()
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	if d == nil || !d.loaded[b2i(k.rsa)] || d.attempt != nil || !m.waitingLocked(d, now) {
+		m.stateMu.Unlock()
+		return nil
+	}
+	first := !d.logged
+	d.logged = true
+	m.stateMu.Unlock()
+	if first {
+		m.emit(Event{Kind: EventFallback, Time: now, Domain: k.domain})
+	}
+	c, err := m.fallbacks.get(k.domain)
+	if err != nil {
+		return nil
+	}
+	return c
 }
 
 // fallback returns the fallback certificate for name, and logs (once per
@@ -742,6 +770,9 @@ func (m *Manager) begin(d *domain, k certKey, path string) (*attempt, error) {
 // gateLocked returns why no attempt may start for d now, or nil.
 func (m *Manager) gateLocked(d *domain) error {
 	now := m.now()
+	if !m.waitingLocked(d, now) {
+		return nil
+	}
 	if !d.fail.due(now, m.cfg.Backoff) {
 		return fmt.Errorf("%w: %s: next attempt at %s after %d failure(s): %s", ErrBackoff, d.name,
 			d.fail.NextAttempt.UTC().Format(time.RFC3339), d.fail.Failures, d.fail.LastError)
@@ -749,13 +780,19 @@ func (m *Manager) gateLocked(d *domain) error {
 	if t := d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget); t.After(now) {
 		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
 	}
+	return d.dnsErr
+}
+
+// waitingLocked reports whether d may start no attempt at now: the
+// schedule, the failed-authorization budget or the DNS recheck is not due.
+// It does not allocate. m.stateMu must be held.
+func (m *Manager) waitingLocked(d *domain, now time.Time) bool {
 	if limit := now.Add(m.cfg.DNSRecheck.delay(len(m.cfg.DNSRecheck.Steps), 1)); d.dnsNext.After(limit) {
 		d.dnsNext = limit // the clock went back
 	}
-	if d.dnsErr != nil && now.Before(d.dnsNext) {
-		return d.dnsErr
-	}
-	return nil
+	return !d.fail.due(now, m.cfg.Backoff) ||
+		d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget).After(now) ||
+		(d.dnsErr != nil && now.Before(d.dnsNext))
 }
 
 // cost is how many authorizations one attempt can fail: one per

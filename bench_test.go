@@ -1,0 +1,169 @@
+package certmgr
+
+import (
+	"context"
+	"crypto/tls"
+	"io"
+	"log/slog"
+	"net/netip"
+	"testing"
+
+	"github.com/miekg/dns"
+	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/pebbletest"
+)
+
+// benchCache returns a cache holding a Pebble-issued ECDSA certificate
+// for name, and the environment that issued it.
+func benchCache(b *testing.B, name string) (autocert.Cache, *pebbletest.Env) {
+	b.Helper()
+	env := pebbletest.Start(b, pebbletest.Options{})
+	env.DNS.SetA(name, "127.0.0.1")
+	cache := autocert.DirCache(b.TempDir())
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: cache, Client: env.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	env.ServeTLS(b, m.TLSConfig(), nil)
+	if err := m.Provision(context.Background(), name); err != nil {
+		b.Fatal(err)
+	}
+	return cache, env
+}
+
+// benchManagers returns certmgr and bare autocert, both serving name's
+// cached certificate. certmgr's DNS pre-check is on, against env.DNS.
+func benchManagers(b *testing.B, name string) (*Manager, *autocert.Manager, *pebbletest.Env) {
+	cache, env := benchCache(b, name)
+	policy := autocert.HostWhitelist(name)
+	bare := &autocert.Manager{Cache: cache, Prompt: autocert.AcceptTOS, HostPolicy: policy, Client: env.NewClient()}
+	m, err := New(Config{
+		Autocert:  &autocert.Manager{Cache: cache, HostPolicy: policy, Client: env.NewClient()},
+		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+		KnownIPs:  []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+		Resolvers: []string{env.DNS.Addr()},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { m.Close() })
+	return m, bare, env
+}
+
+// A modern browser's hello: TLS 1.3 and 1.2, ECDSA offered.
+func benchHello(name string) *tls.ClientHelloInfo {
+	return &tls.ClientHelloInfo{
+		ServerName:        name,
+		SupportedVersions: []uint16{tls.VersionTLS13, tls.VersionTLS12},
+		SignatureSchemes:  []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.PSSWithSHA256, tls.PKCS1WithSHA256},
+		SupportedCurves:   []tls.CurveID{tls.X25519, tls.CurveP256},
+		CipherSuites: []uint16{tls.TLS_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
+	}
+}
+
+// GetCertificate for a domain whose valid certificate is cached: certmgr
+// beside bare autocert, and the DNS queries the pre-check costs there.
+func BenchmarkGetCertificateCached(b *testing.B) {
+	const name = "bench.test"
+	m, bare, env := benchManagers(b, name)
+	hello := benchHello(name)
+	for _, tt := range []struct {
+		name string
+		get  func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	}{{"autocert", bare.GetCertificate}, {"certmgr", m.GetCertificate}} {
+		if c, err := tt.get(hello); err != nil || IsFallback(c) { // loads from the cache
+			b.Fatalf("%s: %v", tt.name, err)
+		}
+		queries := env.DNS.Queries(name, dns.TypeA) + env.DNS.Queries(name, dns.TypeAAAA)
+		b.Run(tt.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := tt.get(hello); err != nil {
+					b.Fatal(err)
+				}
+			}
+			n := env.DNS.Queries(name, dns.TypeA) + env.DNS.Queries(name, dns.TypeAAAA) - queries
+			b.ReportMetric(float64(n)/float64(b.N), "dns-queries/op")
+		})
+	}
+}
+
+// GetCertificate for a domain in backoff: the fallback, at once.
+func BenchmarkGetCertificateBackoff(b *testing.B) {
+	const name = "backoff.test"
+	env := pebbletest.Start(b, pebbletest.Options{})
+	env.DNS.SetA(name, "127.0.0.3") // nothing answers the VA there
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Client: env.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Provision(context.Background(), name); err == nil {
+		b.Fatal("Provision succeeded")
+	}
+	hello := benchHello(name)
+	if c, err := m.GetCertificate(hello); err != nil || !IsFallback(c) {
+		b.Fatalf("not the fallback: %v", err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := m.GetCertificate(hello); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// A full TLS handshake over loopback: certmgr's TLSConfig beside
+// autocert's. The client offers TLS 1.3 and TLS 1.2 suites, so that both
+// serve the ECDSA certificate.
+func BenchmarkHandshake(b *testing.B) {
+	const name = "bench.test"
+	m, bare, env := benchManagers(b, name)
+	client := &tls.Config{ServerName: name, RootCAs: env.Roots}
+	for _, tt := range []struct {
+		name string
+		conf *tls.Config
+	}{{"autocert", bare.TLSConfig()}, {"certmgr", m.TLSConfig()}} {
+		ln, err := tls.Listen("tcp", "127.0.0.1:0", tt.conf)
+		if err != nil {
+			b.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.(*tls.Conn).Handshake()
+				c.Close()
+			}
+		}()
+		handshake := func() {
+			c, err := tls.Dial("tcp", ln.Addr().String(), client)
+			if err != nil {
+				b.Fatal(err)
+			}
+			c.Close()
+		}
+		handshake() // loads the certificate
+		b.Run(tt.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				handshake()
+			}
+		})
+		ln.Close()
+		<-done
+	}
+}
