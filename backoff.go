@@ -17,18 +17,18 @@ type Backoff struct {
 	Jitter float64
 }
 
-// DefaultBackoff is the ACME retry schedule used when Config.Backoff is
+// defaultBackoff is the ACME retry schedule used when Config.Backoff is
 // zero, after Let's Encrypt's integration guide: about a minute after the
 // first failure, ten minutes after the second, 100 minutes after the third,
 // then once a day.
-var DefaultBackoff = Backoff{
+var defaultBackoff = Backoff{
 	Steps:  []time.Duration{time.Minute, 10 * time.Minute, 100 * time.Minute, 24 * time.Hour},
 	Jitter: 0.1,
 }
 
-// DefaultDNSRecheck is the DNS recheck schedule used when Config.DNSRecheck
+// defaultDNSRecheck is the DNS recheck schedule used when Config.DNSRecheck
 // is zero: 30 seconds, growing to at most 10 minutes.
-var DefaultDNSRecheck = Backoff{
+var defaultDNSRecheck = Backoff{
 	Steps:  []time.Duration{30 * time.Second, time.Minute, 2 * time.Minute, 5 * time.Minute, 10 * time.Minute},
 	Jitter: 0.1,
 }

@@ -17,7 +17,7 @@ func newFakeClock() *fakeClock {
 }
 
 func TestBackoffDelays(t *testing.T) {
-	b := DefaultBackoff
+	b := defaultBackoff
 	for n, want := range []time.Duration{time.Minute, 10 * time.Minute, 100 * time.Minute, 24 * time.Hour, 24 * time.Hour} {
 		if got := b.delay(n+1, 0); got != want {
 			t.Errorf("delay(%d, 0) = %v, want %v", n+1, got, want)
@@ -26,10 +26,10 @@ func TestBackoffDelays(t *testing.T) {
 			t.Errorf("delay(%d, 0.999) = %v, want in [%v, %v]", n+1, got, want, max)
 		}
 	}
-	if got := (Backoff{Jitter: -1}).withDefaults(DefaultBackoff).delay(1, 0.9); got != time.Minute {
+	if got := (Backoff{Jitter: -1}).withDefaults(defaultBackoff).delay(1, 0.9); got != time.Minute {
 		t.Errorf("negative jitter: delay = %v, want exactly 1m", got)
 	}
-	custom := Backoff{Steps: []time.Duration{time.Second}}.withDefaults(DefaultBackoff)
+	custom := Backoff{Steps: []time.Duration{time.Second}}.withDefaults(defaultBackoff)
 	if got := custom.delay(7, 0); got != time.Second {
 		t.Errorf("custom schedule: delay(7) = %v, want 1s", got)
 	}
@@ -151,7 +151,7 @@ func offsets(ts []time.Time, start time.Time) []time.Duration {
 func TestFailureRecordRetryKeepsRetryAfter(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var f failureRecord
-	f.fail(t0, "rate limited", 1, 1, 4, DefaultBackoff, t0.Add(time.Hour), 0)
+	f.fail(t0, "rate limited", 1, 1, 4, defaultBackoff, t0.Add(time.Hour), 0)
 	if !f.NextAttempt.Equal(t0.Add(time.Hour)) {
 		t.Fatalf("NextAttempt = %v, want the CA's Retry-After", f.NextAttempt)
 	}

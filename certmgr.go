@@ -69,7 +69,10 @@ type Config struct {
 	HandshakeTimeout time.Duration
 
 	// Backoff is the schedule of ACME attempts after consecutive failures.
-	// If zero, DefaultBackoff. The CA's Retry-After always wins over it.
+	// If zero, after Let's Encrypt's integration guide: 1 minute after the
+	// first failure, 10 minutes after the second, 100 minutes after the
+	// third, then once a day, each with up to 10% jitter added. The CA's
+	// Retry-After always wins over it.
 	Backoff Backoff
 
 	// AuthzBudget is the most failed authorizations an attempt may risk
@@ -93,7 +96,8 @@ type Config struct {
 	CAAIdentities []string
 
 	// DNSRecheck is the schedule of DNS rechecks after a failed pre-check.
-	// If zero, DefaultDNSRecheck (30 s growing to 10 min).
+	// If zero, 30 s, 1 min, 2 min, 5 min, then every 10 min, each with up
+	// to 10% jitter added.
 	DNSRecheck Backoff
 
 	// MaxDomains bounds how many domains certmgr tracks at once. Domains
@@ -230,8 +234,8 @@ func New(cfg Config) (*Manager, error) {
 	if m.timeout == 0 {
 		m.timeout = DefaultHandshakeTimeout
 	}
-	m.cfg.Backoff = cfg.Backoff.withDefaults(DefaultBackoff)
-	m.cfg.DNSRecheck = cfg.DNSRecheck.withDefaults(DefaultDNSRecheck)
+	m.cfg.Backoff = cfg.Backoff.withDefaults(defaultBackoff)
+	m.cfg.DNSRecheck = cfg.DNSRecheck.withDefaults(defaultDNSRecheck)
 	m.cfg.AuthzBudget = cmpOr(cfg.AuthzBudget, 4)
 	m.cfg.MaxDomains = cmpOr(cfg.MaxDomains, 10000)
 	m.cfg.MaxFallbacks = cmpOr(cfg.MaxFallbacks, 1024)
@@ -1054,11 +1058,12 @@ func (m *Manager) certStored(key string, data []byte) {
 // CA said (autocert itself only reports "missing certificate" or the last
 // step that failed); Err is what autocert returned, for errors.As.
 type AttemptError struct {
-	Domain string
+	Domain string // the normalised domain
 	Detail string // the CA's problem detail; empty if it gave none
-	Err    error
+	Err    error  // what autocert returned
 }
 
+// Error returns the CA's detail when there is one, else autocert's error.
 func (e *AttemptError) Error() string {
 	if e.Detail != "" {
 		return "certmgr: " + e.Domain + ": " + e.Detail

@@ -70,8 +70,8 @@ const (
 // logged as one line and passed to Config.OnEvent. Fields that do not
 // apply to the Kind are zero.
 type Event struct {
-	Kind        EventKind
-	Time        time.Time
+	Kind        EventKind     // what happened
+	Time        time.Time     // when, by the Manager's clock
 	Domain      string        // normalised name
 	Path        string        // PathHandshake, PathProvision or PathRenewal
 	Challenge   string        // challenge type that was used, where known

@@ -11,6 +11,7 @@ import (
 // State is where a domain stands.
 type State int
 
+// The states of a domain, as Status reports them.
 const (
 	StateNone       State = iota // no certificate, nothing attempted
 	StateObtaining               // an attempt is in flight

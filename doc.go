@@ -1,0 +1,54 @@
+// Package certmgr makes automatic HTTPS certificates from
+// golang.org/x/crypto/acme/autocert safe to run in production.
+//
+// # The doom loop it prevents
+//
+// A server whose hand-built tls.Config lacks acme.ALPNProto ("acme-tls/1")
+// fails every TLS-ALPN-01 validation at the handshake. autocert then opens
+// another order for http-01, so one attempt spends two of the five failed
+// authorizations Let's Encrypt allows per domain per hour. autocert forgets
+// a failure after a minute, keeps nothing across restarts, and starts a new
+// ACME flow on every handshake for a domain without a certificate, blocking
+// that handshake for up to five minutes: with steady traffic the rate limit
+// is spent within minutes and the domain stays locked out. Nothing checks
+// DNS first, and nothing logs a success.
+//
+// certmgr wraps autocert and fixes each link of that chain:
+//
+//   - TLSConfig always negotiates acme.ALPNProto for validations;
+//   - a per-domain failure cache allows one attempt in flight per domain,
+//     backs off exponentially (1 min, 10 min, 100 min, then daily), keeps
+//     within a budget of failed authorizations per hour, obeys the CA's
+//     Retry-After, gates autocert's own renewals the same way, and is
+//     persisted in the autocert.Cache so that it survives restarts;
+//   - a DNS pre-check refuses to start an attempt until the domain's A,
+//     AAAA and CAA records say the CA can validate it;
+//   - a handshake waits at most HandshakeTimeout (10 s) and then gets a
+//     self-signed fallback certificate, at once while the domain backs off;
+//   - every outcome is one structured log line (log/slog) and an Event, and
+//     Status and Domains tell an operator what state each domain is in and
+//     when its next attempt will be.
+//
+// # Use
+//
+// Where a server built a tls.Config, it asks the Manager for one:
+//
+//	m, err := certmgr.New(certmgr.Config{
+//		Autocert: &autocert.Manager{
+//			Cache:      autocert.DirCache("/var/lib/certmgr"),
+//			HostPolicy: autocert.HostWhitelist("example.com"),
+//			Email:      "ops@example.com",
+//		},
+//		KnownIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")},
+//	})
+//	if err != nil {
+//		log.Fatal(err)
+//	}
+//	defer m.Close()
+//	go http.ListenAndServe(":80", m.HTTPHandler(nil))
+//	srv := &http.Server{Addr: ":443", TLSConfig: m.TLSConfig()}
+//	log.Fatal(srv.ListenAndServeTLS("", ""))
+//
+// A server that builds its own tls.Config around GetCertificate must add
+// acme.ALPNProto to NextProtos itself.
+package certmgr

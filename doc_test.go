@@ -1,0 +1,73 @@
+package certmgr
+
+import (
+	"go/ast"
+	"go/doc"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"strings"
+	"testing"
+)
+
+// TestExportedIdentifiersDocumented fails for every exported identifier,
+// method or struct field without a doc comment: what `go doc` shows must
+// say what everything is.
+func TestExportedIdentifiersDocumented(t *testing.T) {
+	fset := token.NewFileSet()
+	pkgs, err := parser.ParseDir(fset, ".", func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, parser.ParseComments)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := doc.New(pkgs["certmgr"], "github.com/certmgr/certmgr", 0)
+	if p.Doc == "" {
+		t.Error("no package comment")
+	}
+	undocumented := func(what, doc string) {
+		if strings.TrimSpace(doc) == "" {
+			t.Errorf("%s has no doc comment", what)
+		}
+	}
+	values := func(vs []*doc.Value) {
+		for _, v := range vs {
+			if v.Doc != "" {
+				continue
+			}
+			for _, spec := range v.Decl.Specs {
+				vs := spec.(*ast.ValueSpec)
+				if vs.Doc == nil && vs.Comment == nil {
+					undocumented(vs.Names[0].Name, "")
+				}
+			}
+		}
+	}
+	values(p.Consts)
+	values(p.Vars)
+	for _, f := range p.Funcs {
+		undocumented(f.Name, f.Doc)
+	}
+	for _, typ := range p.Types {
+		undocumented(typ.Name, typ.Doc)
+		values(typ.Consts)
+		values(typ.Vars)
+		for _, f := range typ.Funcs {
+			undocumented(f.Name, f.Doc)
+		}
+		for _, m := range typ.Methods {
+			undocumented(typ.Name+"."+m.Name, m.Doc)
+		}
+		for _, spec := range typ.Decl.Specs {
+			st, ok := spec.(*ast.TypeSpec).Type.(*ast.StructType)
+			if !ok {
+				continue
+			}
+			for _, field := range st.Fields.List {
+				for _, n := range field.Names {
+					if n.IsExported() && field.Doc == nil && field.Comment == nil {
+						undocumented(typ.Name+"."+n.Name, "")
+					}
+				}
+			}
+		}
+	}
+}
