@@ -36,8 +36,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -293,7 +291,8 @@ func serve(ctx context.Context, o *options, stdout io.Writer, log *slog.Logger) 
 
 	if err == nil && ctx.Err() == nil {
 		if env != nil && o.rootOut != "" {
-			if err := writeRoot(ctx, o.rootOut, httpsLn.Addr().String(), env.Roots, m, o.domains); err != nil {
+			pemRoot := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: env.Root.Raw})
+			if err := os.WriteFile(o.rootOut, pemRoot, 0o644); err != nil {
 				log.Error("writing the Pebble root", "error", err)
 			} else {
 				fmt.Fprintf(stdout, "root: %s\n", o.rootOut)
@@ -358,27 +357,6 @@ func statusURL(o *options, addr net.Addr) string {
 		host = net.JoinHostPort(host, port)
 	}
 	return "https://" + host + statusPath
-}
-
-// writeRoot finds Pebble's root by verifying a served certificate against
-// roots, and writes it to path as PEM.
-func writeRoot(ctx context.Context, path, addr string, roots *x509.CertPool, m *certmgr.Manager, domains []string) error {
-	err := errors.New("no domain has a valid certificate")
-	for _, d := range domains {
-		if m.Status(d).State != certmgr.StateValid {
-			continue
-		}
-		dialer := &tls.Dialer{Config: &tls.Config{RootCAs: roots, ServerName: d}}
-		var conn net.Conn
-		if conn, err = dialer.DialContext(ctx, "tcp", addr); err != nil {
-			continue
-		}
-		chain := conn.(*tls.Conn).ConnectionState().VerifiedChains[0]
-		conn.Close()
-		root := chain[len(chain)-1]
-		return os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: root.Raw}), 0o644)
-	}
-	return err
 }
 
 // domainStatus is one domain's row of the status page.

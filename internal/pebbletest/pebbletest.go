@@ -133,6 +133,8 @@ type Env struct {
 	HTTPClient *http.Client
 	// Roots holds Pebble's root certificate, to verify issued ones.
 	Roots *x509.CertPool
+	// Root is Pebble's root certificate, for programs that hand it on.
+	Root *x509.Certificate
 	// DNS is the VA's resolver; tests program names there and may point
 	// the code under test at DNS.Addr().
 	DNS *dnstest.Server
@@ -218,8 +220,9 @@ func New(opts Options) (_ *Env, err error) {
 	wfeImpl := wfe.New(logger, store, vaImpl, authority, caaIDs, false, false, 0, 0)
 	envMu.Unlock()
 
+	e.Root = authority.GetRootCert(0).Cert
 	e.Roots = x509.NewCertPool()
-	e.Roots.AddCert(authority.GetRootCert(0).Cert)
+	e.Roots.AddCert(e.Root)
 
 	e.Proxy = newProxy(wfeImpl.Handler(), store, !opts.NoSettle)
 	e.server = httptest.NewUnstartedServer(e.Proxy)
