@@ -265,21 +265,31 @@ func orderIdentifier(body []byte) (domain string, ok bool) {
 // parseRetryAfter returns the time the CA asks to wait for: the
 // Retry-After header (seconds or an HTTP date) or, without one, the
 // "retry after <time>" that Let's Encrypt writes in its problem detail.
-// It returns the zero time when neither says.
+// It returns the zero time when neither says, or when the time is outside
+// the years 1 to 9999.
 func parseRetryAfter(header, detail string, now time.Time) time.Time {
+	t := retryAfterTime(header, detail, now)
+	if y := t.Year(); y < 1 || y > 9999 {
+		return time.Time{}
+	}
+	return t
+}
+
+func retryAfterTime(header, detail string, now time.Time) time.Time {
 	if header = strings.TrimSpace(header); header != "" {
 		if s, err := strconv.ParseInt(header, 10, 64); err == nil && s >= 0 {
 			return now.Add(time.Duration(min(s, 1<<32)) * time.Second)
 		}
 		if t, err := http.ParseTime(header); err == nil {
-			return t
+			return t.UTC()
 		}
 	}
-	i := strings.Index(strings.ToLower(detail), "retry after ")
+	const phrase = "retry after "
+	i := indexASCIIFold(detail, phrase)
 	if i < 0 {
 		return time.Time{}
 	}
-	rest := detail[i+len("retry after "):]
+	rest := detail[i+len(phrase):]
 	// "2026-01-17 00:27:45 UTC", as Let's Encrypt writes it.
 	if len(rest) >= 23 && rest[19:23] == " UTC" {
 		if t, err := time.Parse(time.DateTime, rest[:19]); err == nil {
@@ -294,6 +304,29 @@ func parseRetryAfter(header, detail string, now time.Time) time.Time {
 		return t.UTC()
 	}
 	return time.Time{}
+}
+
+// indexASCIIFold returns the index of the first instance of the lower-case
+// ASCII word in s, ignoring ASCII case, or -1. Unlike strings.ToLower, it
+// keeps s's byte offsets whatever else s holds.
+func indexASCIIFold(s, word string) int {
+	for i := 0; i+len(word) <= len(s); i++ {
+		j := 0
+		for j < len(word) {
+			c := s[i+j]
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			if c != word[j] {
+				break
+			}
+			j++
+		}
+		if j == len(word) {
+			return i
+		}
+	}
+	return -1
 }
 
 // retryBackoff is the acme.Client RetryBackoff certmgr installs when the

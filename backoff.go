@@ -68,6 +68,10 @@ func (b Backoff) delay(n int, r float64) time.Duration {
 // the window of Let's Encrypt's "failed validations" limit.
 const budgetWindow = time.Hour
 
+// maxRetryAfter bounds how far ahead a CA's Retry-After is obeyed. Let's
+// Encrypt's longest rate-limit window is a week.
+const maxRetryAfter = 8 * 24 * time.Hour
+
 // spend is one attempt's failed authorizations.
 type spend struct {
 	At    time.Time `json:"at"`
@@ -133,7 +137,9 @@ func (f *failureRecord) fail(now time.Time, msg string, authz, cost, budget int,
 		f.Spends = append(f.Spends, spend{At: now, Authz: authz})
 	}
 	f.prune(now)
-	f.RetryAfter = maxTime(f.RetryAfter, retryAfter)
+	// Trust the CA's Retry-After, but not beyond maxRetryAfter: a wrong
+	// answer must not lock a domain out for years.
+	f.RetryAfter = maxTime(f.RetryAfter, minTime(retryAfter, now.Add(maxRetryAfter)))
 	next := now.Add(b.delay(f.Failures, r))
 	next = maxTime(next, f.RetryAfter)
 	f.NextAttempt = maxTime(next, f.budgetFree(next, cost, budget))

@@ -308,23 +308,43 @@ func New(cfg Config) (*Manager, error) {
 	}
 
 	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
-	recs := m.loadState(ctx)
-	for name, f := range recs {
+	var known []*domain
+	for name, f := range m.loadState(ctx) {
 		if err := m.hostPolicy(ctx, name); err != nil {
 			continue
 		}
 		if d, err := m.domainFor(name); err == nil {
 			d.fail = f
+			known = append(known, d)
 		}
 	}
 	cancel()
 
-	m.wg.Add(1)
+	m.wg.Add(2)
 	go func() {
 		defer m.wg.Done()
 		m.cache.retryLoop(m.ctx, m.cfg.cacheRetry)
 	}()
+	go func() {
+		defer m.wg.Done()
+		m.loadKnown(known)
+	}()
 	return m, nil
+}
+
+// loadKnown loads the cached certificates of the domains a previous
+// Manager knew, so that they are served and renewed from the start.
+func (m *Manager) loadKnown(known []*domain) {
+	for _, d := range known {
+		for _, rsa := range []bool{false, true} {
+			if m.ctx.Err() != nil {
+				return
+			}
+			ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+			m.load(ctx, d, certKey{domain: d.name, rsa: rsa})
+			cancel()
+		}
+	}
 }
 
 func cmpOr[T comparable](v, def T) T {

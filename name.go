@@ -13,8 +13,10 @@ const maxNameLen = 253
 
 // normalize returns the name under which certmgr and autocert know the
 // server name: IDNA Lookup to ASCII (which also folds case), trailing dot
-// dropped. It refuses what autocert refuses: an empty name, a name of one
-// label, a name with characters IDNA does not allow.
+// dropped. It refuses what autocert refuses (an empty name, a name without
+// an ASCII dot between labels, a name with characters IDNA does not allow)
+// and also names autocert would take but no certificate can name: an
+// empty label, or longer than 253 bytes.
 func normalize(name string) (string, error) {
 	if name == "" {
 		return "", errors.New("certmgr: missing server name")
@@ -22,13 +24,16 @@ func normalize(name string) (string, error) {
 	if len(name) > 4*maxNameLen {
 		return "", errors.New("certmgr: server name too long")
 	}
+	if !strings.Contains(strings.Trim(name, "."), ".") {
+		return "", fmt.Errorf("certmgr: server name %q needs at least two labels", name)
+	}
 	ascii, err := idna.Lookup.ToASCII(name)
 	if err != nil {
 		return "", fmt.Errorf("certmgr: server name %q contains an invalid character", name)
 	}
 	ascii = strings.ToLower(strings.TrimSuffix(ascii, "."))
-	if !strings.Contains(strings.Trim(ascii, "."), ".") {
-		return "", fmt.Errorf("certmgr: server name %q needs at least two labels", name)
+	if ascii == "" || ascii[0] == '.' || strings.HasSuffix(ascii, ".") || strings.Contains(ascii, "..") {
+		return "", fmt.Errorf("certmgr: server name %q has an empty label", name)
 	}
 	if len(ascii) > maxNameLen {
 		return "", errors.New("certmgr: server name too long")

@@ -98,7 +98,10 @@ func (m *Manager) loadState(ctx context.Context) map[string]failureRecord {
 	return recs
 }
 
-// saveState writes the failure records of all domains that have one.
+// saveState writes the failure records of all domains that have one, and
+// an empty record for each domain that holds a certificate, so that a
+// restarted Manager knows every domain (Status, Domains) and loads their
+// certificates, which autocert then renews, without waiting for traffic.
 // Writes are serialised, so the last one written is the newest state; a
 // failed write is kept by the cache and retried. Close does not cut a
 // write short.
@@ -109,7 +112,7 @@ func (m *Manager) saveState() {
 	m.stateMu.Lock()
 	recs := make(map[string]failureRecord)
 	for name, d := range m.domains {
-		if !d.fail.empty(now) {
+		if !d.fail.empty(now) || now.Before(d.notAfter) {
 			f := d.fail
 			f.Spends = slices.Clone(f.Spends)
 			recs[name] = f
