@@ -299,6 +299,7 @@ func New(cfg Config) (*Manager, error) {
 		}
 		opts := DNSCheck{KnownIPs: cfg.KnownIPs, Resolvers: cfg.Resolvers, CAAIdentities: caa, Timeout: cfg.dnsTimeout}
 		m.dns = newDNSChecker(opts, m.cfg.DNSRecheck.step(1), m.now)
+		m.dns.life = m.ctx
 	}
 	m.base = m.newAutocert()
 	m.acmeTLS = &tls.Config{

@@ -122,7 +122,8 @@ type dnsChecker struct {
 	timeout   time.Duration
 	maxCache  time.Duration // zero disables the cache
 	now       func() time.Time
-	err       error // a configuration error that every check returns
+	err       error           // a configuration error that every check returns
+	life      context.Context // shared queries end with it (a Manager's Close)
 
 	flight singleflight.Group // de-duplicates concurrent identical queries
 
@@ -141,6 +142,7 @@ func newDNSChecker(opts DNSCheck, maxCache time.Duration, now func() time.Time) 
 		timeout:   opts.Timeout,
 		maxCache:  maxCache,
 		now:       now,
+		life:      context.Background(),
 		cache:     make(map[dnsCacheKey]*dnsCacheEntry),
 	}
 	if c.timeout <= 0 {
@@ -351,10 +353,14 @@ func (c *dnsChecker) resolve(ctx context.Context, name string, qtype uint16) ([]
 }
 
 // query returns the outcome of the query for name and qtype, from the cache
-// or from the servers. Concurrent identical queries share one exchange,
-// which runs to completion even if the callers' contexts are done, so that
-// its outcome is cached; its duration is bounded by the timeout.
+// or from the servers. Without a cache, it asks the servers with ctx.
+// With one, concurrent identical queries share one exchange, which runs to
+// completion even if the callers' contexts are done, so that its outcome is
+// cached; it is bounded by the timeout and ends with c.life.
 func (c *dnsChecker) query(ctx context.Context, name string, qtype uint16) (*dnsAnswer, error) {
+	if c.maxCache <= 0 {
+		return c.exchange(ctx, name, qtype)
+	}
 	key := dnsCacheKey{name, qtype}
 	if e := c.cached(key); e != nil {
 		return e.ans, e.err
@@ -364,7 +370,7 @@ func (c *dnsChecker) query(ctx context.Context, name string, qtype uint16) (*dns
 			return e, nil // stored since this caller looked
 		}
 		e := new(dnsCacheEntry)
-		e.ans, e.err = c.exchange(context.WithoutCancel(ctx), name, qtype)
+		e.ans, e.err = c.exchange(c.life, name, qtype)
 		c.store(key, e)
 		return e, nil
 	})
@@ -414,7 +420,19 @@ func (c *dnsChecker) exchange(ctx context.Context, name string, qtype uint16) (*
 
 func (c *dnsChecker) exchangeWith(ctx context.Context, network, addr string, m *dns.Msg) (*dns.Msg, error) {
 	client := &dns.Client{Net: network, Timeout: c.timeout}
-	r, _, err := client.ExchangeContext(ctx, m, addr)
+	conn, err := client.DialContext(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	// miekg/dns obeys only ctx's deadline; closing the connection makes it
+	// obey cancellation too.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	r, _, err := client.ExchangeWithConnContext(ctx, m, conn)
+	if err != nil && ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
 	return r, err
 }
 
