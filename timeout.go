@@ -114,21 +114,3 @@ func IsFallback(cert *tls.Certificate) bool {
 	return cert != nil && cert.Leaf != nil && len(cert.Leaf.Subject.Organization) == 1 &&
 		cert.Leaf.Subject.Organization[0] == "certmgr fallback" && cert.Leaf.Issuer.String() == cert.Leaf.Subject.String()
 }
-
-// waitAttempt waits for a to end, at most d. It reports false when d
-// passed first; the attempt goes on in the background.
-func waitAttempt(a *attempt, d time.Duration) bool {
-	select {
-	case <-a.done:
-		return true
-	default:
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-a.done:
-		return true
-	case <-t.C:
-		return false
-	}
-}
