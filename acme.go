@@ -94,25 +94,26 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		domain = o.owner(req.URL.String())
 	}
 	res, err := o.next.RoundTrip(req)
+	if err == nil {
+		// The body is read here, while ctx lives.
+		var body []byte
+		body, err = io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
+		res.Body.Close()
+		res.Body = io.NopCloser(bytes.NewReader(body))
+		if err == nil && domain != "" {
+			if ob := o.observe(domain, newOrder, res, body); ob != (observation{}) {
+				if ob.authzFailed && !o.firstFailure(req.URL.String()) {
+					ob.authzFailed = false // autocert polls an invalid authorization again
+				}
+				o.report(domain, ob)
+			}
+		}
+	}
 	if err != nil {
+		if o.life.Err() != nil {
+			return nil, errClosed // cut by Close: not the CA's failure
+		}
 		return nil, err
-	}
-	// The body is read here, while ctx lives.
-	body, err := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
-	res.Body.Close()
-	if err != nil {
-		return nil, err
-	}
-	res.Body = io.NopCloser(bytes.NewReader(body))
-	if domain == "" {
-		return res, nil
-	}
-	ob := o.observe(domain, newOrder, res, body)
-	if ob.authzFailed && !o.firstFailure(req.URL.String()) {
-		ob.authzFailed = false // autocert polls an invalid authorization again
-	}
-	if ob != (observation{}) {
-		o.report(domain, ob)
 	}
 	return res, nil
 }

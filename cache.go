@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -40,7 +41,10 @@ func newCertCache(inner autocert.Cache) *certCache {
 	return &certCache{inner: inner, kick: make(chan struct{}, 1), pending: make(map[string][]byte)}
 }
 
-// Get implements autocert.Cache.
+// Get implements autocert.Cache. An error other than a miss is a
+// *cacheError. A certificate entry that cannot be decoded is reported
+// and answered as a miss: autocert would otherwise fail on it for good,
+// where a miss makes it order a new certificate.
 func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 	c.pendingMu.Lock()
 	data, ok := c.pending[key]
@@ -49,11 +53,32 @@ func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 		return data, nil
 	}
 	data, err := c.inner.Get(ctx, key)
-	if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+	switch {
+	case errors.Is(err, autocert.ErrCacheMiss):
+		return nil, err
+	case err != nil:
 		c.onError("get", key, err)
+		return nil, &cacheError{op: "get", key: key, err: err}
+	case isCertKey(key):
+		if _, err := decodeCert(data); err != nil {
+			c.onError("get", key, err)
+			return nil, autocert.ErrCacheMiss
+		}
 	}
-	return data, err
+	return data, nil
 }
+
+// cacheError is a Cache failure: the Cache, not the CA, failed.
+type cacheError struct {
+	op, key string
+	err     error
+}
+
+func (e *cacheError) Error() string {
+	return "certmgr: cache " + e.op + " " + strconv.Quote(e.key) + ": " + e.err.Error()
+}
+
+func (e *cacheError) Unwrap() error { return e.err }
 
 // Put implements autocert.Cache. A certificate or state write that fails
 // is kept and retried; the error is still returned.
@@ -173,9 +198,29 @@ func certKeyOf(cacheKey string) certKey {
 	return certKey{domain: cacheKey}
 }
 
-// parseCert decodes a certificate as autocert stores it (the private key
-// then the chain, in PEM) and checks that it is usable for k at now.
+// parseCert decodes a certificate as autocert stores it and checks that
+// it is usable for k at now.
 func parseCert(k certKey, data []byte, now time.Time) (*tls.Certificate, error) {
+	c, err := decodeCert(data)
+	if err != nil {
+		return nil, err
+	}
+	leaf := c.Leaf
+	if now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter) {
+		return nil, errors.New("certmgr: cached certificate is not valid now")
+	}
+	if err := leaf.VerifyHostname(k.domain); err != nil {
+		return nil, err
+	}
+	if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != k.rsa {
+		return nil, errors.New("certmgr: cached certificate has the wrong key type")
+	}
+	return c, nil
+}
+
+// decodeCert decodes a certificate as autocert stores it: the private key
+// then the chain, in PEM. The leaf must match the key.
+func decodeCert(data []byte) (*tls.Certificate, error) {
 	keyBlock, rest := pem.Decode(data)
 	if keyBlock == nil || !strings.Contains(keyBlock.Type, "PRIVATE") {
 		return nil, errors.New("certmgr: cached certificate has no private key")
@@ -200,17 +245,8 @@ func parseCert(k certKey, data []byte, now time.Time) (*tls.Certificate, error) 
 	if err != nil {
 		return nil, err
 	}
-	if now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter) {
-		return nil, errors.New("certmgr: cached certificate is not valid now")
-	}
-	if err := leaf.VerifyHostname(k.domain); err != nil {
-		return nil, err
-	}
 	if pub, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(key.Public()) {
 		return nil, errors.New("certmgr: cached certificate does not match its key")
-	}
-	if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != k.rsa {
-		return nil, errors.New("certmgr: cached certificate has the wrong key type")
 	}
 	return &tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
 }

@@ -161,20 +161,21 @@ type Manager struct {
 // domain is what certmgr knows of one normalised name. Its fields are
 // guarded by Manager.stateMu.
 type domain struct {
-	name     string
-	fail     failureRecord
-	lastErr  error             // the last failure, as returned (not persisted)
-	attempt  *attempt          // in flight, or nil
-	am       *autocert.Manager // this domain's autocert; nil until needed
-	loading  bool              // am is reading the cache: no order may start
-	loaded   [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
-	notAfter time.Time         // expiry of the newest certificate served
-	lifetime time.Duration     // of the newest certificate served
-	renewed  time.Time         // when a renewal last succeeded in this process
-	dnsErr   error             // the failed pre-check, nil when it passed
-	dnsFails int               // consecutive failed pre-checks
-	dnsNext  time.Time         // next pre-check
-	logged   bool              // a fallback was logged since the last change
+	name      string
+	fail      failureRecord
+	lastErr   error             // the last failure, as returned (not persisted)
+	attempt   *attempt          // in flight, or nil
+	am        *autocert.Manager // this domain's autocert; nil until needed
+	loading   bool              // am is reading the cache: no order may start
+	loaded    [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
+	notAfter  time.Time         // expiry of the newest certificate served
+	lifetime  time.Duration     // of the newest certificate served
+	renewed   time.Time         // when a renewal last succeeded in this process
+	dnsErr    error             // the failed pre-check, nil when it passed
+	dnsFails  int               // consecutive failed pre-checks
+	dnsNext   time.Time         // next pre-check
+	localNext time.Time         // no attempt before this: the Cache could not be read
+	logged    bool              // a fallback was logged since the last change
 }
 
 // attempt is one ACME attempt for a domain: started by a handshake or
@@ -668,14 +669,17 @@ func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certific
 		return nil, nil
 	}
 	v, err, _ := m.loads.Do(k.cacheKey(), func() (any, error) {
-		defer func() {
-			m.stateMu.Lock()
-			d.loaded[b2i(k.rsa)] = true
-			m.stateMu.Unlock()
-		}()
 		data, err := m.cache.Get(ctx, k.cacheKey())
+		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+			// Unreadable: a valid certificate may be there. Read again next
+			// time rather than order a new one.
+			return nil, err
+		}
+		m.stateMu.Lock()
+		d.loaded[b2i(k.rsa)] = true
+		m.stateMu.Unlock()
 		if err != nil {
-			return nil, nil // a miss, or an error the cache reported
+			return nil, nil // a miss
 		}
 		if _, err := parseCert(k, data, m.now()); err != nil {
 			return nil, nil // expired or unusable: an attempt replaces it
@@ -812,12 +816,25 @@ func (m *Manager) gateLocked(d *domain) error {
 // schedule, the failed-authorization budget or the DNS recheck is not due.
 // It does not allocate. m.stateMu must be held.
 func (m *Manager) waitingLocked(d *domain, now time.Time) bool {
-	if limit := now.Add(m.cfg.DNSRecheck.delay(len(m.cfg.DNSRecheck.Steps), 1)); d.dnsNext.After(limit) {
-		d.dnsNext = limit // the clock went back
-	}
+	m.capWaitsLocked(d, now)
 	return !d.fail.due(now, m.cfg.Backoff) ||
 		d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget).After(now) ||
-		(d.dnsErr != nil && now.Before(d.dnsNext))
+		(d.dnsErr != nil && now.Before(d.dnsNext)) ||
+		now.Before(d.localNext)
+}
+
+// capWaitsLocked cuts d's waits to the longest its schedules can ask for
+// (the CA's Retry-After aside): after the clock went back, or for a
+// persisted entry from a far future, a domain is not locked out for longer.
+// m.stateMu must be held.
+func (m *Manager) capWaitsLocked(d *domain, now time.Time) {
+	d.fail.due(now, m.cfg.Backoff)
+	if limit := now.Add(m.cfg.DNSRecheck.delay(len(m.cfg.DNSRecheck.Steps), 1)); d.dnsNext.After(limit) {
+		d.dnsNext = limit
+	}
+	if limit := now.Add(m.cfg.cacheRetry); d.localNext.After(limit) {
+		d.localNext = limit
+	}
 }
 
 // cost is how many authorizations one attempt can fail: one per
@@ -901,7 +918,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.inFlight--
 	}
 	attemptNo := d.fail.Failures + 1
-	local := errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) || errors.Is(err, ErrBackoff) || errors.Is(err, errLoading)
+	var cacheErr *cacheError
+	local := m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
+		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)
 	switch {
 	case err == nil:
 		kind := EventObtained
@@ -917,6 +936,11 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
 			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
 	case local:
+		if cacheErr != nil {
+			// The Cache cannot be read: no attempt until it may work again,
+			// lest a certificate that is there be ordered anew.
+			d.localNext = now.Add(m.cfg.cacheRetry)
+		}
 	default:
 		if a.problem != "" {
 			err = &AttemptError{Domain: d.name, Detail: a.problem, Err: err}
@@ -924,10 +948,15 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 			err = &AttemptError{Domain: d.name, Err: err}
 		}
 		retryAfter := a.retryAfter
-		if ra, ok := acme.RateLimit(errors.Unwrap(err)); ok {
-			a.rateLimited = true
-			if ra > 0 {
-				retryAfter = maxTime(retryAfter, now.Add(ra))
+		var ae *acme.Error
+		if errors.As(err, &ae) {
+			// The CA's Retry-After, whatever request carried it (a 503 on
+			// the account, say, which the observer cannot tie to a domain).
+			if ae.Header != nil {
+				retryAfter = maxTime(retryAfter, parseRetryAfter(ae.Header.Get("Retry-After"), ae.Detail, now))
+			}
+			if _, ok := acme.RateLimit(ae); ok {
+				a.rateLimited = true
 			}
 		}
 		spent := 0

@@ -35,6 +35,14 @@ func normalize(name string) (string, error) {
 	if ascii == "" || ascii[0] == '.' || strings.HasSuffix(ascii, ".") || strings.Contains(ascii, "..") {
 		return "", fmt.Errorf("certmgr: server name %q has an empty label", name)
 	}
+	if !strings.Contains(ascii, ".") {
+		return "", fmt.Errorf("certmgr: server name %q needs at least two labels", name)
+	}
+	// What IDNA made of the name must be a name IDNA takes as it is, so
+	// that the result names one domain whichever form a client sends.
+	if again, err := idna.Lookup.ToASCII(ascii); err != nil || again != ascii {
+		return "", fmt.Errorf("certmgr: server name %q contains an invalid character", name)
+	}
 	if len(ascii) > maxNameLen {
 		return "", errors.New("certmgr: server name too long")
 	}

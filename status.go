@@ -74,6 +74,7 @@ func (m *Manager) Domains() []Status {
 
 // statusLocked computes d's status. m.stateMu must be held.
 func (m *Manager) statusLocked(d *domain, now time.Time) Status {
+	m.capWaitsLocked(d, now)
 	s := Status{Domain: d.name, Failures: d.fail.Failures, NotAfter: d.notAfter}
 	if !now.Before(s.NotAfter) {
 		s.NotAfter = time.Time{}
