@@ -166,7 +166,7 @@ type domain struct {
 	lastErr   error             // the last failure, as returned (not persisted)
 	attempt   *attempt          // in flight, or nil
 	am        *autocert.Manager // this domain's autocert; nil until needed
-	loading   bool              // am is reading the cache: no order may start
+	loading   int               // loads reading the cache through am: no order may start
 	loaded    [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
 	notAfter  time.Time         // expiry of the newest certificate served
 	lifetime  time.Duration     // of the newest certificate served
@@ -569,9 +569,8 @@ func (m *Manager) servedCert(k certKey) *tls.Certificate {
 	return nil
 }
 
-// serve makes c the certificate served for k, and returns whether it
-// replaced an older one.
-func (m *Manager) serve(k certKey, c *tls.Certificate) bool {
+// serve makes c the certificate served for k, unless a newer one is.
+func (m *Manager) serve(k certKey, c *tls.Certificate) {
 	m.servedMu.Lock()
 	old := m.served[k]
 	newer := old == nil || !c.Leaf.NotAfter.Before(old.Leaf.NotAfter)
@@ -587,7 +586,6 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) bool {
 		}
 		m.stateMu.Unlock()
 	}
-	return old != nil && newer && !old.Leaf.Equal(c.Leaf)
 }
 
 // obtain returns a certificate for k: from the cache, or from an ACME
@@ -689,11 +687,11 @@ func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certific
 			return nil, err
 		}
 		m.stateMu.Lock()
-		d.loading = true
+		d.loading++
 		m.stateMu.Unlock()
 		c, err := am.GetCertificate(syntheticHello(k))
 		m.stateMu.Lock()
-		d.loading = false
+		d.loading--
 		m.stateMu.Unlock()
 		if err != nil || c.Leaf == nil {
 			return nil, nil
@@ -1011,7 +1009,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 		m.stateMu.Unlock()
 		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
 	}
-	if d.loading {
+	if d.loading > 0 {
 		m.stateMu.Unlock()
 		m.refusedOrders.Add(1)
 		return errLoading
