@@ -927,6 +927,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		}
 		d.fail.succeed(now)
 		d.lastErr = nil
+		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
 		if a.path == PathRenewal {
 			d.renewed = now
 		}
