@@ -365,8 +365,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	payload := jwsPayload(body)
 
-	idents := p.arrive(class, r.URL.Path, payload)
-	rule, release := p.match(class, idents)
+	idents, rule, release := p.arrive(class, r.URL.Path, payload)
 	if rule != nil {
 		if !p.hold(r.Context(), rule, release) {
 			// Drop the connection without an answer; net/http recovers
@@ -415,8 +414,9 @@ func jwsPayload(body []byte) []byte {
 	return b
 }
 
-// arrive counts the request and returns the identifiers it concerns.
-func (p *Proxy) arrive(class Class, path string, payload []byte) []string {
+// arrive counts the request and returns the identifiers it concerns, the
+// rule that applies to it and the channel a Release will close.
+func (p *Proxy) arrive(class Class, path string, payload []byte) ([]string, *Rule, <-chan struct{}) {
 	var idents []string
 	if class == ClassNewOrder {
 		var o struct {
@@ -436,14 +436,16 @@ func (p *Proxy) arrive(class Class, path string, payload []byte) []string {
 	p.requests[class]++
 	p.requests[ClassAny]++
 	p.notifyLocked()
-	return idents
+	// Matched in the same critical section as counted, so that a test
+	// that saw the request counted and calls Release does release it.
+	rule, release := p.matchLocked(class, idents)
+	return idents, rule, release
 }
 
-// match returns the first rule matching the request, consuming one of its
-// applications, and the channel a Release will close.
-func (p *Proxy) match(class Class, idents []string) (*Rule, <-chan struct{}) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+// matchLocked returns the first rule matching the request, consuming one
+// of its applications, and the channel a Release will close. p.mu must be
+// held.
+func (p *Proxy) matchLocked(class Class, idents []string) (*Rule, <-chan struct{}) {
 	for i, rs := range p.rules {
 		if rs.Class != ClassAny && rs.Class != class {
 			continue
