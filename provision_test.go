@@ -269,6 +269,8 @@ func TestProvisionCancelled(t *testing.T) {
 	if st := e.m.Status(name); st.State != StateObtaining {
 		t.Fatalf("Status = %+v, want the attempt still in flight", st)
 	}
+	// The order must be held (not on its way) when released.
+	waitFor(t, 10*time.Second, "the held order", func() bool { return e.Proxy.Requests(pebbletest.ClassNewOrder) == 1 })
 	e.Proxy.Release()
 	waitFor(t, 10*time.Second, "the late outcome", func() bool { return e.m.Status(name).State == StateValid })
 	if n := e.Proxy.Counts(name).Orders; n != 1 {
