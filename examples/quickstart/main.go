@@ -13,6 +13,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -30,13 +31,14 @@ import (
 const name = "quickstart.test"
 
 func main() {
-	if err := run(); err != nil {
+	if err := run(os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "quickstart:", err)
 		os.Exit(1)
 	}
 }
 
-func run() error {
+// run runs the demo and reports on w.
+func run(w io.Writer) error {
 	// 1. Start the CA and its DNS server, and point the demo name at
 	// 127.0.0.1, where our HTTPS server will listen.
 	env, err := pebbletest.New(pebbletest.Options{})
@@ -111,21 +113,23 @@ func run() error {
 	client.CloseIdleConnections()
 
 	// 5. Report what happened.
+	// OnEvent is called before the handshake that waited for the
+	// certificate goes on, so the event is here already.
 	var ev certmgr.Event
 	select {
 	case ev = <-obtained:
-	case <-time.After(5 * time.Second):
+	default:
 		return errors.New("no certificate was obtained")
 	}
 	leaf := resp.TLS.PeerCertificates[0]
-	fmt.Printf("domain:    %s\n", name)
-	fmt.Printf("challenge: %s\n", ev.Challenge)
-	fmt.Printf("issuer:    %s\n", leaf.Issuer.CommonName)
-	fmt.Printf("valid:     %s → %s (UTC)\n", leaf.NotBefore.UTC().Format(time.DateTime), leaf.NotAfter.UTC().Format(time.DateTime))
-	fmt.Printf("took:      %s (first request, issuance included)\n", took.Round(time.Millisecond))
-	fmt.Printf("orders:    %d\n", env.Proxy.Counts(name).Orders)
-	fmt.Printf("response:  %s\n", resp.Status)
-	fmt.Printf("state:     %s\n", m.Status(name).State)
+	fmt.Fprintf(w, "domain:    %s\n", name)
+	fmt.Fprintf(w, "challenge: %s\n", ev.Challenge)
+	fmt.Fprintf(w, "issuer:    %s\n", leaf.Issuer.CommonName)
+	fmt.Fprintf(w, "valid:     %s → %s (UTC)\n", leaf.NotBefore.UTC().Format(time.DateTime), leaf.NotAfter.UTC().Format(time.DateTime))
+	fmt.Fprintf(w, "took:      %s (first request, issuance included)\n", took.Round(time.Millisecond))
+	fmt.Fprintf(w, "orders:    %d\n", env.Proxy.Counts(name).Orders)
+	fmt.Fprintf(w, "response:  %s\n", resp.Status)
+	fmt.Fprintf(w, "state:     %s\n", m.Status(name).State)
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("unexpected response %s", resp.Status)
 	}
