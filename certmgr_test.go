@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +19,7 @@ import (
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
+	"github.com/certmgr/certmgr/internal/leakcheck"
 	"github.com/certmgr/certmgr/internal/pebbletest"
 )
 
@@ -36,10 +36,26 @@ type testEnv struct {
 // checked for leaks, when the test ends.
 func startEnv(t *testing.T, opts pebbletest.Options, cfg Config, names ...string) *testEnv {
 	t.Helper()
+	return launch(t, opts, cfg, false, names...)
+}
+
+// startDNSEnv is startEnv with the DNS pre-check on (see dnsConfig); the
+// names are left for the test to program.
+func startDNSEnv(t *testing.T, opts pebbletest.Options, cfg Config, names ...string) *testEnv {
+	t.Helper()
+	return launch(t, opts, cfg, true, names...)
+}
+
+func launch(t *testing.T, opts pebbletest.Options, cfg Config, dnsCheck bool, names ...string) *testEnv {
+	t.Helper()
 	checkLeaks(t)
 	env := pebbletest.Start(t, opts)
-	for _, n := range names {
-		env.DNS.SetA(n, "127.0.0.1")
+	if dnsCheck {
+		cfg = dnsConfig(env, cfg)
+	} else {
+		for _, n := range names {
+			env.DNS.SetA(n, "127.0.0.1")
+		}
 	}
 	if cfg.Autocert == nil {
 		cfg.Autocert = &autocert.Manager{}
@@ -151,17 +167,8 @@ func checkLeaks(t *testing.T) {
 }
 
 func leakedGoroutines() []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
 	var leaked []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
+	for _, g := range leakcheck.Stacks() {
 		if strings.Contains(g, "leakedGoroutines") || strings.Contains(g, "pebble/v2") || strings.Contains(g, "internal/pebbletest") || strings.Contains(g, "internal/dnstest") {
 			continue
 		}

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
-	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/internal/dnstest"
 	"github.com/certmgr/certmgr/internal/pebbletest"
@@ -26,33 +25,6 @@ func dnsConfig(e *pebbletest.Env, cfg Config) Config {
 	cfg.Resolvers = []string{e.DNS.Addr()}
 	cfg.dnsTimeout = 500 * time.Millisecond
 	return cfg
-}
-
-// startDNSEnv is startEnv with the DNS pre-check on. setup programs DNS
-// before the Manager exists.
-func startDNSEnv(t *testing.T, opts pebbletest.Options, cfg Config, names ...string) *testEnv {
-	t.Helper()
-	checkLeaks(t)
-	env := pebbletest.Start(t, opts)
-	cfg = dnsConfig(env, cfg)
-	if cfg.Autocert == nil {
-		cfg.Autocert = &autocert.Manager{}
-	}
-	cfg.Autocert.Client = env.NewClient()
-	cfg.Autocert.HostPolicy = autocert.HostWhitelist(names...)
-	logs := &syncBuffer{}
-	cfg.Logger = newTestLogger(logs)
-	m, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		m.Close()
-		if t.Failed() {
-			t.Logf("certmgr log:\n%s", logs.String())
-		}
-	})
-	return &testEnv{Env: env, m: m, logs: logs}
 }
 
 // Acceptance 1 (DNS): a foreign A record stops the attempt before any

@@ -35,40 +35,11 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/certmgr/certmgr"
+	"github.com/certmgr/certmgr/internal/cliflag"
 )
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
-}
-
-// stringList is a flag that may be given more than once.
-type stringList []string
-
-func (l *stringList) String() string { return strings.Join(*l, ",") }
-
-func (l *stringList) Set(s string) error {
-	*l = append(*l, s)
-	return nil
-}
-
-// addrList is a repeatable flag of IP addresses.
-type addrList []netip.Addr
-
-func (l *addrList) String() string {
-	s := make([]string, len(*l))
-	for i, a := range *l {
-		s[i] = a.String()
-	}
-	return strings.Join(s, ", ")
-}
-
-func (l *addrList) Set(s string) error {
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return errors.New("not an IP address")
-	}
-	*l = append(*l, a.Unmap())
-	return nil
 }
 
 // resolverList is a repeatable flag of DNS servers; port 53 is the default.
@@ -91,9 +62,9 @@ func (l *resolverList) Set(s string) error {
 
 // checker holds the command's settings.
 type checker struct {
-	known     addrList
+	known     cliflag.Addrs
 	resolvers resolverList
-	caaIDs    stringList
+	caaIDs    cliflag.Strings
 	timeout   time.Duration
 }
 

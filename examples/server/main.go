@@ -59,6 +59,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
+	"github.com/certmgr/certmgr/internal/cliflag"
 	"github.com/certmgr/certmgr/internal/pebbletest"
 )
 
@@ -80,40 +81,10 @@ func main() {
 	os.Exit(code)
 }
 
-// stringList is a flag that may be given more than once.
-type stringList []string
-
-func (l *stringList) String() string { return strings.Join(*l, ",") }
-
-func (l *stringList) Set(s string) error {
-	*l = append(*l, s)
-	return nil
-}
-
-// addrList is a repeatable flag of IP addresses.
-type addrList []netip.Addr
-
-func (l *addrList) String() string {
-	s := make([]string, len(*l))
-	for i, a := range *l {
-		s[i] = a.String()
-	}
-	return strings.Join(s, ",")
-}
-
-func (l *addrList) Set(s string) error {
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return errors.New("not an IP address")
-	}
-	*l = append(*l, a.Unmap())
-	return nil
-}
-
 // options are the command's flags.
 type options struct {
-	domains    stringList
-	knownIPs   addrList
+	domains    cliflag.Strings
+	knownIPs   cliflag.Addrs
 	cacheDir   string
 	email      string
 	directory  string
@@ -161,10 +132,10 @@ func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
 			}
 		}
 		if len(o.domains) == 0 {
-			o.domains = stringList{"a.pebble.test", "b.pebble.test"}
+			o.domains = cliflag.Strings{"a.pebble.test", "b.pebble.test"}
 		}
 		if len(o.knownIPs) == 0 {
-			o.knownIPs = addrList{netip.MustParseAddr("127.0.0.1")}
+			o.knownIPs = cliflag.Addrs{netip.MustParseAddr("127.0.0.1")}
 		}
 		return true, false
 	}

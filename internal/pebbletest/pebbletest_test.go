@@ -10,13 +10,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"net/http"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/leakcheck"
 )
 
 func testContext(t *testing.T) context.Context {
@@ -421,17 +422,8 @@ func TestCloseLeavesOnlyPebble(t *testing.T) {
 
 // goroutines returns the stacks of all goroutines but the caller's, by id.
 func goroutines() map[string]string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
 	m := make(map[string]string)
-	for i, g := range strings.Split(string(buf), "\n\n") {
+	for i, g := range leakcheck.Stacks() {
 		if i == 0 {
 			continue // the calling goroutine
 		}
