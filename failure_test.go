@@ -82,6 +82,15 @@ func TestFailingValidationOneAttempt(t *testing.T) {
 	if ahead := st.NextAttempt.Sub(now); ahead < 50*time.Second || ahead > 67*time.Second {
 		t.Errorf("NextAttempt is %v ahead, want about one minute", ahead)
 	}
+	// What the observer tracked for the attempt is gone with it, even
+	// after autocert's detached work fetched the authorizations again.
+	waitDetached(t)
+	e.m.obs.authzMu.Lock()
+	tracked := len(e.m.obs.authz) + len(e.m.obs.byName) + len(e.m.obs.failed)
+	e.m.obs.authzMu.Unlock()
+	if tracked != 0 {
+		t.Errorf("the ACME observer still tracks %d entries", tracked)
+	}
 	t.Logf("slowest of 500 handshakes: %v; proxy: %+v", slowest, c)
 }
 
