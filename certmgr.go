@@ -420,6 +420,10 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 //     HandshakeTimeout, and else a self-signed fallback certificate:
 //     at once while the domain backs off or waits for DNS.
 //
+// A domain certmgr already holds a certificate for, or already backs off
+// for, is answered from memory without asking the HostPolicy again, as
+// autocert does for cached certificates.
+//
 // Anyone who builds their own tls.Config with this GetCertificate,
 // instead of using TLSConfig, must add acme.ALPNProto to its NextProtos,
 // or every TLS-ALPN-01 validation fails at the handshake.
