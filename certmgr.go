@@ -421,8 +421,8 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 //     at once while the domain backs off or waits for DNS.
 //
 // A domain certmgr already holds a certificate for, or already backs off
-// for, is answered from memory without asking the HostPolicy again, as
-// autocert does for cached certificates.
+// for, is answered from memory without asking the HostPolicy again: the
+// policy was asked when the domain was first seen.
 //
 // Anyone who builds their own tls.Config with this GetCertificate,
 // instead of using TLSConfig, must add acme.ALPNProto to its NextProtos,
