@@ -860,16 +860,26 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 			return
 		}
 	}
-	am, err := m.autocertFor(m.ctx, d)
-	if err == nil {
-		var c *tls.Certificate
-		c, err = am.GetCertificate(syntheticHello(k))
-		if err == nil {
-			m.finish(d, a, c, nil)
-			return
-		}
+	c, err := m.autocertGet(d, k)
+	if err == nil && !m.now().Before(c.Leaf.NotAfter) {
+		// autocert keeps serving the certificate in its memory after it
+		// expired (its renewals kept failing), without asking the CA:
+		// a new autocert.Manager for the domain does ask.
+		m.stateMu.Lock()
+		d.am = nil
+		m.stateMu.Unlock()
+		c, err = m.autocertGet(d, k)
 	}
-	m.finish(d, a, nil, err)
+	m.finish(d, a, c, err)
+}
+
+// autocertGet asks d's autocert.Manager for the certificate k.
+func (m *Manager) autocertGet(d *domain, k certKey) (*tls.Certificate, error) {
+	am, err := m.autocertFor(m.ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	return am.GetCertificate(syntheticHello(k))
 }
 
 // dnsCheckTimeout bounds one DNS pre-check, all its queries together.

@@ -375,3 +375,58 @@ func TestRefusedNamesLeaveNothing(t *testing.T) {
 		t.Errorf("goroutines: %d before, %d after", before, after)
 	}
 }
+
+// TestExpiredAfterFailedRenewals: renewals fail until the certificate
+// expires; once validation works again, the next handshake gets a new
+// certificate from a new order, not the expired one autocert still holds
+// in memory.
+func TestExpiredAfterFailedRenewals(t *testing.T) {
+	const name = "expiring.test"
+	dir := t.TempDir()
+	e := startEnv(t, pebbletest.Options{CertValidity: 3 * time.Second},
+		Config{Autocert: &autocert.Manager{Cache: autocert.DirCache(dir)}}, name)
+	var current atomic.Pointer[Manager]
+	current.Store(e.m)
+	e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return current.Load().TLSConfig(), nil
+	}}, nil)
+	if err := e.m.Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	e.m.Close()
+	e.DNS.SetA(name, "127.0.0.3")
+	e.Proxy.ExpireAuthorizations(name)
+
+	// Restarted, with renewal due at once and a short backoff.
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: autocert.DirCache(dir), Client: e.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name), RenewBefore: time.Hour},
+		Logger:  newTestLogger(e.logs),
+		Backoff: Backoff{Steps: []time.Duration{50 * time.Millisecond}, Jitter: -1},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	current.Store(m)
+	old, err := e.handshake(t, name, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the failed renewal", func() bool { return m.Status(name).Failures >= 1 })
+	waitFor(t, 10*time.Second, "the certificate to expire", func() bool { return time.Now().After(old.NotAfter) })
+	e.DNS.SetA(name, "127.0.0.1")
+	waitFor(t, 10*time.Second, "a new certificate", func() bool {
+		leaf, err := e.handshake(t, name, insecure)
+		return err == nil && leaf.NotAfter.After(old.NotAfter) && !strings.Contains(leaf.Subject.String(), "certmgr fallback")
+	})
+	if st := m.Status(name); st.State != StateValid || st.Failures != 0 {
+		t.Errorf("Status = %+v, want valid", st)
+	}
+	if n := strings.Count(e.logs.String(), "certificate obtained"); n != 2 {
+		t.Errorf("%d certificates obtained, want 2 (the first, and one after the expiry):\n%s", n, e.logs)
+	}
+	if c := e.Proxy.Counts(name); c.Orders < 3 {
+		t.Errorf("proxy counted %+v, want the renewal's and a new order", c)
+	}
+}
