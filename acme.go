@@ -12,6 +12,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/crypto/acme/autocert"
 )
 
 // acmeObserver is the HTTP transport of the acme.Client that all of a
@@ -346,4 +348,24 @@ func retryBackoff(n int, _ *http.Request, res *http.Response) time.Duration {
 		}
 	}
 	return time.Duration(n) * 200 * time.Millisecond
+}
+
+// senderTransport marks each request with the autocert.Manager whose
+// client sends it, for the observer's admit.
+type senderTransport struct {
+	am   *autocert.Manager
+	next http.RoundTripper
+}
+
+type senderKey struct{}
+
+// RoundTrip implements http.RoundTripper.
+func (t senderTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	return t.next.RoundTrip(req.WithContext(context.WithValue(req.Context(), senderKey{}, t.am)))
+}
+
+// sender returns the autocert.Manager that sent req, or nil.
+func sender(req *http.Request) *autocert.Manager {
+	am, _ := req.Context().Value(senderKey{}).(*autocert.Manager)
+	return am
 }

@@ -46,6 +46,29 @@ func newCertCache(inner autocert.Cache) *certCache {
 // and answered as a miss: autocert would otherwise fail on it for good,
 // where a miss makes it order a new certificate.
 func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
+	data, err := c.get(ctx, key)
+	c.report("get", key, err)
+	if ce := (*cacheError)(nil); errors.As(err, &ce) && ce.miss {
+		return nil, autocert.ErrCacheMiss // autocert compares with ==
+	}
+	return data, err
+}
+
+// report hands a failure of op on key to onError. A miss is no failure.
+func (c *certCache) report(op, key string, err error) {
+	var ce *cacheError
+	switch {
+	case err == nil || errors.Is(err, autocert.ErrCacheMiss) && !errors.As(err, &ce):
+	case errors.As(err, &ce):
+		c.onError(op, key, ce.err)
+	default:
+		c.onError(op, key, err)
+	}
+}
+
+// get is Get without reporting, for callers that hold a lock: they
+// report once they released it.
+func (c *certCache) get(ctx context.Context, key string) ([]byte, error) {
 	c.pendingMu.Lock()
 	data, ok := c.pending[key]
 	c.pendingMu.Unlock()
@@ -57,12 +80,11 @@ func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 	case errors.Is(err, autocert.ErrCacheMiss):
 		return nil, err
 	case err != nil:
-		c.onError("get", key, err)
 		return nil, &cacheError{op: "get", key: key, err: err}
 	case isCertKey(key):
 		if _, err := decodeCert(data); err != nil {
-			c.onError("get", key, err)
-			return nil, autocert.ErrCacheMiss
+			// A miss to autocert, reported all the same.
+			return nil, &cacheError{op: "get", key: key, err: err, miss: true}
 		}
 	}
 	return data, nil
@@ -72,17 +94,32 @@ func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 type cacheError struct {
 	op, key string
 	err     error
+	miss    bool // the entry is corrupt: to autocert, a miss
 }
 
 func (e *cacheError) Error() string {
 	return "certmgr: cache " + e.op + " " + strconv.Quote(e.key) + ": " + e.err.Error()
 }
 
-func (e *cacheError) Unwrap() error { return e.err }
+// Unwrap returns the Cache's error, or autocert.ErrCacheMiss for a
+// corrupt entry.
+func (e *cacheError) Unwrap() error {
+	if e.miss {
+		return autocert.ErrCacheMiss
+	}
+	return e.err
+}
 
 // Put implements autocert.Cache. A certificate or state write that fails
 // is kept and retried; the error is still returned.
 func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
+	err := c.put(ctx, key, data)
+	c.report("put", key, err)
+	return err
+}
+
+// put is Put without reporting.
+func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 	err := c.inner.Put(ctx, key, data)
 	keep := isCertKey(key) || key == stateKey || key == accountKeyName
 	c.pendingMu.Lock()
@@ -92,13 +129,10 @@ func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 		delete(c.pending, key)
 	}
 	c.pendingMu.Unlock()
-	if err != nil {
-		c.onError("put", key, err)
-		if keep {
-			select {
-			case c.kick <- struct{}{}:
-			default:
-			}
+	if err != nil && keep {
+		select {
+		case c.kick <- struct{}{}:
+		default:
 		}
 	}
 	if isCertKey(key) {

@@ -129,7 +129,7 @@ type Manager struct {
 	rand      func() float64
 	timeout   time.Duration
 	cache     *certCache
-	client    *acme.Client // shared by every autocert.Manager
+	client    *acme.Client // the user's client settings, for newAutocert
 	obs       *acmeObserver
 	dns       *dnsChecker // nil when KnownIPs is empty
 	fallbacks *fallbackStore
@@ -137,7 +137,8 @@ type Manager struct {
 	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
 	loads     singleflight.Group
 
-	accountMu sync.Mutex // guards the setting of client.Key
+	accountMu sync.Mutex    // guards key
+	key       crypto.Signer // the ACME account key, once known
 
 	servedMu sync.RWMutex
 	served   map[certKey]*tls.Certificate // valid certificates, by name and key type
@@ -208,9 +209,13 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 {
 		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains or MaxFallbacks")
 	}
+	if cfg.AuthzBudget == 1 {
+		// An attempt may fail two authorizations (tls-alpn-01, then http-01).
+		return nil, errors.New("certmgr: AuthzBudget must be at least 2, the most one attempt can spend")
+	}
 	for _, r := range cfg.Resolvers {
 		if _, _, err := net.SplitHostPort(r); err != nil {
-			return nil, fmt.Errorf("certmgr: resolver %q is not host:port: %v", r, err)
+			return nil, fmt.Errorf("certmgr: resolver %q is not host:port: %w", r, err)
 		}
 	}
 	m := &Manager{
@@ -275,15 +280,9 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.admit = m.admitOrder
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
-	httpClient := &http.Client{Transport: m.obs}
-	if user.HTTPClient != nil {
-		httpClient.Timeout = user.HTTPClient.Timeout
-		httpClient.CheckRedirect = user.HTTPClient.CheckRedirect
-		httpClient.Jar = user.HTTPClient.Jar
-	}
-	m.client = &acme.Client{
+	m.client = &acme.Client{ // a template: see newAutocert
 		Key:          user.Key,
-		HTTPClient:   httpClient,
+		HTTPClient:   user.HTTPClient,
 		DirectoryURL: cmpOr(user.DirectoryURL, autocert.DefaultACMEDirectory),
 		RetryBackoff: user.RetryBackoff,
 		UserAgent:    cmpOr(user.UserAgent, "certmgr"),
@@ -300,9 +299,13 @@ func New(cfg Config) (*Manager, error) {
 		}
 		opts := DNSCheck{KnownIPs: cfg.KnownIPs, Resolvers: cfg.Resolvers, CAAIdentities: caa, Timeout: cfg.dnsTimeout}
 		m.dns = newDNSChecker(opts, m.cfg.DNSRecheck.step(1), m.now)
+		if m.dns.err != nil {
+			m.cancel()
+			return nil, m.dns.err
+		}
 		m.dns.life = m.ctx
 	}
-	m.base = m.newAutocert()
+	m.base = m.newAutocert(nil)
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,
 		MinVersion:     tls.VersionTLS12,
@@ -359,22 +362,39 @@ func cmpOr[T comparable](v, def T) T {
 
 // isLetsEncrypt reports whether dir is one of Let's Encrypt's directories.
 func isLetsEncrypt(dir string) bool {
-	return strings.Contains(dir, ".api.letsencrypt.org/") || strings.HasPrefix(dir, "https://acme-v02.api.letsencrypt.org")
+	return strings.Contains(dir, ".api.letsencrypt.org/")
 }
 
 // newAutocert returns an autocert.Manager with the user's settings that
-// writes through certmgr's cache and talks through certmgr's client.
-func (m *Manager) newAutocert() *autocert.Manager {
+// writes through certmgr's cache and talks to the CA with account key
+// through certmgr's observer. Each gets a client of its own whose
+// requests carry the Manager, so that the observer refuses orders from
+// one that is no longer its domain's (its renewal timers cannot be
+// stopped).
+func (m *Manager) newAutocert(key crypto.Signer) *autocert.Manager {
 	u := m.cfg.Autocert
 	am := &autocert.Manager{
 		Prompt:                 u.Prompt,
 		Cache:                  m.cache,
 		HostPolicy:             u.HostPolicy,
 		RenewBefore:            u.RenewBefore,
-		Client:                 m.client,
 		Email:                  u.Email,
 		ExtraExtensions:        u.ExtraExtensions,
 		ExternalAccountBinding: u.ExternalAccountBinding,
+	}
+	httpClient := &http.Client{Transport: senderTransport{am: am, next: m.obs}}
+	if t := m.client.HTTPClient; t != nil {
+		httpClient.Timeout = t.Timeout
+		httpClient.CheckRedirect = t.CheckRedirect
+		httpClient.Jar = t.Jar
+	}
+	am.Client = &acme.Client{
+		Key:          key,
+		HTTPClient:   httpClient,
+		DirectoryURL: m.client.DirectoryURL,
+		RetryBackoff: m.client.RetryBackoff,
+		UserAgent:    m.client.UserAgent,
+		KID:          m.client.KID,
 	}
 	if am.Prompt == nil {
 		am.Prompt = autocert.AcceptTOS
@@ -394,9 +414,16 @@ func (m *Manager) newAutocert() *autocert.Manager {
 // fires makes no ACME request.
 func (m *Manager) Close() error {
 	m.once.Do(func() {
+		m.stateMu.Lock() // begin adds to m.wg under it: none after this
 		m.closed.Store(true)
+		m.stateMu.Unlock()
 		m.cancel()
 		m.wg.Wait()
+		// A last try at the writes that failed: what was obtained must
+		// not be lost at a graceful restart.
+		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+		m.cache.flush(ctx)
+		cancel()
 	})
 	return nil
 }
@@ -511,7 +538,11 @@ func (m *Manager) tokenCert(hello *tls.ClientHelloInfo) (*tls.Certificate, error
 	if name, err := normalize(hello.ServerName); err == nil {
 		am = m.autocertOf(name)
 	}
-	return am.GetCertificate(hello)
+	c, err := am.GetCertificate(hello)
+	if err != nil {
+		return nil, fmt.Errorf("certmgr: TLS-ALPN-01 validation of %q: %w", hello.ServerName, err)
+	}
+	return c, nil
 }
 
 // autocertOf returns the autocert.Manager of name, or the base one.
@@ -715,62 +746,77 @@ func b2i(b bool) int {
 	return 0
 }
 
-// autocertFor returns d's autocert.Manager, creating it (and making sure
-// the shared client has its account key) if needed.
+// autocertFor returns d's autocert.Manager, creating it if needed.
 func (m *Manager) autocertFor(ctx context.Context, d *domain) (*autocert.Manager, error) {
-	if err := m.accountKey(ctx); err != nil {
+	key, err := m.accountKey(ctx)
+	if err != nil {
 		return nil, err
 	}
 	m.stateMu.Lock()
 	defer m.stateMu.Unlock()
 	if d.am == nil {
-		d.am = m.newAutocert()
+		d.am = m.newAutocert(key)
 	}
 	return d.am, nil
 }
 
-// accountKey sets the shared client's account key, before any
-// autocert.Manager uses the client: from the user's Client, the Cache (where
-// autocert keeps it), or a new one written to the Cache.
-func (m *Manager) accountKey(ctx context.Context) error {
+// accountKey returns the ACME account key: the user's Client's, the one
+// in the Cache (where autocert keeps it), or a new one written there.
+func (m *Manager) accountKey(ctx context.Context) (crypto.Signer, error) {
 	m.accountMu.Lock()
-	defer m.accountMu.Unlock()
-	if m.client.Key != nil {
-		return nil
+	key, op, err := m.accountKeyLocked(ctx)
+	m.accountMu.Unlock()
+	if op != "" {
+		m.cache.report(op, accountKeyName, err) // no lock held: OnEvent may run
 	}
-	const keyName = accountKeyName
-	data, err := m.cache.Get(ctx, keyName)
+	if err != nil && op == "get" {
+		err = fmt.Errorf("certmgr: reading account key: %w", err)
+	} else if op == "put" {
+		err = nil // kept, served and retried by the cache: the account is not lost
+	}
+	return key, err
+}
+
+// accountKeyLocked is accountKey with m.accountMu held. op names the
+// Cache operation that failed with err, if one did.
+func (m *Manager) accountKeyLocked(ctx context.Context) (key crypto.Signer, op string, err error) {
+	if m.key != nil {
+		return m.key, "", nil
+	}
+	if m.client.Key != nil {
+		m.key = m.client.Key
+		return m.key, "", nil
+	}
+	data, err := m.cache.get(ctx, accountKeyName)
 	if errors.Is(err, autocert.ErrCacheMiss) {
-		data, err = m.cache.Get(ctx, "acme_account.key") // autocert's former name
+		data, err = m.cache.get(ctx, "acme_account.key") // autocert's former name
 	}
 	switch {
 	case err == nil:
 		block, _ := pem.Decode(data)
 		if block == nil || !strings.Contains(block.Type, "PRIVATE") {
-			return errors.New("certmgr: invalid account key in cache")
+			return nil, "", errors.New("certmgr: invalid account key in cache")
 		}
-		key, err := parsePrivateKey(block.Bytes)
-		if err != nil {
-			return err
+		if m.key, err = parsePrivateKey(block.Bytes); err != nil {
+			return nil, "", err
 		}
-		m.client.Key = key
-		return nil
+		return m.key, "", nil
 	case !errors.Is(err, autocert.ErrCacheMiss):
-		return fmt.Errorf("certmgr: reading account key: %w", err)
+		return nil, "get", err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ecKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return err
+		return nil, "", err
 	}
-	der, err := x509.MarshalECPrivateKey(key)
+	der, err := x509.MarshalECPrivateKey(ecKey)
 	if err != nil {
-		return err
+		return nil, "", err
 	}
-	// A failed write is reported, kept and retried by the cache, which
-	// serves the key meanwhile: the account is not lost.
-	m.cache.Put(ctx, keyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}))
-	m.client.Key = crypto.Signer(key)
-	return nil
+	m.key = ecKey
+	if err := m.cache.put(ctx, accountKeyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})); err != nil {
+		return m.key, "put", err
+	}
+	return m.key, "", nil
 }
 
 // begin returns d's attempt in flight, or starts one for k if the
@@ -810,6 +856,9 @@ func (m *Manager) gateLocked(d *domain) error {
 	}
 	if t := d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget); t.After(now) {
 		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	if now.Before(d.localNext) {
+		return fmt.Errorf("%w: %s: the cache could not be read; next attempt at %s", ErrBackoff, d.name, d.localNext.UTC().Format(time.RFC3339))
 	}
 	return d.dnsErr
 }
@@ -853,9 +902,9 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 	defer m.wg.Done()
 	if m.dns != nil {
 		ctx, cancel := context.WithTimeout(m.ctx, dnsCheckTimeout)
-		err := m.dns.check(ctx, d.name)
+		err := m.dnsChecked(d, m.dns.check(ctx, d.name))
 		cancel()
-		if m.dnsChecked(d, err) {
+		if err != nil {
 			m.finish(d, a, nil, err)
 			return
 		}
@@ -885,9 +934,9 @@ func (m *Manager) autocertGet(d *domain, k certKey) (*tls.Certificate, error) {
 // dnsCheckTimeout bounds one DNS pre-check, all its queries together.
 const dnsCheckTimeout = 15 * time.Second
 
-// dnsChecked records the outcome of d's DNS pre-check and reports whether
-// it failed. Only changes are logged.
-func (m *Manager) dnsChecked(d *domain, err error) (failed bool) {
+// dnsChecked records the outcome of d's DNS pre-check and returns its
+// error, wrapping ErrDNSNotReady, or nil. Only changes are logged.
+func (m *Manager) dnsChecked(d *domain, err error) error {
 	now := m.now()
 	var ev []Event
 	m.stateMu.Lock()
@@ -911,7 +960,7 @@ func (m *Manager) dnsChecked(d *domain, err error) (failed bool) {
 	}
 	m.stateMu.Unlock()
 	m.emit(ev...)
-	return err != nil
+	return err
 }
 
 // finish records the outcome of attempt a of d and wakes its waiters.
@@ -1020,28 +1069,33 @@ var errLoading = errors.New("certmgr: no ACME order while loading from cache")
 func (m *Manager) admitOrder(req *http.Request, name string) error {
 	m.stateMu.Lock()
 	d := m.domains[name]
-	if d == nil {
-		m.stateMu.Unlock()
-		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	var err error
+	switch {
+	case d == nil:
+		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	case sender(req) != d.am:
+		// An autocert.Manager certmgr replaced: its renewal timer lives on.
+		err = fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
+	case d.loading > 0:
+		err = errLoading
 	}
-	if d.loading > 0 {
-		m.stateMu.Unlock()
-		m.refusedOrders.Add(1)
-		return errLoading
-	}
-	if a := d.attempt; a != nil {
+	for err == nil && d.attempt != nil {
+		a := d.attempt
 		if a.path != PathRenewal || m.now().Sub(a.start) < m.cfg.renewalMaxAge {
 			m.stateMu.Unlock()
-			return nil
+			return nil // an order of the attempt in flight
 		}
 		m.stateMu.Unlock()
 		m.finish(d, a, nil, errors.New("certmgr: renewal gave no outcome"))
-		m.stateMu.Lock()
+		m.stateMu.Lock() // and look again: another attempt may have begun
 	}
-	err := m.gateLocked(d)
-	if age := m.now().Sub(d.renewed); err == nil && !d.renewed.IsZero() && age >= 0 && age < min(d.lifetime/3, time.Hour) {
+	if err == nil {
+		err = m.gateLocked(d)
+	}
+	if age := m.now().Sub(d.renewed); err == nil && !d.renewed.IsZero() && age >= 0 && age < d.lifetime/4 {
 		// autocert renews again at once when RenewBefore exceeds the
-		// certificate's lifetime; this keeps that from looping.
+		// certificate's lifetime; this keeps that from looping, and from
+		// spending the CA's limit on duplicate certificates.
 		err = fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
 	}
 	if err != nil {
@@ -1054,9 +1108,9 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 	m.stateMu.Unlock()
 	if m.dns != nil {
 		ctx, cancel := context.WithTimeout(req.Context(), dnsCheckTimeout)
-		err := m.dns.check(ctx, name)
+		err := m.dnsChecked(d, m.dns.check(ctx, name))
 		cancel()
-		if m.dnsChecked(d, err) {
+		if err != nil {
 			m.finish(d, a, nil, err)
 			return err
 		}
@@ -1089,9 +1143,10 @@ func (m *Manager) observed(name string, ob observation) {
 	a.rateLimited = a.rateLimited || ob.rateLimited
 	a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
 	end := a.path == PathRenewal && (ob.rateLimited || ob.refused || a.authzFailed >= m.cost())
+	problem := a.problem
 	m.stateMu.Unlock()
 	if end {
-		m.finish(d, a, nil, errors.New(a.problem))
+		m.finish(d, a, nil, errors.New(problem))
 	}
 }
 

@@ -107,7 +107,6 @@ func (m *Manager) loadState(ctx context.Context) map[string]failureRecord {
 // write short.
 func (m *Manager) saveState() {
 	m.persistMu.Lock()
-	defer m.persistMu.Unlock()
 	now := m.now()
 	m.stateMu.Lock()
 	recs := make(map[string]failureRecord)
@@ -120,11 +119,11 @@ func (m *Manager) saveState() {
 	}
 	m.stateMu.Unlock()
 	data, err := encodeState(recs)
-	if err != nil {
-		m.emit(Event{Kind: EventCacheError, Time: now, Err: err})
-		return
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+		err = m.cache.put(ctx, stateKey, data) // a failed write is kept and retried
+		cancel()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
-	defer cancel()
-	m.cache.Put(ctx, stateKey, data) // errors are reported and retried by the cache
+	m.persistMu.Unlock() // OnEvent may call what saves the state again
+	m.cache.report("put", stateKey, err)
 }
