@@ -61,6 +61,8 @@ type Config struct {
 	// order, synchronously, from the goroutine where it happened (a
 	// handshake, a Provision, an attempt or a renewal) and with no lock
 	// held: it may call Status and Domains. It must not block for long.
+	// Problems New finds reading the Cache are reported while New runs,
+	// before there is a Manager to call.
 	OnEvent func(Event)
 
 	// HandshakeTimeout is how long a handshake waits for a certificate
@@ -101,21 +103,23 @@ type Config struct {
 	DNSRecheck Backoff
 
 	// MaxDomains bounds how many domains certmgr tracks at once. Domains
-	// with a certificate or a failure to remember are kept; others make
-	// room. If zero, 10,000.
+	// with a certificate, an attempt in flight, or a backoff, Retry-After,
+	// DNS recheck or spent authorization still running are kept; the
+	// oldest of the others make room. If zero, 10,000.
 	MaxDomains int
 
 	// MaxFallbacks bounds how many fallback certificates are kept. If
 	// zero, 1,024.
 	MaxFallbacks int
 
-	nowFunc        func() time.Time // the clock; if nil, time.Now
-	randFunc       func() float64   // jitter source in [0, 1); if nil, math/rand/v2
-	cacheRetry     time.Duration    // how often failed cache writes are retried; if zero, 30 s
-	dnsTimeout     time.Duration    // per DNS query; if zero, CheckDNS's default
-	maxInFlight    int              // concurrent attempts; if zero, 64
-	renewalMaxAge  time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
-	requestTimeout time.Duration    // bounds one ACME request; if zero, 30 s
+	nowFunc         func() time.Time // the clock; if nil, time.Now
+	randFunc        func() float64   // jitter source in [0, 1); if nil, math/rand/v2
+	cacheRetry      time.Duration    // how often failed cache writes are retried; if zero, 30 s
+	dnsTimeout      time.Duration    // per DNS query; if zero, CheckDNS's default
+	dnsCheckTimeout time.Duration    // one whole pre-check; if zero, 15 s
+	maxInFlight     int              // concurrent attempts; if zero, 64
+	renewalMaxAge   time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
+	requestTimeout  time.Duration    // bounds one ACME request; if zero, 30 s
 }
 
 // Manager obtains, renews and serves certificates through autocert, with
@@ -168,7 +172,7 @@ type domain struct {
 	attempt   *attempt          // in flight, or nil
 	am        *autocert.Manager // this domain's autocert; nil until needed
 	loading   int               // loads reading the cache through am: no order may start
-	loaded    [2]bool           // the cache was read for the ECDSA [0] and RSA [1] key
+	loadedAt  [2]time.Time      // when the cache was last read for the ECDSA [0] and RSA [1] key
 	notAfter  time.Time         // expiry of the newest certificate served
 	lifetime  time.Duration     // of the newest certificate served
 	renewed   time.Time         // when a renewal last succeeded in this process
@@ -183,6 +187,7 @@ type domain struct {
 // Provision (a goroutine runs it) or by autocert's renewal timer (seen
 // only through the ACME traffic).
 type attempt struct {
+	key   certKey // the certificate sought; zero for a renewal
 	path  string
 	start time.Time
 	done  chan struct{} // closed when cert and err are set
@@ -249,6 +254,7 @@ func New(cfg Config) (*Manager, error) {
 	m.cfg.maxInFlight = cmpOr(cfg.maxInFlight, 64)
 	m.cfg.renewalMaxAge = cmpOr(cfg.renewalMaxAge, 15*time.Minute)
 	m.cfg.requestTimeout = cmpOr(cfg.requestTimeout, 30*time.Second)
+	m.cfg.dnsCheckTimeout = cmpOr(cfg.dnsCheckTimeout, 15*time.Second)
 
 	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
 	if err != nil {
@@ -312,44 +318,37 @@ func New(cfg Config) (*Manager, error) {
 		NextProtos:     []string{acme.ALPNProto},
 	}
 
+	// The domains a previous Manager knew, with their failure records and
+	// the expiry of their cached certificates, so that Status is right
+	// from here on. The certificates are loaded (and autocert's renewal
+	// timers started) at first use, as autocert does.
 	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
-	var known []*domain
 	for name, f := range m.loadState(ctx) {
 		if err := m.hostPolicy(ctx, name); err != nil {
 			continue
 		}
-		if d, err := m.domainFor(name); err == nil {
-			d.fail = f
-			known = append(known, d)
+		d, err := m.domainFor(name)
+		if err != nil {
+			continue
+		}
+		d.fail = f
+		for _, rsa := range []bool{false, true} {
+			k := certKey{domain: name, rsa: rsa}
+			if data, err := m.cache.Get(ctx, k.cacheKey()); err == nil {
+				if c, err := parseCert(k, data, m.now()); err == nil {
+					d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
+				}
+			}
 		}
 	}
 	cancel()
 
-	m.wg.Add(2)
+	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
 		m.cache.retryLoop(m.ctx, m.cfg.cacheRetry)
 	}()
-	go func() {
-		defer m.wg.Done()
-		m.loadKnown(known)
-	}()
 	return m, nil
-}
-
-// loadKnown loads the cached certificates of the domains a previous
-// Manager knew, so that they are served and renewed from the start.
-func (m *Manager) loadKnown(known []*domain) {
-	for _, d := range known {
-		for _, rsa := range []bool{false, true} {
-			if m.ctx.Err() != nil {
-				return
-			}
-			ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
-			m.load(ctx, d, certKey{domain: d.name, rsa: rsa})
-			cancel()
-		}
-	}
 }
 
 func cmpOr[T comparable](v, def T) T {
@@ -474,6 +473,9 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		if c := m.servedCert(k); c != nil {
 			return c, nil
 		}
+		if c := m.waitingFallback(k); c != nil {
+			return c, nil
+		}
 	}
 	parent := hello.Context()
 	if parent == nil {
@@ -488,7 +490,7 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 	if err == nil {
 		return cert, nil
 	}
-	return m.fallback(name)
+	return m.fallback(k)
 }
 
 // waitingFallback returns, at once and without allocating, the fallback
@@ -499,13 +501,16 @@ func (m *Manager) waitingFallback(k certKey) *tls.Certificate {
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
-	if d == nil || !d.loaded[b2i(k.rsa)] || d.attempt != nil || !m.waitingLocked(d, now) {
+	if d == nil || !m.loadedLocked(d, k, now) || d.attempt != nil || !m.waitingLocked(d, now) {
 		m.stateMu.Unlock()
 		return nil
 	}
 	first := !d.logged
 	d.logged = true
 	m.stateMu.Unlock()
+	if c := m.servedInstead(k); c != nil {
+		return c
+	}
 	if first {
 		m.emit(Event{Kind: EventFallback, Time: now, Domain: k.domain})
 	}
@@ -516,9 +521,31 @@ func (m *Manager) waitingFallback(k certKey) *tls.Certificate {
 	return c
 }
 
+// loadedLocked reports whether the Cache was read for k lately: a domain
+// that waits re-reads it every cacheRetry, so that a certificate another
+// process (or an operator) put there is found. m.stateMu must be held.
+func (m *Manager) loadedLocked(d *domain, k certKey, now time.Time) bool {
+	at := d.loadedAt[b2i(k.rsa)]
+	return !at.IsZero() && !now.Before(at) && now.Sub(at) < m.cfg.cacheRetry
+}
+
+// servedInstead returns, for a client that asked for the ECDSA
+// certificate, the valid RSA one if there is one: every client takes it,
+// and it beats a fallback.
+func (m *Manager) servedInstead(k certKey) *tls.Certificate {
+	if k.rsa {
+		return nil
+	}
+	return m.servedCert(certKey{domain: k.domain, rsa: true})
+}
+
 // fallback returns the fallback certificate for name, and logs (once per
 // change of the domain's state) that it was served.
-func (m *Manager) fallback(name string) (*tls.Certificate, error) {
+func (m *Manager) fallback(k certKey) (*tls.Certificate, error) {
+	if c := m.servedInstead(k); c != nil {
+		return c, nil
+	}
+	name := k.domain
 	m.stateMu.Lock()
 	d := m.domains[name]
 	first := d != nil && !d.logged
@@ -604,11 +631,11 @@ func (m *Manager) servedCert(k certKey) *tls.Certificate {
 	return nil
 }
 
-// serve makes c the certificate served for k, unless a newer one is.
+// serve makes c the certificate served for k, unless one issued later is.
 func (m *Manager) serve(k certKey, c *tls.Certificate) {
 	m.servedMu.Lock()
 	old := m.served[k]
-	newer := old == nil || !c.Leaf.NotAfter.Before(old.Leaf.NotAfter)
+	newer := old == nil || !c.Leaf.NotBefore.Before(old.Leaf.NotBefore) // the later issued, whatever its lifetime
 	if newer {
 		m.served[k] = c
 	}
@@ -634,25 +661,35 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path string) (*tls.Cert
 	if c, err := m.load(ctx, d, k); c != nil || err != nil {
 		return c, err
 	}
-	a, err := m.begin(d, k, path)
-	if err != nil {
-		return nil, err
-	}
-	select {
-	case <-a.done:
+	// An attempt in flight may be for the other key type (or a renewal):
+	// once it ends, look again, and start one for k if it is still needed.
+	for range 2 {
+		a, err := m.begin(d, k, path)
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case <-a.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 		if a.err != nil {
 			return nil, a.err
 		}
-		return a.cert, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+		if a.key == k {
+			return a.cert, nil
+		}
+		if c := m.servedCert(k); c != nil {
+			return c, nil
+		}
 	}
+	return nil, fmt.Errorf("certmgr: %s: no certificate for this key type yet", k.domain)
 }
 
 // domainFor returns the domain of name, creating it if needed. When
-// MaxDomains are tracked, it makes room by dropping the oldest domain that
-// carries no information (no certificate, no failure, no attempt), and
-// fails when there is none among the first few.
+// MaxDomains are tracked, it makes room by dropping the oldest idle
+// domain (see idleLocked), and fails when there is none among the first
+// few.
 func (m *Manager) domainFor(name string) (*domain, error) {
 	m.stateMu.Lock()
 	defer m.stateMu.Unlock()
@@ -668,8 +705,8 @@ func (m *Manager) domainFor(name string) (*domain, error) {
 	return d, nil
 }
 
-// makeRoomLocked drops one domain that carries no information, looking at
-// a few of the oldest. Those it keeps go to the back of the queue.
+// makeRoomLocked drops one idle domain, looking at a few of the oldest.
+// Those it keeps go to the back of the queue.
 func (m *Manager) makeRoomLocked() bool {
 	now := m.now()
 	for range 16 {
@@ -682,7 +719,7 @@ func (m *Manager) makeRoomLocked() bool {
 		if d == nil {
 			continue // already gone
 		}
-		if d.attempt == nil && d.am == nil && d.fail.empty(now) && !now.Before(d.dnsNext) {
+		if m.idleLocked(d, now) {
 			delete(m.domains, name)
 			return true
 		}
@@ -691,17 +728,32 @@ func (m *Manager) makeRoomLocked() bool {
 	return false
 }
 
+// idleLocked reports whether d may be dropped to make room: no attempt,
+// no certificate, no autocert.Manager, and nothing it waits for (its
+// backoff, the CA's Retry-After and its spent authorizations are over).
+// A name that keeps failing is forgotten then, like one never seen; a
+// domain that waits is kept, so that no flood of names can lift its
+// backoff. m.stateMu must be held.
+func (m *Manager) idleLocked(d *domain, now time.Time) bool {
+	return d.attempt == nil && d.am == nil && !now.Before(d.notAfter) &&
+		!m.waitingLocked(d, now) && d.fail.spentSince(now.Add(-budgetWindow)) == 0
+}
+
 // load returns k's certificate from the Cache the first time the domain
 // is used in this process, or nil. A certificate found is handed to the
 // domain's autocert.Manager, which then renews it.
 func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certificate, error) {
 	m.stateMu.Lock()
-	done := d.loaded[b2i(k.rsa)]
+	done := m.loadedLocked(d, k, m.now())
 	m.stateMu.Unlock()
 	if done {
 		return nil, nil
 	}
-	v, err, _ := m.loads.Do(k.cacheKey(), func() (any, error) {
+	// The read is the flight's, not the first caller's: a handshake that
+	// gives up does not fail the others that joined it.
+	ch := m.loads.DoChan(k.cacheKey(), func() (any, error) {
+		ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+		defer cancel()
 		data, err := m.cache.Get(ctx, k.cacheKey())
 		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
 			// Unreadable: a valid certificate may be there. Read again next
@@ -709,7 +761,7 @@ func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certific
 			return nil, err
 		}
 		m.stateMu.Lock()
-		d.loaded[b2i(k.rsa)] = true
+		d.loadedAt[b2i(k.rsa)] = m.now()
 		m.stateMu.Unlock()
 		if err != nil {
 			return nil, nil // a miss
@@ -717,26 +769,27 @@ func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certific
 		if _, err := parseCert(k, data, m.now()); err != nil {
 			return nil, nil // expired or unusable: an attempt replaces it
 		}
-		am, err := m.autocertFor(ctx, d)
-		if err != nil {
-			return nil, err
-		}
 		m.stateMu.Lock()
-		d.loading++
+		d.loading++ // the autocert.Manager reads the cache; it must not order
 		m.stateMu.Unlock()
-		c, err := am.GetCertificate(syntheticHello(k))
+		c, err := m.fetch(d, k)
 		m.stateMu.Lock()
 		d.loading--
 		m.stateMu.Unlock()
-		if err != nil || c.Leaf == nil {
+		if err != nil {
 			return nil, nil
 		}
 		m.serve(k, c)
 		m.emit(Event{Kind: EventLoaded, Time: m.now(), Domain: k.domain, NotAfter: c.Leaf.NotAfter})
 		return c, nil
 	})
-	c, _ := v.(*tls.Certificate)
-	return c, err
+	select {
+	case r := <-ch:
+		c, _ := r.Val.(*tls.Certificate)
+		return c, r.Err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func b2i(b bool) int {
@@ -836,7 +889,7 @@ func (m *Manager) begin(d *domain, k certKey, path string) (*attempt, error) {
 	if m.inFlight >= m.cfg.maxInFlight {
 		return nil, fmt.Errorf("certmgr: %d attempts in flight already; %s waits", m.inFlight, d.name)
 	}
-	a := &attempt{path: path, start: m.now(), done: make(chan struct{})}
+	a := &attempt{key: k, path: path, start: m.now(), done: make(chan struct{})}
 	d.attempt = a
 	m.inFlight++
 	m.wg.Add(1)
@@ -901,7 +954,7 @@ func (m *Manager) cost() int {
 func (m *Manager) run(d *domain, a *attempt, k certKey) {
 	defer m.wg.Done()
 	if m.dns != nil {
-		ctx, cancel := context.WithTimeout(m.ctx, dnsCheckTimeout)
+		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.dnsCheckTimeout)
 		err := m.dnsChecked(d, m.dns.check(ctx, d.name))
 		cancel()
 		if err != nil {
@@ -909,30 +962,32 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 			return
 		}
 	}
-	c, err := m.autocertGet(d, k)
-	if err == nil && !m.now().Before(c.Leaf.NotAfter) {
-		// autocert keeps serving the certificate in its memory after it
-		// expired (its renewals kept failing), without asking the CA:
-		// a new autocert.Manager for the domain does ask.
-		m.stateMu.Lock()
-		d.am = nil
-		m.stateMu.Unlock()
-		c, err = m.autocertGet(d, k)
-	}
+	c, err := m.fetch(d, k)
 	m.finish(d, a, c, err)
 }
 
-// autocertGet asks d's autocert.Manager for the certificate k.
-func (m *Manager) autocertGet(d *domain, k certKey) (*tls.Certificate, error) {
-	am, err := m.autocertFor(m.ctx, d)
-	if err != nil {
-		return nil, err
+// fetch asks d's autocert.Manager for the certificate k. autocert keeps
+// serving the certificate in its memory after it expired (its renewals
+// kept failing) without asking the CA: then a new autocert.Manager for
+// the domain is asked, which reads the Cache and orders if need be.
+func (m *Manager) fetch(d *domain, k certKey) (*tls.Certificate, error) {
+	for range 2 {
+		am, err := m.autocertFor(m.ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		c, err := am.GetCertificate(syntheticHello(k))
+		if err != nil || m.now().Before(c.Leaf.NotAfter) {
+			return c, err
+		}
+		m.stateMu.Lock()
+		if d.am == am {
+			d.am = nil
+		}
+		m.stateMu.Unlock()
 	}
-	return am.GetCertificate(syntheticHello(k))
+	return nil, fmt.Errorf("certmgr: %s: autocert holds an expired certificate", k.domain)
 }
-
-// dnsCheckTimeout bounds one DNS pre-check, all its queries together.
-const dnsCheckTimeout = 15 * time.Second
 
 // dnsChecked records the outcome of d's DNS pre-check and returns its
 // error, wrapping ErrDNSNotReady, or nil. Only changes are logged.
@@ -1030,7 +1085,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		d.logged = false
 		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
 			d.am = nil // drop autocert's failed state with it; the next attempt starts afresh
-			d.loaded = [2]bool{}
+			d.loadedAt = [2]time.Time{}
 		}
 		events = append(events, Event{Kind: EventFailed, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
 			Attempt: attemptNo, Duration: now.Sub(a.start), Err: err})
@@ -1107,7 +1162,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) error {
 	d.attempt = a
 	m.stateMu.Unlock()
 	if m.dns != nil {
-		ctx, cancel := context.WithTimeout(req.Context(), dnsCheckTimeout)
+		ctx, cancel := context.WithTimeout(req.Context(), m.cfg.dnsCheckTimeout)
 		err := m.dnsChecked(d, m.dns.check(ctx, name))
 		cancel()
 		if err != nil {

@@ -53,7 +53,7 @@ func (m *Manager) Retry(domain string) {
 	d.dnsNext = time.Time{}
 	if d.attempt == nil && (d.notAfter.IsZero() || !now.Before(d.notAfter)) {
 		d.am = nil // autocert's failed state goes with it
-		d.loaded = [2]bool{}
+		d.loadedAt = [2]time.Time{}
 	}
 	d.logged = false
 	ev := Event{Kind: EventRetry, Time: now, Domain: name}

@@ -88,6 +88,15 @@ func (m *Manager) statusLocked(d *domain, now time.Time) Status {
 	if now.Before(d.fail.NextAttempt) {
 		s.NextAttempt = d.fail.NextAttempt
 	}
+	if d.dnsErr != nil {
+		// A renewal the pre-check holds back shows here too.
+		if s.LastError == nil {
+			s.LastError = d.dnsErr
+		}
+		if now.Before(d.dnsNext) {
+			s.NextAttempt = maxTime(s.NextAttempt, d.dnsNext)
+		}
+	}
 	switch {
 	case !s.NotAfter.IsZero():
 		s.State = StateValid
@@ -96,9 +105,6 @@ func (m *Manager) statusLocked(d *domain, now time.Time) Status {
 	case d.dnsErr != nil:
 		s.State = StateWaitingDNS
 		s.LastError = d.dnsErr
-		if now.Before(d.dnsNext) {
-			s.NextAttempt = maxTime(s.NextAttempt, d.dnsNext)
-		}
 	case d.fail.Failures > 0:
 		s.State = StateBackoff
 	}
