@@ -265,6 +265,9 @@ func New(cfg Config) (*Manager, error) {
 	m.cache = newCertCache(cfg.Autocert.Cache)
 	m.cache.onPut = m.certStored
 	m.cache.onError = func(op, key string, err error) {
+		if m.closed.Load() {
+			return // autocert's renewal timers outlive Close; they are not news
+		}
 		ev := Event{Kind: EventCacheError, Time: m.now(), Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)}
 		if isCertKey(key) {
 			ev.Domain = certKeyOf(key).domain

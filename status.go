@@ -82,7 +82,9 @@ func (m *Manager) statusLocked(d *domain, now time.Time) Status {
 	if d.fail.Failures > 0 {
 		s.LastError = d.lastErr
 		if s.LastError == nil {
-			s.LastError = errors.New(d.fail.LastError)
+			// Persisted by an earlier Manager: the CA's words, kept.
+			detail := strings.TrimPrefix(d.fail.LastError, "certmgr: "+d.name+": ")
+			s.LastError = &AttemptError{Domain: d.name, Detail: detail, Err: errors.New(detail)}
 		}
 	}
 	if now.Before(d.fail.NextAttempt) {

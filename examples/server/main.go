@@ -30,8 +30,10 @@
 // DNS server, the demo domains a.pebble.test and b.pebble.test (unless
 // -domain is given) resolving to 127.0.0.1, and HTTPS and HTTP on the
 // loopback ports Pebble validates against. -pebble-root-out writes Pebble's
-// root certificate, once verified against a served certificate, to a PEM
-// file for clients to trust.
+// root certificate to a PEM file for clients to trust.
+//
+// The status page names domains, addresses and errors: it answers only
+// clients on loopback addresses, unless -status-public is given.
 package main
 
 import (
@@ -83,17 +85,18 @@ func main() {
 
 // options are the command's flags.
 type options struct {
-	domains    cliflag.Strings
-	knownIPs   cliflag.Addrs
-	cacheDir   string
-	email      string
-	directory  string
-	production bool
-	httpsAddr  string
-	httpAddr   string
-	status     bool
-	pebble     bool
-	rootOut    string
+	domains      cliflag.Strings
+	knownIPs     cliflag.Addrs
+	cacheDir     string
+	email        string
+	directory    string
+	production   bool
+	httpsAddr    string
+	httpAddr     string
+	status       bool
+	statusPublic bool
+	pebble       bool
+	rootOut      string
 }
 
 // parse parses args into o and fills in the defaults. If args are not
@@ -111,6 +114,7 @@ func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
 	fs.StringVar(&o.httpsAddr, "https-addr", ":443", "HTTPS listen address")
 	fs.StringVar(&o.httpAddr, "http-addr", ":80", "HTTP listen address (HTTP-01 and redirects)")
 	fs.BoolVar(&o.status, "status", true, "serve the status page at "+statusPath)
+	fs.BoolVar(&o.statusPublic, "status-public", false, "serve the status page to every client, not only to loopback ones")
 	fs.BoolVar(&o.pebble, "pebble", false, "run against an embedded Pebble CA on loopback")
 	fs.StringVar(&o.rootOut, "pebble-root-out", "", "with -pebble, write Pebble's root certificate to this PEM file")
 	if err := fs.Parse(args); err != nil {
@@ -219,7 +223,11 @@ func serve(ctx context.Context, o *options, stdout io.Writer, log *slog.Logger) 
 	// The site, and the status page.
 	mux := http.NewServeMux()
 	if o.status {
-		mux.Handle(statusPath, statusHandler(m))
+		h := statusHandler(m)
+		if !o.statusPublic {
+			h = loopbackOnly(h)
+		}
+		mux.Handle(statusPath, h)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "Hello from %s\n", r.Host)
@@ -362,6 +370,18 @@ var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
 </body>
 </html>
 `))
+
+// loopbackOnly answers 404 to clients not on a loopback address.
+func loopbackOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ap, err := netip.ParseAddrPort(r.RemoteAddr)
+		if err != nil || !ap.Addr().Unmap().IsLoopback() {
+			http.NotFound(w, r)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
 
 // statusHandler serves m.Domains() as an HTML table, or as JSON when the
 // request asks for it.

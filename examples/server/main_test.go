@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -270,6 +271,21 @@ func TestUsage(t *testing.T) {
 		var stderr bytes.Buffer
 		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 {
 			t.Errorf("server %q: exit status %d, want 2\n%s", args, code, stderr.String())
+		}
+	}
+}
+
+// TestStatusLoopbackOnly: without -status-public, the status page answers
+// loopback clients only.
+func TestStatusLoopbackOnly(t *testing.T) {
+	h := loopbackOnly(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "status") }))
+	for addr, want := range map[string]int{"127.0.0.1:5000": 200, "[::1]:5000": 200, "198.51.100.7:5000": 404, "[2001:db8::1]:443": 404} {
+		r := httptest.NewRequest("GET", "/certmgr/status", nil)
+		r.RemoteAddr = addr
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != want {
+			t.Errorf("from %s: %d, want %d", addr, w.Code, want)
 		}
 	}
 }
