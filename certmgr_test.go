@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -81,6 +82,18 @@ func launch(t *testing.T, opts pebbletest.Options, cfg Config, dnsCheck bool, na
 		}
 	})
 	return &testEnv{Env: env, m: m, logs: logs}
+}
+
+// serveCurrent serves TLS with the config of whichever Manager the
+// returned pointer holds (e.m at first): one listener for the Managers a
+// restart test makes one after the other.
+func (e *testEnv) serveCurrent(t *testing.T) *atomic.Pointer[Manager] {
+	var current atomic.Pointer[Manager]
+	current.Store(e.m)
+	e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return current.Load().TLSConfig(), nil
+	}}, nil)
+	return &current
 }
 
 // handshake connects to the TLS listener with SNI name and returns the

@@ -295,12 +295,7 @@ func TestFailedRenewalKeepsServing(t *testing.T) {
 	dir := t.TempDir()
 	e := startEnv(t, pebbletest.Options{CertValidity: time.Minute},
 		Config{Autocert: &autocert.Manager{Cache: autocert.DirCache(dir)}}, name)
-	// One listener for both Managers: it serves whichever is current.
-	var current atomic.Pointer[Manager]
-	current.Store(e.m)
-	e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		return current.Load().TLSConfig(), nil
-	}}, nil)
+	current := e.serveCurrent(t) // one listener for both Managers
 	if err := e.m.Provision(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}
@@ -385,11 +380,7 @@ func TestExpiredAfterFailedRenewals(t *testing.T) {
 	dir := t.TempDir()
 	e := startEnv(t, pebbletest.Options{CertValidity: 3 * time.Second},
 		Config{Autocert: &autocert.Manager{Cache: autocert.DirCache(dir)}}, name)
-	var current atomic.Pointer[Manager]
-	current.Store(e.m)
-	e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		return current.Load().TLSConfig(), nil
-	}}, nil)
+	current := e.serveCurrent(t)
 	if err := e.m.Provision(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}

@@ -131,11 +131,7 @@ func TestCacheRereadWhileWaiting(t *testing.T) {
 	e := startEnv(t, pebbletest.Options{}, Config{Autocert: &autocert.Manager{Cache: autocert.DirCache(dir)},
 		cacheRetry: 50 * time.Millisecond}, name)
 	e.DNS.SetA(name, "127.0.0.3")
-	var current atomic.Pointer[Manager]
-	current.Store(e.m)
-	e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		return current.Load().TLSConfig(), nil
-	}}, nil)
+	current := e.serveCurrent(t)
 	if err := e.m.Provision(context.Background(), name); err == nil {
 		t.Fatal("Provision succeeded; validation should fail")
 	}
