@@ -504,23 +504,12 @@ func (m *Manager) waitingFallback(k certKey) *tls.Certificate {
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
-	if d == nil || !m.loadedLocked(d, k, now) || d.attempt != nil || !m.waitingLocked(d, now) {
-		m.stateMu.Unlock()
-		return nil
-	}
-	first := !d.logged
-	d.logged = true
+	waiting := d != nil && m.loadedLocked(d, k, now) && d.attempt == nil && m.waitingLocked(d, now)
 	m.stateMu.Unlock()
-	if c := m.servedInstead(k); c != nil {
-		return c
-	}
-	if first {
-		m.emit(Event{Kind: EventFallback, Time: now, Domain: k.domain})
-	}
-	c, err := m.fallbacks.get(k.domain)
-	if err != nil {
+	if !waiting {
 		return nil
 	}
+	c, _ := m.fallback(k)
 	return c
 }
 
@@ -542,8 +531,9 @@ func (m *Manager) servedInstead(k certKey) *tls.Certificate {
 	return m.servedCert(certKey{domain: k.domain, rsa: true})
 }
 
-// fallback returns the fallback certificate for name, and logs (once per
-// change of the domain's state) that it was served.
+// fallback returns the certificate for a handshake that cannot have k's:
+// the valid RSA one if k is ECDSA and there is one, else the fallback,
+// logged once per change of the domain's state.
 func (m *Manager) fallback(k certKey) (*tls.Certificate, error) {
 	if c := m.servedInstead(k); c != nil {
 		return c, nil
