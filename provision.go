@@ -50,7 +50,7 @@ func (m *Manager) Retry(domain string) {
 		return
 	}
 	d.fail.retryNow(now, m.cost(), m.cfg.AuthzBudget)
-	d.dnsNext = time.Time{}
+	d.dnsNext, d.localNext = time.Time{}, time.Time{}
 	if d.attempt == nil && (d.notAfter.IsZero() || !now.Before(d.notAfter)) {
 		d.am = nil // autocert's failed state goes with it
 		d.loadedAt = [2]time.Time{}
