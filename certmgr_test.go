@@ -164,21 +164,43 @@ func (s *syncBuffer) String() string {
 // detached work (autocert deactivating authorizations) ends.
 func checkLeaks(t *testing.T) {
 	t.Cleanup(func() {
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			leaked := leakedGoroutines()
-			if len(leaked) == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d goroutine(s) left behind:\n%s", len(leaked), strings.Join(leaked, "\n\n"))
-				return
-			}
-			time.Sleep(20 * time.Millisecond) // polling with a deadline
+		if left := settle(10*time.Second, nil); len(left) > 0 {
+			t.Errorf("%d goroutine(s) left behind:\n%s", len(left), strings.Join(left, "\n\n"))
 		}
 	})
 }
 
+// waitDetached waits for the goroutines autocert detaches after an
+// attempt (withdrawing unused authorizations, deleting challenge tokens).
+func waitDetached(t *testing.T) {
+	t.Helper()
+	autocertOnly := func(stack string) bool { return strings.Contains(stack, "acme/autocert.") }
+	if left := settle(10*time.Second, autocertOnly); len(left) > 0 {
+		t.Fatalf("autocert's detached work did not end:\n%s", strings.Join(left, "\n\n"))
+	}
+}
+
+// settle polls until no goroutine of certmgr, autocert or acme that keep
+// selects (all, if keep is nil) is running, or d passes; it returns those
+// still running.
+func settle(d time.Duration, keep func(stack string) bool) []string {
+	deadline := time.Now().Add(d)
+	for {
+		var left []string
+		for _, g := range leakedGoroutines() {
+			if keep == nil || keep(g) {
+				left = append(left, g)
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(5 * time.Millisecond) // polling with a deadline
+	}
+}
+
+// leakedGoroutines returns the stacks of the goroutines of certmgr,
+// autocert and acme, the test harness's and the tests' own left out.
 func leakedGoroutines() []string {
 	var leaked []string
 	for _, g := range leakcheck.Stacks() {
@@ -192,28 +214,6 @@ func leakedGoroutines() []string {
 		}
 	}
 	return leaked
-}
-
-// waitDetached waits for the goroutines autocert detaches after an
-// attempt (withdrawing unused authorizations, deleting challenge tokens).
-func waitDetached(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var leaked []string
-		for _, g := range leakedGoroutines() {
-			if strings.Contains(g, "acme/autocert.") {
-				leaked = append(leaked, g)
-			}
-		}
-		if len(leaked) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("autocert's detached work did not end:\n%s", strings.Join(leaked, "\n\n"))
-		}
-		time.Sleep(5 * time.Millisecond) // polling with a deadline
-	}
 }
 
 // waitFor polls cond until it holds or d passes.

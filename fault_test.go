@@ -245,16 +245,8 @@ func closeWithin(t *testing.T, m *Manager, d time.Duration) {
 // waitNoLeaks waits until no goroutine of certmgr, autocert or acme runs.
 func waitNoLeaks(t *testing.T, d time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		leaked := leakedGoroutines()
-		if len(leaked) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d goroutine(s) still running %v after Close:\n%s", len(leaked), d, strings.Join(leaked, "\n\n"))
-		}
-		time.Sleep(5 * time.Millisecond) // polling with a deadline
+	if left := settle(d, nil); len(left) > 0 {
+		t.Fatalf("%d goroutine(s) still running %v after Close:\n%s", len(left), d, strings.Join(left, "\n\n"))
 	}
 }
 
