@@ -59,10 +59,13 @@ type Config struct {
 
 	// OnEvent, if not nil, is called with every event certmgr logs, in
 	// order, synchronously, from the goroutine where it happened (a
-	// handshake, a Provision, an attempt or a renewal) and with no lock
-	// held: it may call Status and Domains. It must not block for long.
-	// Problems New finds reading the Cache are reported while New runs,
-	// before there is a Manager to call.
+	// handshake, a Provision, an attempt or a renewal) and with none of
+	// certmgr's locks held: it may call Status, Domains and Retry. It must
+	// not block for long. Problems New finds reading the Cache are
+	// reported while New runs, before there is a Manager to call. A Cache
+	// error met inside autocert's own call to the Cache is reported from
+	// there, where autocert may hold locks of its own: OnEvent must not
+	// call HTTPHandler.
 	OnEvent func(Event)
 
 	// HandshakeTimeout is how long a handshake waits for a certificate
