@@ -174,13 +174,17 @@ func (f *failureRecord) retryNow(now time.Time, cost, budget int) {
 	f.NextAttempt = maxTime(f.RetryAfter, f.budgetFree(now, cost, budget))
 }
 
-// due reports whether an attempt may start at now. A wait longer than
-// the schedule can ask for (the clock went back) is cut to that longest
+// capNext cuts a wait longer than schedule b can ask for (the clock went
+// back, or a persisted record came from a far future) to that longest
 // wait; the CA's Retry-After is kept as it is.
-func (f *failureRecord) due(now time.Time, b Backoff) bool {
+func (f *failureRecord) capNext(now time.Time, b Backoff) {
 	if limit := now.Add(b.delay(len(b.Steps), 1)); f.NextAttempt.After(limit) && f.NextAttempt.After(f.RetryAfter) {
 		f.NextAttempt = maxTime(limit, f.RetryAfter)
 	}
+}
+
+// due reports whether an attempt may start at now.
+func (f *failureRecord) due(now time.Time) bool {
 	return !now.Before(f.NextAttempt)
 }
 

@@ -899,7 +899,7 @@ func (m *Manager) gateLocked(d *domain) error {
 	if !m.waitingLocked(d, now) {
 		return nil
 	}
-	if !d.fail.due(now, m.cfg.Backoff) {
+	if !d.fail.due(now) {
 		return fmt.Errorf("%w: %s: next attempt at %s after %d failure(s): %s", ErrBackoff, d.name,
 			d.fail.NextAttempt.UTC().Format(time.RFC3339), d.fail.Failures, d.fail.LastError)
 	}
@@ -917,7 +917,7 @@ func (m *Manager) gateLocked(d *domain) error {
 // It does not allocate. m.stateMu must be held.
 func (m *Manager) waitingLocked(d *domain, now time.Time) bool {
 	m.capWaitsLocked(d, now)
-	return !d.fail.due(now, m.cfg.Backoff) ||
+	return !d.fail.due(now) ||
 		d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget).After(now) ||
 		(d.dnsErr != nil && now.Before(d.dnsNext)) ||
 		now.Before(d.localNext)
@@ -928,7 +928,7 @@ func (m *Manager) waitingLocked(d *domain, now time.Time) bool {
 // persisted entry from a far future, a domain is not locked out for longer.
 // m.stateMu must be held.
 func (m *Manager) capWaitsLocked(d *domain, now time.Time) {
-	d.fail.due(now, m.cfg.Backoff)
+	d.fail.capNext(now, m.cfg.Backoff)
 	if limit := now.Add(m.cfg.DNSRecheck.delay(len(m.cfg.DNSRecheck.Steps), 1)); d.dnsNext.After(limit) {
 		d.dnsNext = limit
 	}
