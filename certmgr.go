@@ -717,6 +717,10 @@ func (m *Manager) makeRoomLocked() bool {
 		}
 		if m.idleLocked(d, now) {
 			delete(m.domains, name)
+			m.servedMu.Lock() // lock order: stateMu, then servedMu
+			delete(m.served, certKey{domain: name})
+			delete(m.served, certKey{domain: name, rsa: true})
+			m.servedMu.Unlock()
 			return true
 		}
 		m.queue = append(m.queue, name)
