@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"io"
 	"net/http"
 	"strconv"
@@ -51,9 +50,6 @@ type observation struct {
 
 // maxACMEBody bounds what the observer reads of a request or response.
 const maxACMEBody = 1 << 20
-
-// errClosed is returned for ACME requests made after Close.
-var errClosed = errors.New("certmgr: manager closed")
 
 func newACMEObserver(next http.RoundTripper) *acmeObserver {
 	if next == nil {

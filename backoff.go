@@ -54,6 +54,12 @@ func (b Backoff) step(n int) time.Duration {
 	return b.Steps[n-1]
 }
 
+// longest returns the longest wait the schedule can ask for, jitter
+// included.
+func (b Backoff) longest() time.Duration {
+	return b.delay(len(b.Steps), 1)
+}
+
 // delay returns the wait after the n-th consecutive failure, with jitter
 // drawn from r in [0, 1).
 func (b Backoff) delay(n int, r float64) time.Duration {
@@ -174,18 +180,14 @@ func (f *failureRecord) retryNow(now time.Time, cost, budget int) {
 	f.NextAttempt = maxTime(f.RetryAfter, f.budgetFree(now, cost, budget))
 }
 
-// capNext cuts a wait longer than schedule b can ask for (the clock went
-// back, or a persisted record came from a far future) to that longest
-// wait; the CA's Retry-After is kept as it is.
-func (f *failureRecord) capNext(now time.Time, b Backoff) {
-	if limit := now.Add(b.delay(len(b.Steps), 1)); f.NextAttempt.After(limit) && f.NextAttempt.After(f.RetryAfter) {
-		f.NextAttempt = maxTime(limit, f.RetryAfter)
-	}
-}
-
-// due reports whether an attempt may start at now.
-func (f *failureRecord) due(now time.Time) bool {
-	return !now.Before(f.NextAttempt)
+// nextAttempt returns when the next attempt may start, bounded against
+// now: never later than the schedule's longest wait from now, or the CA's
+// Retry-After if that is later, and never later than maxRetryAfter from
+// now, whatever the record says (the clock went back, or the record came
+// from a far future or a hostile store).
+func (f *failureRecord) nextAttempt(now time.Time, b Backoff) time.Time {
+	retryAfter := minTime(f.RetryAfter, now.Add(maxRetryAfter))
+	return minTime(f.NextAttempt, maxTime(now.Add(b.longest()), retryAfter))
 }
 
 // empty reports whether the record carries no information any more.

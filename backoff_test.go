@@ -60,13 +60,12 @@ func TestScheduleKeepsBudget(t *testing.T) {
 		m, err := New(Config{
 			Autocert: &autocert.Manager{},
 			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-			nowFunc:  clock.now,
-			randFunc: rng.Float64,
+			hooks:    testHooks{now: clock.now, rand: rng.Float64},
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		m.http01 = http01
+		m.http01.Store(http01)
 		const name = "sim.test"
 		d, err := m.domainFor(name)
 		if err != nil {

@@ -43,10 +43,9 @@ func benchManagers(b *testing.B, name string) (*Manager, *autocert.Manager, *peb
 	policy := autocert.HostWhitelist(name)
 	bare := &autocert.Manager{Cache: cache, Prompt: autocert.AcceptTOS, HostPolicy: policy, Client: env.NewClient()}
 	m, err := New(Config{
-		Autocert:  &autocert.Manager{Cache: cache, HostPolicy: policy, Client: env.NewClient()},
-		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
-		KnownIPs:  []netip.Addr{netip.MustParseAddr("127.0.0.1")},
-		Resolvers: []string{env.DNS.Addr()},
+		Autocert: &autocert.Manager{Cache: cache, HostPolicy: policy, Client: env.NewClient()},
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+		DNS:      DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Resolvers: []string{env.DNS.Addr()}},
 	})
 	if err != nil {
 		b.Fatal(err)

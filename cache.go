@@ -195,10 +195,6 @@ func (c *certCache) flush(ctx context.Context) int {
 	return len(c.pending)
 }
 
-// accountKeyName is the Cache key of the ACME account key, as autocert
-// names it.
-const accountKeyName = "acme_account+key"
-
 // cacheTimeout bounds one Cache call made by certmgr itself.
 const cacheTimeout = 10 * time.Second
 

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -343,7 +344,7 @@ func TestNewRejectsNilAutocert(t *testing.T) {
 	}
 	for _, cfg := range []Config{
 		{Autocert: &autocert.Manager{}, HandshakeTimeout: -1},
-		{Autocert: &autocert.Manager{}, Resolvers: []string{"no-port"}},
+		{Autocert: &autocert.Manager{}, DNS: DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Resolvers: []string{"no-port"}}},
 	} {
 		if _, err := New(cfg); err == nil {
 			t.Errorf("New(%+v) accepted it", cfg)

@@ -157,6 +157,11 @@ func newDNSChecker(opts DNSCheck, maxCache time.Duration, now func() time.Time) 
 	if len(c.known) == 0 {
 		c.err = errors.New("certmgr: DNSCheck.KnownIPs is empty")
 	}
+	for _, r := range c.resolvers {
+		if _, _, err := net.SplitHostPort(r); err != nil {
+			c.err = fmt.Errorf("certmgr: resolver %q is not host:port: %w", r, err)
+		}
+	}
 	if len(c.resolvers) == 0 && c.err == nil {
 		conf, err := dns.ClientConfigFromFile("/etc/resolv.conf")
 		switch {
@@ -178,11 +183,11 @@ func (c *dnsChecker) check(ctx context.Context, domain string) error {
 	if c.err != nil {
 		return c.err
 	}
-	name, err := canonicalDomain(domain)
+	domain, err := normalize(domain)
 	if err != nil {
 		return err
 	}
-	domain = strings.TrimSuffix(name, ".")
+	name := domain + "."
 	if err := ctx.Err(); err != nil {
 		return c.failure(domain, err)
 	}
@@ -499,33 +504,6 @@ func (c *dnsChecker) store(key dnsCacheKey, e *dnsCacheEntry) {
 		}
 	}
 	c.cache[key] = e
-}
-
-// canonicalDomain returns domain in lower case with a trailing dot, or an
-// error if it is not a valid host name.
-func canonicalDomain(domain string) (string, error) {
-	d := strings.ToLower(strings.TrimSuffix(domain, "."))
-	if d == "" {
-		return "", errors.New("certmgr: empty domain name")
-	}
-	valid := len(d) <= 253
-	if _, err := netip.ParseAddr(d); err == nil {
-		valid = false
-	}
-	for label := range strings.SplitSeq(d, ".") {
-		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
-			valid = false
-		}
-		for _, r := range label {
-			if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' {
-				valid = false
-			}
-		}
-	}
-	if !valid {
-		return "", fmt.Errorf("certmgr: invalid domain name %q", domain)
-	}
-	return d + ".", nil
 }
 
 func joinAddrs(addrs []netip.Addr) string {

@@ -148,10 +148,13 @@ func TestCheckDNSInvalid(t *testing.T) {
 		opts   DNSCheck
 		want   string
 	}{
-		{t.Context(), "", testDNSCheck(s.Addr()), "certmgr: empty domain name"},
-		{t.Context(), "a..test", testDNSCheck(s.Addr()), `certmgr: invalid domain name "a..test"`},
-		{t.Context(), "127.0.0.1", testDNSCheck(s.Addr()), `certmgr: invalid domain name "127.0.0.1"`},
+		{t.Context(), "", testDNSCheck(s.Addr()), "certmgr: missing server name"},
+		{t.Context(), "a..test", testDNSCheck(s.Addr()), `certmgr: server name "a..test" has an empty label`},
+		{t.Context(), "127.0.0.1", testDNSCheck(s.Addr()), `certmgr: server name "127.0.0.1" is an IP address`},
+		{t.Context(), "-a.test", testDNSCheck(s.Addr()), `certmgr: server name "-a.test" contains an invalid character`},
+		{t.Context(), strings.Repeat("a", 64) + ".test", testDNSCheck(s.Addr()), `certmgr: server name "` + strings.Repeat("a", 64) + `.test" has a label over 63 bytes`},
 		{t.Context(), "a.test", DNSCheck{Resolvers: []string{s.Addr()}}, "certmgr: DNSCheck.KnownIPs is empty"},
+		{t.Context(), "a.test", DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Resolvers: []string{"no-port"}}, `certmgr: resolver "no-port" is not host:port: address no-port: missing port in address`},
 		{ctx, "a.test", testDNSCheck(s.Addr()), "certmgr: DNS check of a.test: context canceled"},
 	}
 	for _, tt := range tests {

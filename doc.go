@@ -39,7 +39,7 @@
 //			HostPolicy: autocert.HostWhitelist("example.com"),
 //			Email:      "ops@example.com",
 //		},
-//		KnownIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")},
+//		DNS: certmgr.DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}},
 //	})
 //	if err != nil {
 //		log.Fatal(err)

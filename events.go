@@ -59,11 +59,14 @@ func (k EventKind) level() slog.Level {
 	return slog.LevelInfo
 }
 
-// Paths an attempt takes, in Event.Path.
+// Path is what started an attempt.
+type Path string
+
+// The paths an attempt takes, in Event.Path.
 const (
-	PathHandshake = "handshake" // started by a TLS handshake
-	PathProvision = "provision" // started by Provision
-	PathRenewal   = "renewal"   // autocert's own renewal timer
+	PathHandshake Path = "handshake" // started by a TLS handshake
+	PathProvision Path = "provision" // started by Provision
+	PathRenewal   Path = "renewal"   // autocert's own renewal timer
 )
 
 // Event is one thing that happened to a domain's certificate. Each is
@@ -73,7 +76,7 @@ type Event struct {
 	Kind        EventKind     // what happened
 	Time        time.Time     // when, by the Manager's clock
 	Domain      string        // normalised name
-	Path        string        // PathHandshake, PathProvision or PathRenewal
+	Path        Path          // what started the attempt
 	Challenge   string        // challenge type that was used, where known
 	Attempt     int           // the attempt's number: 1 for the first after a success
 	Duration    time.Duration // how long the attempt took
@@ -98,7 +101,7 @@ func (e Event) attrs() []slog.Attr {
 	attrs := make([]slog.Attr, 0, 8)
 	attrs = append(attrs, slog.String("domain", e.Domain))
 	if e.Path != "" {
-		attrs = append(attrs, slog.String("path", e.Path))
+		attrs = append(attrs, slog.String("path", string(e.Path)))
 	}
 	if e.Challenge != "" {
 		attrs = append(attrs, slog.String("challenge", e.Challenge))
@@ -126,8 +129,8 @@ func (e Event) attrs() []slog.Attr {
 func (m *Manager) emit(events ...Event) {
 	for _, e := range events {
 		m.log.LogAttrs(context.Background(), e.Kind.level(), e.Kind.String(), e.attrs()...)
-		if m.onEvent != nil {
-			m.onEvent(e)
+		if m.cfg.OnEvent != nil {
+			m.cfg.OnEvent(e)
 		}
 	}
 }

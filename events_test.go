@@ -88,8 +88,7 @@ func TestEventStory(t *testing.T) {
 			HostPolicy: autocert.HostWhitelist(name), RenewBefore: 28 * time.Second},
 		Logger:     newTestLogger(logs),
 		OnEvent:    events.add,
-		KnownIPs:   []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.3")},
-		Resolvers:  []string{env.DNS.Addr()},
+		DNS:        DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.3")}, Resolvers: []string{env.DNS.Addr()}},
 		DNSRecheck: Backoff{Steps: []time.Duration{50 * time.Millisecond}, Jitter: -1},
 	}
 	m, err := New(cfg)

@@ -24,7 +24,7 @@ func Example() {
 			Cache:      autocert.DirCache("/var/lib/certmgr"),
 			HostPolicy: autocert.HostWhitelist("example.com"),
 		},
-		KnownIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")},
+		DNS: certmgr.DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}},
 	})
 	if err != nil {
 		log.Fatal(err)

@@ -407,7 +407,7 @@ func TestFaultCAHangs(t *testing.T) {
 		reqTimeout = time.Second
 	)
 	f := newFaultEnv(t, nil, false, name, closedName)
-	m := f.start(t, f.config(func(c *Config) { c.requestTimeout = reqTimeout }))
+	m := f.start(t, f.config(func(c *Config) { c.hooks.requestTimeout = reqTimeout }))
 	f.provisionKept(t, m)
 	waitDetached(t) // kept.test's clean-up requests are done
 	remove := f.Proxy.AddRule(pebbletest.Rule{Hold: true})
@@ -730,7 +730,7 @@ func TestFaultCacheWriteFails(t *testing.T) {
 	const name = "readonly.test"
 	fc := &faultCache{inner: autocert.DirCache(t.TempDir())}
 	f := newFaultEnv(t, fc, false, name)
-	cfg := f.config(func(c *Config) { c.cacheRetry = 50 * time.Millisecond })
+	cfg := f.config(func(c *Config) { c.hooks.cacheRetry = 50 * time.Millisecond })
 	m := f.start(t, cfg)
 	f.provisionKept(t, m)
 
@@ -783,7 +783,7 @@ func TestFaultCacheReadFails(t *testing.T) {
 	const name = "unreadable.test"
 	fc := &faultCache{inner: autocert.DirCache(t.TempDir())}
 	f := newFaultEnv(t, fc, false, name)
-	m := f.start(t, f.config(func(c *Config) { c.cacheRetry = 50 * time.Millisecond }))
+	m := f.start(t, f.config(func(c *Config) { c.hooks.cacheRetry = 50 * time.Millisecond }))
 	f.provisionKept(t, m)
 
 	fc.failGet.Store(true)
@@ -848,7 +848,7 @@ func TestFaultCacheDirUnderFile(t *testing.T) {
 	if err := os.WriteFile(parent, []byte("a file, not a directory\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	m := f.start(t, f.config(func(c *Config) { c.cacheRetry = 50 * time.Millisecond }))
+	m := f.start(t, f.config(func(c *Config) { c.hooks.cacheRetry = 50 * time.Millisecond }))
 	f.handshakeAny(t, keptName) // unreadable: the fallback at worst, in time
 	f.expectFallback(t, name)
 	waitFor(t, 15*time.Second, "the attempts' outcome", func() bool {
@@ -1104,7 +1104,7 @@ func TestFaultRestart(t *testing.T) {
 	cfg := func() Config {
 		return f.config(func(c *Config) {
 			// Validation fails at 127.0.0.3, which the pre-check accepts.
-			c.KnownIPs = append(c.KnownIPs, netip.MustParseAddr("127.0.0.3"))
+			c.DNS.KnownIPs = append(c.DNS.KnownIPs, netip.MustParseAddr("127.0.0.3"))
 		})
 	}
 	m1 := f.start(t, cfg())
@@ -1234,8 +1234,8 @@ func TestFaultClockJump(t *testing.T) {
 	f := newFaultEnv(t, nil, false, back, fwd)
 	cfg := func(now func() time.Time) Config {
 		return f.config(func(c *Config) {
-			c.nowFunc = now
-			c.randFunc = func() float64 { return 0 }
+			c.hooks.now = now
+			c.hooks.rand = func() float64 { return 0 }
 			c.Backoff = schedule
 		})
 	}

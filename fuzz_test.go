@@ -8,6 +8,7 @@ import (
 	"errors"
 	"hash/fnv"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -123,13 +124,16 @@ func fuzzEmptyLabel(name string) bool {
 	return slices.Contains(strings.Split(name, "."), "")
 }
 
-// fuzzCertifiable reports whether an autocert key is a name a certificate
-// can carry: at most maxNameLen bytes, two labels or more, none empty, and
-// in the A-label form IDNA itself accepts unchanged.
+// fuzzCertifiable reports whether an autocert key is a DNS name a
+// certificate can carry: at most maxNameLen bytes, two labels or more,
+// none empty or over maxLabelLen bytes, not an IP address, and in the
+// A-label form IDNA itself accepts unchanged.
 func fuzzCertifiable(key string) bool {
 	again, err := idna.Lookup.ToASCII(key)
+	_, ipErr := netip.ParseAddr(key)
 	return len(key) <= maxNameLen && strings.Contains(key, ".") && !fuzzEmptyLabel(key) &&
-		err == nil && again == key
+		!slices.ContainsFunc(strings.Split(key, "."), func(l string) bool { return len(l) > maxLabelLen }) &&
+		ipErr != nil && err == nil && again == key
 }
 
 // fuzzStateSample returns failure records as saveState would write them.

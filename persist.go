@@ -98,6 +98,37 @@ func (m *Manager) loadState(ctx context.Context) map[string]failureRecord {
 	return recs
 }
 
+// loadKnownDomains makes a domain of every name a previous Manager knew,
+// with its failure record and the expiry of its cached certificates, so
+// that Status is right from New on. The certificates are loaded (and
+// autocert's renewal timers started) at first use, as autocert does.
+func (m *Manager) loadKnownDomains() {
+	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+	defer cancel()
+	for name, f := range m.loadState(ctx) {
+		if err := m.hostPolicy(ctx, name); err != nil {
+			continue
+		}
+		d, err := m.domainFor(name)
+		if err != nil {
+			continue
+		}
+		var notAfter time.Time
+		for _, rsa := range []bool{false, true} {
+			k := certKey{domain: name, rsa: rsa}
+			if data, err := m.cache.Get(ctx, k.cacheKey()); err == nil {
+				if c, err := parseCert(k, data, m.now()); err == nil {
+					notAfter = maxTime(notAfter, c.Leaf.NotAfter)
+				}
+			}
+		}
+		m.stateMu.Lock()
+		d.fail = f
+		d.notAfter = maxTime(d.notAfter, notAfter)
+		m.stateMu.Unlock()
+	}
+}
+
 // saveState writes the failure records of all domains that have one, and
 // an empty record for each domain that holds a certificate, so that a
 // restarted Manager knows every domain (Status, Domains) and loads their

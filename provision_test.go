@@ -21,9 +21,9 @@ import (
 // dnsConfig is a Config whose pre-check expects the loopback addresses and
 // asks the harness's DNS server.
 func dnsConfig(e *pebbletest.Env, cfg Config) Config {
-	cfg.KnownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")}
-	cfg.Resolvers = []string{e.DNS.Addr()}
-	cfg.dnsTimeout = 500 * time.Millisecond
+	cfg.DNS.KnownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")}
+	cfg.DNS.Resolvers = []string{e.DNS.Addr()}
+	cfg.DNS.Timeout = 500 * time.Millisecond
 	return cfg
 }
 
@@ -66,7 +66,7 @@ func TestProvisionWaitsForDNS(t *testing.T) {
 // Acceptance 2 and 3 (DNS): AAAA records count too, and CAA must authorise
 // the CA.
 func TestProvisionDNSRecords(t *testing.T) {
-	e := startDNSEnv(t, pebbletest.Options{IPv6: true}, Config{CAAIdentities: []string{"pebble.test"}},
+	e := startDNSEnv(t, pebbletest.Options{IPv6: true}, Config{DNS: DNSCheck{CAAIdentities: []string{"pebble.test"}}},
 		"stale-aaaa.test", "good-aaaa.test", "caa-other.test", "www.caa-parent.test")
 	e.ServeTLS(t, e.m.TLSConfig(), nil)
 	e.DNS.SetA("stale-aaaa.test", "127.0.0.1")
@@ -108,7 +108,7 @@ func TestProvisionDNSRecords(t *testing.T) {
 // record type.
 func TestHandshakeFloodWrongDNS(t *testing.T) {
 	const name = "wrong.test"
-	e := startDNSEnv(t, pebbletest.Options{}, Config{CAAIdentities: []string{"pebble.test"}}, name)
+	e := startDNSEnv(t, pebbletest.Options{}, Config{DNS: DNSCheck{CAAIdentities: []string{"pebble.test"}}}, name)
 	e.DNS.SetA(name, "127.0.0.2")
 	e.ServeTLS(t, e.m.TLSConfig(), nil)
 	var (

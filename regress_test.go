@@ -62,7 +62,7 @@ func TestOnEventMayReenter(t *testing.T) {
 func TestDNSTimeoutIsNoCAFailure(t *testing.T) {
 	const name = "slowdns.test"
 	e := startDNSEnv(t, pebbletest.Options{}, Config{}, name)
-	e.m.cfg.dnsCheckTimeout = 200 * time.Millisecond
+	e.m.hooks.dnsCheckTimeout = 200 * time.Millisecond
 	e.m.dns.timeout = 5 * time.Second // one query outlives the whole check
 	e.DNS.SetSilent(name, true)
 	err := e.m.Provision(context.Background(), name)
@@ -80,7 +80,7 @@ func TestDNSTimeoutIsNoCAFailure(t *testing.T) {
 // TestNewRefusesUnusableDNSConfig: a pre-check that can never pass is an
 // error at New.
 func TestNewRefusesUnusableDNSConfig(t *testing.T) {
-	_, err := New(Config{Autocert: &autocert.Manager{}, KnownIPs: []netip.Addr{{}}, Resolvers: []string{"127.0.0.1:53"}})
+	_, err := New(Config{Autocert: &autocert.Manager{}, DNS: DNSCheck{KnownIPs: []netip.Addr{{}}, Resolvers: []string{"127.0.0.1:53"}}})
 	if err == nil || !strings.HasPrefix(err.Error(), "certmgr: ") {
 		t.Fatalf("New = %v, want an error for the invalid known IP", err)
 	}
@@ -94,7 +94,7 @@ func TestNewRefusesUnusableDNSConfig(t *testing.T) {
 func TestStaleFailuresMakeRoom(t *testing.T) {
 	clock := newFakeClock()
 	m, err := New(Config{Autocert: &autocert.Manager{}, Logger: newTestLogger(&syncBuffer{}),
-		MaxDomains: 3, nowFunc: clock.now, randFunc: func() float64 { return 0 }})
+		MaxDomains: 3, hooks: testHooks{now: clock.now, rand: func() float64 { return 0 }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +129,7 @@ func TestCacheRereadWhileWaiting(t *testing.T) {
 	const name = "shared.test"
 	dir := t.TempDir()
 	e := startEnv(t, pebbletest.Options{}, Config{Autocert: &autocert.Manager{Cache: autocert.DirCache(dir)},
-		cacheRetry: 50 * time.Millisecond}, name)
+		hooks: testHooks{cacheRetry: 50 * time.Millisecond}}, name)
 	e.DNS.SetA(name, "127.0.0.3")
 	current := e.serveCurrent(t)
 	if err := e.m.Provision(context.Background(), name); err == nil {

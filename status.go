@@ -72,9 +72,8 @@ func (m *Manager) Domains() []Status {
 	return out
 }
 
-// statusLocked computes d's status. m.stateMu must be held.
+// statusLocked computes d's status at now. It writes nothing.
 func (m *Manager) statusLocked(d *domain, now time.Time) Status {
-	m.capWaitsLocked(d, now)
 	s := Status{Domain: d.name, Failures: d.fail.Failures, NotAfter: d.notAfter}
 	if !now.Before(s.NotAfter) {
 		s.NotAfter = time.Time{}
@@ -87,16 +86,16 @@ func (m *Manager) statusLocked(d *domain, now time.Time) Status {
 			s.LastError = &AttemptError{Domain: d.name, Detail: detail, Err: errors.New(detail)}
 		}
 	}
-	if now.Before(d.fail.NextAttempt) {
-		s.NextAttempt = d.fail.NextAttempt
+	if next := d.fail.nextAttempt(now, m.cfg.Backoff); now.Before(next) {
+		s.NextAttempt = next
 	}
 	if d.dnsErr != nil {
 		// A renewal the pre-check holds back shows here too.
 		if s.LastError == nil {
 			s.LastError = d.dnsErr
 		}
-		if now.Before(d.dnsNext) {
-			s.NextAttempt = maxTime(s.NextAttempt, d.dnsNext)
+		if next := m.dnsNextLocked(d, now); now.Before(next) {
+			s.NextAttempt = maxTime(s.NextAttempt, next)
 		}
 	}
 	switch {

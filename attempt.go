@@ -1,0 +1,429 @@
+package certmgr
+
+import (
+	"context"
+	"crypto/rsa"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// This file holds the attempt lifecycle: an attempt begins (begin, or
+// admitOrder for autocert's own renewals), runs (the DNS pre-check, then
+// autocert), hears what the CA said through the ACME transport
+// (observed) and the Cache (certStored), and finishes (finish), which
+// records the outcome and wakes the handshakes that wait for it.
+
+// attempt is one ACME attempt for a domain: started by a handshake or
+// Provision (a goroutine runs it) or by autocert's renewal timer (seen
+// only through the ACME traffic).
+type attempt struct {
+	key   certKey // the certificate sought; zero for a renewal
+	path  Path
+	start time.Time
+	done  chan struct{} // closed when cert and err are set
+
+	cert *tls.Certificate
+	err  error
+
+	// What the CA said, from the traffic; guarded by Manager.stateMu.
+	orders      int
+	authzFailed int
+	problem     string
+	challenge   string
+	rateLimited bool
+	retryAfter  time.Time
+}
+
+// obtain returns a certificate for k: from the cache, or from an ACME
+// attempt (started now, or already in flight). It waits for the attempt
+// until ctx ends; the attempt goes on without it.
+func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certificate, error) {
+	d, err := m.domainFor(k.domain)
+	if err != nil {
+		return nil, err
+	}
+	if c, err := m.load(ctx, d, k); c != nil || err != nil {
+		return c, err
+	}
+	// An attempt in flight may be for the other key type (or a renewal):
+	// once it ends, look again, and start one for k if it is still needed.
+	for range 2 {
+		a, err := m.begin(d, k, path)
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case <-a.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if a.err != nil {
+			return nil, a.err
+		}
+		if a.key == k {
+			return a.cert, nil
+		}
+		if c := m.servedCert(k); c != nil {
+			return c, nil
+		}
+	}
+	return nil, fmt.Errorf("certmgr: %s: no certificate for this key type yet", k.domain)
+}
+
+// load returns k's certificate from the Cache the first time the domain
+// is used in this process, or nil. A certificate found is handed to the
+// domain's autocert.Manager, which then renews it.
+func (m *Manager) load(ctx context.Context, d *domain, k certKey) (*tls.Certificate, error) {
+	m.stateMu.Lock()
+	done := m.loadedLocked(d, k, m.now())
+	m.stateMu.Unlock()
+	if done {
+		return nil, nil
+	}
+	// The read is the flight's, not the first caller's: a handshake that
+	// gives up does not fail the others that joined it.
+	ch := m.loads.DoChan(k.cacheKey(), func() (any, error) {
+		ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+		defer cancel()
+		data, err := m.cache.Get(ctx, k.cacheKey())
+		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+			// Unreadable: a valid certificate may be there. Read again next
+			// time rather than order a new one.
+			return nil, err
+		}
+		m.stateMu.Lock()
+		d.loadedAt[b2i(k.rsa)] = m.now()
+		m.stateMu.Unlock()
+		if err != nil {
+			return nil, nil // a miss
+		}
+		if _, err := parseCert(k, data, m.now()); err != nil {
+			return nil, nil // expired or unusable: an attempt replaces it
+		}
+		m.stateMu.Lock()
+		d.loading++ // the autocert.Manager reads the cache; it must not order
+		m.stateMu.Unlock()
+		c, err := m.fetch(d, k)
+		m.stateMu.Lock()
+		d.loading--
+		m.stateMu.Unlock()
+		if err != nil {
+			return nil, nil
+		}
+		m.serve(k, c)
+		m.emit(Event{Kind: EventLoaded, Time: m.now(), Domain: k.domain, NotAfter: c.Leaf.NotAfter})
+		return c, nil
+	})
+	select {
+	case r := <-ch:
+		c, _ := r.Val.(*tls.Certificate)
+		return c, r.Err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// begin returns d's attempt in flight, or starts one for k if the
+// domain's schedule, budget and DNS allow it.
+func (m *Manager) begin(d *domain, k certKey, path Path) (*attempt, error) {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d.attempt != nil {
+		return d.attempt, nil
+	}
+	if m.closed.Load() {
+		return nil, errClosed
+	}
+	if err := m.gateLocked(d); err != nil {
+		return nil, err
+	}
+	if m.inFlight >= m.hooks.maxInFlight {
+		return nil, fmt.Errorf("certmgr: %d attempts in flight already; %s waits", m.inFlight, d.name)
+	}
+	a := &attempt{key: k, path: path, start: m.now(), done: make(chan struct{})}
+	d.attempt = a
+	m.inFlight++
+	m.wg.Add(1)
+	go m.run(d, a, k)
+	return a, nil
+}
+
+// run is the goroutine of an attempt started by begin.
+func (m *Manager) run(d *domain, a *attempt, k certKey) {
+	defer m.wg.Done()
+	if m.dns != nil {
+		ctx, cancel := context.WithTimeout(m.ctx, m.hooks.dnsCheckTimeout)
+		err := m.dnsChecked(d, m.dns.check(ctx, d.name))
+		cancel()
+		if err != nil {
+			m.finish(d, a, nil, err)
+			return
+		}
+	}
+	c, err := m.fetch(d, k)
+	m.finish(d, a, c, err)
+}
+
+// fetch asks d's autocert.Manager for the certificate k. autocert keeps
+// serving the certificate in its memory after it expired (its renewals
+// kept failing) without asking the CA: then a new autocert.Manager for
+// the domain is asked, which reads the Cache and orders if need be.
+func (m *Manager) fetch(d *domain, k certKey) (*tls.Certificate, error) {
+	for range 2 {
+		am, err := m.autocertFor(m.ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		c, err := am.GetCertificate(syntheticHello(k))
+		if err != nil || m.now().Before(c.Leaf.NotAfter) {
+			return c, err
+		}
+		m.stateMu.Lock()
+		if d.am == am {
+			d.am = nil
+		}
+		m.stateMu.Unlock()
+	}
+	return nil, fmt.Errorf("certmgr: %s: autocert holds an expired certificate", k.domain)
+}
+
+// dnsChecked records the outcome of d's DNS pre-check and returns its
+// error, wrapping ErrDNSNotReady, or nil. Only changes are logged.
+func (m *Manager) dnsChecked(d *domain, err error) error {
+	now := m.now()
+	var ev []Event
+	m.stateMu.Lock()
+	if err == nil {
+		if d.dnsErr != nil {
+			ev = append(ev, Event{Kind: EventDNSReady, Time: now, Domain: d.name})
+			d.logged = false
+		}
+		d.dnsErr, d.dnsFails, d.dnsNext = nil, 0, time.Time{}
+	} else {
+		if !errors.Is(err, ErrDNSNotReady) {
+			err = fmt.Errorf("%w: %s: %w", ErrDNSNotReady, d.name, err)
+		}
+		d.dnsFails++
+		d.dnsNext = now.Add(m.cfg.DNSRecheck.delay(d.dnsFails, m.hooks.rand()))
+		if d.dnsErr == nil || d.dnsErr.Error() != err.Error() {
+			ev = append(ev, Event{Kind: EventDNSNotReady, Time: now, Domain: d.name, NextAttempt: d.dnsNext, Err: err})
+			d.logged = false
+		}
+		d.dnsErr = err
+	}
+	m.stateMu.Unlock()
+	m.emit(ev...)
+	return err
+}
+
+// finish records the outcome of attempt a of d and wakes its waiters.
+// An attempt that failed for certmgr's own reasons (Close, DNS, a local
+// refusal) spends nothing and does not move the schedule.
+func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error) {
+	now := m.now()
+	var events []Event
+	m.stateMu.Lock()
+	if d.attempt != a {
+		m.stateMu.Unlock()
+		return // already finished
+	}
+	d.attempt = nil
+	if a.path != PathRenewal {
+		m.inFlight--
+	}
+	attemptNo := d.fail.Failures + 1
+	var cacheErr *cacheError
+	local := m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
+		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)
+	switch {
+	case err == nil:
+		kind := EventObtained
+		if a.path == PathRenewal {
+			kind = EventRenewed
+		}
+		d.fail.succeed(now)
+		d.lastErr = nil
+		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
+		if a.path == PathRenewal {
+			d.renewed = now
+		}
+		d.logged = false
+		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
+			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
+	case local:
+		if cacheErr != nil {
+			// The Cache cannot be read: no attempt until it may work again,
+			// lest a certificate that is there be ordered anew.
+			d.localNext = now.Add(m.hooks.cacheRetry)
+		}
+	default:
+		if a.problem != "" {
+			err = &AttemptError{Domain: d.name, Detail: a.problem, Err: err}
+		} else {
+			err = &AttemptError{Domain: d.name, Err: err}
+		}
+		retryAfter := a.retryAfter
+		var ae *acme.Error
+		if errors.As(err, &ae) {
+			// The CA's Retry-After, whatever request carried it (a 503 on
+			// the account, say, which the observer cannot tie to a domain).
+			if ae.Header != nil {
+				retryAfter = maxTime(retryAfter, parseRetryAfter(ae.Header.Get("Retry-After"), ae.Detail, now))
+			}
+			if _, ok := acme.RateLimit(ae); ok {
+				a.rateLimited = true
+			}
+		}
+		spent := 0
+		if a.orders > 0 || a.authzFailed > 0 {
+			spent = max(m.cost(), a.authzFailed)
+		}
+		d.fail.fail(now, err.Error(), spent, m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, m.hooks.rand())
+		d.lastErr = err
+		d.logged = false
+		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
+			d.am = nil // drop autocert's failed state with it; the next attempt starts afresh
+			d.loadedAt = [2]time.Time{}
+		}
+		events = append(events, Event{Kind: EventFailed, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
+			Attempt: attemptNo, Duration: now.Sub(a.start), Err: err})
+		if a.rateLimited {
+			events = append(events, Event{Kind: EventRateLimited, Time: now, Domain: d.name, Path: a.path, NextAttempt: d.fail.NextAttempt, Err: err})
+		} else {
+			events = append(events, Event{Kind: EventBackoff, Time: now, Domain: d.name, Path: a.path, Attempt: attemptNo, NextAttempt: d.fail.NextAttempt})
+		}
+	}
+	a.cert, a.err = cert, err
+	persist := err == nil || !local
+	m.stateMu.Unlock()
+	m.obs.forget(d.name)
+	if cert != nil {
+		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
+	}
+	if persist {
+		m.saveState() // before waking the waiters: what they see is stored
+	}
+	m.emit(events...) // and logged
+	close(a.done)
+}
+
+func isRSA(c *tls.Certificate) bool {
+	_, ok := c.PrivateKey.(*rsa.PrivateKey)
+	return ok
+}
+
+// admitOrder is asked by the ACME transport before every new order. An
+// order inside an attempt certmgr started passes; any other is a renewal
+// by autocert's own timer, which must pass the same schedule, budget and
+// DNS pre-check as any attempt.
+func (m *Manager) admitOrder(req *http.Request, name string) error {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	var err error
+	switch {
+	case d == nil:
+		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	case sender(req) != d.am:
+		// An autocert.Manager certmgr replaced: its renewal timer lives on.
+		err = fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
+	case d.loading > 0:
+		err = errLoading
+	}
+	for err == nil && d.attempt != nil {
+		a := d.attempt
+		if a.path != PathRenewal || m.now().Sub(a.start) < m.hooks.renewalMaxAge {
+			m.stateMu.Unlock()
+			return nil // an order of the attempt in flight
+		}
+		m.stateMu.Unlock()
+		m.finish(d, a, nil, errors.New("certmgr: renewal gave no outcome"))
+		m.stateMu.Lock() // and look again: another attempt may have begun
+	}
+	if err == nil {
+		err = m.gateLocked(d)
+	}
+	if age := m.now().Sub(d.renewed); err == nil && !d.renewed.IsZero() && age >= 0 && age < d.lifetime/4 {
+		// autocert renews again at once when RenewBefore exceeds the
+		// certificate's lifetime; this keeps that from looping, and from
+		// spending the CA's limit on duplicate certificates.
+		err = fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
+	}
+	if err != nil {
+		m.stateMu.Unlock()
+		m.refusedOrders.Add(1)
+		return err
+	}
+	a := &attempt{path: PathRenewal, start: m.now(), done: make(chan struct{})}
+	d.attempt = a
+	m.stateMu.Unlock()
+	if m.dns != nil {
+		ctx, cancel := context.WithTimeout(req.Context(), m.hooks.dnsCheckTimeout)
+		err := m.dnsChecked(d, m.dns.check(ctx, name))
+		cancel()
+		if err != nil {
+			m.finish(d, a, nil, err)
+			return err
+		}
+	}
+	return nil
+}
+
+// observed records what the CA said about name's attempt in flight. A
+// renewal ends here when the CA refused it or every challenge type failed.
+func (m *Manager) observed(name string, ob observation) {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	if d == nil || d.attempt == nil {
+		m.stateMu.Unlock()
+		return
+	}
+	a := d.attempt
+	if ob.order {
+		a.orders++
+	}
+	if ob.authzFailed {
+		a.authzFailed++
+	}
+	if ob.problem != "" {
+		a.problem = ob.problem
+	}
+	if ob.challenge != "" {
+		a.challenge = ob.challenge
+	}
+	a.rateLimited = a.rateLimited || ob.rateLimited
+	a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
+	end := a.path == PathRenewal && (ob.rateLimited || ob.refused || a.authzFailed >= m.cost())
+	problem := a.problem
+	m.stateMu.Unlock()
+	if end {
+		m.finish(d, a, nil, errors.New(problem))
+	}
+}
+
+// certStored is called for every certificate written to the Cache:
+// autocert's first issuance and its renewals. The new certificate is
+// served from the next handshake on; a renewal in flight ends with it.
+func (m *Manager) certStored(key string, data []byte) {
+	k := certKeyOf(key)
+	c, err := parseCert(k, data, m.now())
+	if err != nil {
+		return
+	}
+	m.serve(k, c)
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	var a *attempt
+	if d != nil && d.attempt != nil && d.attempt.path == PathRenewal {
+		a = d.attempt
+	}
+	m.stateMu.Unlock()
+	if a != nil {
+		m.finish(d, a, c, nil)
+	}
+}

@@ -1,0 +1,229 @@
+package certmgr
+
+import (
+	"context"
+	"crypto"
+	"fmt"
+	"net/http"
+	"time"
+
+	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// This file holds the domain table: what certmgr knows of each name, how
+// a domain is created and dropped to make room, when it may start an
+// attempt, and its autocert.Manager.
+
+// domain is what certmgr knows of one normalised name. Its fields are
+// guarded by Manager.stateMu.
+type domain struct {
+	name      string
+	fail      failureRecord
+	lastErr   error             // the last failure, as returned (not persisted)
+	attempt   *attempt          // in flight, or nil
+	am        *autocert.Manager // this domain's autocert; nil until needed
+	loading   int               // loads reading the cache through am: no order may start
+	loadedAt  [2]time.Time      // when the cache was last read for the ECDSA [0] and RSA [1] key
+	notAfter  time.Time         // expiry of the newest certificate served
+	lifetime  time.Duration     // of the newest certificate served
+	renewed   time.Time         // when a renewal last succeeded in this process
+	dnsErr    error             // the failed pre-check, nil when it passed
+	dnsFails  int               // consecutive failed pre-checks
+	dnsNext   time.Time         // next pre-check
+	localNext time.Time         // no attempt before this: the Cache could not be read
+	logged    bool              // a fallback was logged since the last change
+}
+
+// domainFor returns the domain of name, creating it if needed. When
+// MaxDomains are tracked, it makes room by dropping the oldest idle
+// domain (see idleLocked), and fails when there is none among the first
+// few.
+func (m *Manager) domainFor(name string) (*domain, error) {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil {
+		return d, nil
+	}
+	if len(m.domains) >= m.cfg.MaxDomains && !m.makeRoomLocked() {
+		return nil, fmt.Errorf("certmgr: tracking %d domains already; %s not added", len(m.domains), name)
+	}
+	d := &domain{name: name}
+	m.domains[name] = d
+	m.queue = append(m.queue, name)
+	return d, nil
+}
+
+// makeRoomLocked drops one idle domain, looking at a few of the oldest.
+// Those it keeps go to the back of the queue.
+func (m *Manager) makeRoomLocked() bool {
+	now := m.now()
+	for range 16 {
+		if len(m.queue) == 0 {
+			return false
+		}
+		name := m.queue[0]
+		m.queue = m.queue[1:]
+		d := m.domains[name]
+		if d == nil {
+			continue // already gone
+		}
+		if m.idleLocked(d, now) {
+			delete(m.domains, name)
+			m.unserveLocked(name)
+			return true
+		}
+		m.queue = append(m.queue, name)
+	}
+	return false
+}
+
+// idleLocked reports whether d may be dropped to make room: no attempt,
+// no certificate, no autocert.Manager, and nothing it waits for (its
+// backoff, the CA's Retry-After and its spent authorizations are over).
+// A name that keeps failing is forgotten then, like one never seen; a
+// domain that waits is kept, so that no flood of names can lift its
+// backoff.
+func (m *Manager) idleLocked(d *domain, now time.Time) bool {
+	return d.attempt == nil && d.am == nil && !now.Before(d.notAfter) &&
+		!m.waitingLocked(d, now) && d.fail.spentSince(now.Add(-budgetWindow)) == 0
+}
+
+// gateLocked returns why no attempt may start for d now, or nil.
+func (m *Manager) gateLocked(d *domain) error {
+	now := m.now()
+	if !m.waitingLocked(d, now) {
+		return nil
+	}
+	if next := d.fail.nextAttempt(now, m.cfg.Backoff); now.Before(next) {
+		return fmt.Errorf("%w: %s: next attempt at %s after %d failure(s): %s", ErrBackoff, d.name,
+			next.UTC().Format(time.RFC3339), d.fail.Failures, d.fail.LastError)
+	}
+	if t := d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget); t.After(now) {
+		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	if next := m.localNextLocked(d, now); now.Before(next) {
+		return fmt.Errorf("%w: %s: the cache could not be read; next attempt at %s", ErrBackoff, d.name, next.UTC().Format(time.RFC3339))
+	}
+	return d.dnsErr
+}
+
+// waitingLocked reports whether d may start no attempt at now: the
+// schedule, the failed-authorization budget, the DNS recheck or the wait
+// for the Cache is not due. It does not allocate.
+func (m *Manager) waitingLocked(d *domain, now time.Time) bool {
+	m.capWaitsLocked(d, now)
+	return now.Before(d.fail.nextAttempt(now, m.cfg.Backoff)) ||
+		d.fail.budgetFree(now, m.cost(), m.cfg.AuthzBudget).After(now) ||
+		(d.dnsErr != nil && now.Before(m.dnsNextLocked(d, now))) ||
+		now.Before(m.localNextLocked(d, now))
+}
+
+// capWaitsLocked cuts d's waits to what they are when bounded against now
+// (see nextAttempt, dnsNextLocked and localNextLocked), so that after the
+// clock went back, or for a record from a far future, the bound holds
+// from now on and does not move with the clock. Status computes the same
+// bounds without writing them.
+func (m *Manager) capWaitsLocked(d *domain, now time.Time) {
+	d.fail.NextAttempt = d.fail.nextAttempt(now, m.cfg.Backoff)
+	d.fail.RetryAfter = minTime(d.fail.RetryAfter, now.Add(maxRetryAfter))
+	d.dnsNext = m.dnsNextLocked(d, now)
+	d.localNext = m.localNextLocked(d, now)
+}
+
+// dnsNextLocked returns d's next DNS pre-check, at most the longest wait
+// of the DNSRecheck schedule from now.
+func (m *Manager) dnsNextLocked(d *domain, now time.Time) time.Time {
+	return minTime(d.dnsNext, now.Add(m.cfg.DNSRecheck.longest()))
+}
+
+// localNextLocked returns when d may try the Cache again, at most
+// cacheRetry from now.
+func (m *Manager) localNextLocked(d *domain, now time.Time) time.Time {
+	return minTime(d.localNext, now.Add(m.hooks.cacheRetry))
+}
+
+// cost is how many authorizations one attempt can fail: one per
+// challenge type autocert tries.
+func (m *Manager) cost() int {
+	if m.http01.Load() {
+		return 2
+	}
+	return 1
+}
+
+// autocertFor returns d's autocert.Manager, creating it if needed.
+func (m *Manager) autocertFor(ctx context.Context, d *domain) (*autocert.Manager, error) {
+	m.stateMu.Lock()
+	am := d.am
+	m.stateMu.Unlock()
+	if am != nil {
+		return am, nil
+	}
+	key, err := m.accountKey(ctx)
+	if err != nil {
+		return nil, err
+	}
+	http01 := m.http01.Load()
+	am = m.newAutocert(key) // outside stateMu: it calls into autocert
+	m.stateMu.Lock()
+	if d.am == nil {
+		d.am = am
+	}
+	am = d.am
+	m.stateMu.Unlock()
+	if !http01 && m.http01.Load() {
+		am.HTTPHandler(nil) // HTTPHandler was called meanwhile and may have missed it
+	}
+	return am, nil
+}
+
+// autocertOf returns the autocert.Manager of name, or the base one.
+func (m *Manager) autocertOf(name string) *autocert.Manager {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil && d.am != nil {
+		return d.am
+	}
+	return m.base
+}
+
+// newAutocert returns an autocert.Manager with the user's settings that
+// writes through certmgr's cache and talks to the CA with account key
+// through certmgr's observer. Each gets a client of its own whose
+// requests carry the Manager, so that the observer refuses orders from
+// one that is no longer its domain's (its renewal timers cannot be
+// stopped).
+func (m *Manager) newAutocert(key crypto.Signer) *autocert.Manager {
+	u := m.cfg.Autocert
+	am := &autocert.Manager{
+		Prompt:                 u.Prompt,
+		Cache:                  m.cache,
+		HostPolicy:             u.HostPolicy,
+		RenewBefore:            u.RenewBefore,
+		Email:                  u.Email,
+		ExtraExtensions:        u.ExtraExtensions,
+		ExternalAccountBinding: u.ExternalAccountBinding,
+	}
+	httpClient := &http.Client{Transport: senderTransport{am: am, next: m.obs}}
+	if t := m.client.HTTPClient; t != nil {
+		httpClient.Timeout = t.Timeout
+		httpClient.CheckRedirect = t.CheckRedirect
+		httpClient.Jar = t.Jar
+	}
+	am.Client = &acme.Client{
+		Key:          key,
+		HTTPClient:   httpClient,
+		DirectoryURL: m.client.DirectoryURL,
+		RetryBackoff: m.client.RetryBackoff,
+		UserAgent:    m.client.UserAgent,
+		KID:          m.client.KID,
+	}
+	if am.Prompt == nil {
+		am.Prompt = autocert.AcceptTOS
+	}
+	if m.http01.Load() {
+		am.HTTPHandler(nil) // let autocert try http-01 too
+	}
+	return am
+}
