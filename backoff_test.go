@@ -37,7 +37,7 @@ func TestBackoffDelays(t *testing.T) {
 
 func TestBudgetFree(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	f := failureRecord{Spends: []spend{{t0, 2}, {t0.Add(time.Minute), 2}}}
+	f := failureRecord{Spends: []spend{{At: t0, Authz: 2}, {At: t0.Add(time.Minute), Authz: 2}}}
 	if got := f.budgetFree(t0.Add(2*time.Minute), 1, 4); !got.Equal(t0.Add(time.Hour)) {
 		t.Errorf("budgetFree = %v, want when the first spend leaves the window (%v)", got, t0.Add(time.Hour))
 	}
@@ -79,14 +79,31 @@ func TestScheduleKeepsBudget(t *testing.T) {
 			if http01 {
 				cost = 2
 			}
+			// One order: admitted (its authorization reserved) or refused,
+			// then its authorization fails.
+			order := func() bool {
+				id, err := m.admitOrder(req, name)
+				if err != nil {
+					return false
+				}
+				m.observed(name, observation{reservation: id, order: true})
+				m.observed(name, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
+				spends = append(spends, clock.now())
+				return true
+			}
 			if i%2 == 0 {
-				// A renewal by autocert's timer: the order is admitted or refused.
-				if m.admitOrder(req, name) == nil {
-					m.observed(name, observation{order: true})
-					for range cost {
-						m.observed(name, observation{authzFailed: true, problem: "Connection refused"})
-						spends = append(spends, clock.now())
+				// A renewal by autocert's timer: its orders are admitted or
+				// refused; it ends once every challenge type failed.
+				for range cost {
+					if !order() {
+						break
 					}
+				}
+				m.stateMu.Lock()
+				a := d.attempt
+				m.stateMu.Unlock()
+				if a != nil {
+					m.finish(d, a, nil, errors.New("acme/autocert: renewal failed"))
 				}
 			} else {
 				// A handshake: begin's gate, then a failed attempt.
@@ -94,16 +111,18 @@ func TestScheduleKeepsBudget(t *testing.T) {
 				gate := m.gateLocked(d)
 				var a *attempt
 				if gate == nil {
-					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{}), orders: cost, authzFailed: cost}
+					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
 					d.attempt = a
 					m.inFlight++
 				}
 				m.stateMu.Unlock()
 				if gate == nil {
-					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
 					for range cost {
-						spends = append(spends, clock.now())
+						if !order() {
+							break
+						}
 					}
+					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
 				} else if !errors.Is(gate, ErrBackoff) {
 					t.Fatalf("gate: %v", gate)
 				}
@@ -150,7 +169,7 @@ func offsets(ts []time.Time, start time.Time) []time.Duration {
 func TestFailureRecordRetryKeepsRetryAfter(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var f failureRecord
-	f.fail(t0, "rate limited", 1, 1, 4, defaultBackoff, t0.Add(time.Hour), 0)
+	f.fail(t0, "rate limited", 1, 4, defaultBackoff, t0.Add(time.Hour), 0)
 	if !f.NextAttempt.Equal(t0.Add(time.Hour)) {
 		t.Fatalf("NextAttempt = %v, want the CA's Retry-After", f.NextAttempt)
 	}

@@ -4,9 +4,12 @@ import (
 	"cmp"
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	mathrand "math/rand/v2"
 	"net/http"
@@ -91,6 +94,13 @@ type Config struct {
 	// zero, 1,024.
 	MaxFallbacks int
 
+	// OrderBudget is the most new orders the ACME account may make in any
+	// rolling 3 hours, renewals included; an order beyond it is refused
+	// locally and logged. It keeps a flood of names a permissive HostPolicy
+	// allows from spending the CA's limit (Let's Encrypt allows 300 per
+	// account per 3 hours). If zero, 150.
+	OrderBudget int
+
 	hooks testHooks
 }
 
@@ -145,8 +155,8 @@ func (h testHooks) withDefaults() testHooks {
 // never held around autocert.
 //
 // The helpers have leaf locks that are never held while another lock is
-// taken or a call goes out: acmeObserver.authzMu, certCache.pendingMu,
-// fallbackStore.certsMu and dnsChecker.cacheMu.
+// taken or a call goes out: acmeObserver.urlsMu, certCache.pendingMu,
+// fallbackStore.certsMu, dnsChecker.cacheMu and limiter.lastMu.
 type Manager struct {
 	cfg       Config    // defaults applied
 	hooks     testHooks // defaults applied
@@ -161,14 +171,25 @@ type Manager struct {
 	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
 	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
 	loads     singleflight.Group
-	http01    atomic.Bool // HTTPHandler was called: attempts may try http-01
+	http01    atomic.Bool   // HTTPHandler was called: attempts may try http-01
+	idPrefix  string        // of reservation IDs: unique to this Manager
+	nextID    atomic.Uint64 // of reservation IDs
+	limits    limiter       // of repeated warnings
 
 	persistMu sync.Mutex // serialises saveState's writes
 
 	stateMu  sync.Mutex
 	domains  map[string]*domain
-	queue    []string // domain names, oldest first: where room is made
-	inFlight int      // attempts running in goroutines
+	queue    []string    // domain names, oldest first: where room is made
+	inFlight int         // attempts running in goroutines
+	orders   []time.Time // the account's new orders in the last orderWindow, oldest first
+	// dormant holds persisted records of names not in domains (the
+	// HostPolicy refused them, or failed): written back as they are, and
+	// taken up if the name comes back.
+	dormant map[string]failureRecord
+	// stateUnread is set while the persisted records could not be read:
+	// no order is made and no record written until they are.
+	stateUnread bool
 
 	servedMu sync.RWMutex
 	served   map[certKey]*tls.Certificate // valid certificates, by name and key type
@@ -192,8 +213,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Autocert == nil {
 		return nil, errors.New("certmgr: Config.Autocert is nil; it is required")
 	}
-	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 {
-		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains or MaxFallbacks")
+	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 || cfg.OrderBudget < 0 {
+		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains, MaxFallbacks or OrderBudget")
 	}
 	if cfg.AuthzBudget == 1 {
 		// An attempt may fail two authorizations (tls-alpn-01, then http-01).
@@ -206,6 +227,7 @@ func New(cfg Config) (*Manager, error) {
 		timeout: cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout),
 		served:  make(map[certKey]*tls.Certificate),
 		domains: make(map[string]*domain),
+		dormant: make(map[string]failureRecord),
 	}
 	m.now = m.hooks.now
 	m.cfg.Backoff = cfg.Backoff.withDefaults(defaultBackoff)
@@ -213,6 +235,10 @@ func New(cfg Config) (*Manager, error) {
 	m.cfg.AuthzBudget = cmp.Or(cfg.AuthzBudget, 4)
 	m.cfg.MaxDomains = cmp.Or(cfg.MaxDomains, 10000)
 	m.cfg.MaxFallbacks = cmp.Or(cfg.MaxFallbacks, 1024)
+	m.cfg.OrderBudget = cmp.Or(cfg.OrderBudget, 150)
+	var nonce [6]byte
+	rand.Read(nonce[:])
+	m.idPrefix = base64.RawURLEncoding.EncodeToString(nonce[:]) + "-"
 
 	user := cfg.Autocert.Client
 	if user == nil {
@@ -301,6 +327,7 @@ func (m *Manager) Close() error {
 		m.stateMu.Unlock()
 		m.cancel()
 		m.wg.Wait()
+		m.endRenewals()
 		// A last try at the writes that failed: what was obtained must
 		// not be lost at a graceful restart.
 		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
@@ -370,10 +397,40 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 	return nil
 }
 
-// cacheFailed reports a Cache failure of op on key as an event.
+// endRenewals ends the renewals in flight, which run in autocert's own
+// goroutines: their requests were refused since Close began.
+func (m *Manager) endRenewals() {
+	type pair struct {
+		d *domain
+		a *attempt
+	}
+	var renewals []pair
+	m.stateMu.Lock()
+	for _, d := range m.domains {
+		if d.attempt != nil && d.attempt.path == PathRenewal {
+			renewals = append(renewals, pair{d, d.attempt})
+		}
+	}
+	m.stateMu.Unlock()
+	for _, r := range renewals {
+		m.finish(r.d, r.a, nil, errClosed)
+	}
+}
+
+// cacheFailed reports a Cache failure of op on key as an event, at most
+// once a minute for each cause: a remote client can make autocert look up
+// keys of its choosing.
 func (m *Manager) cacheFailed(op, key string, err error) {
 	if m.closed.Load() {
 		return // autocert's renewal timers outlive Close; they are not news
+	}
+	cause := err.Error()
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		cause = pe.Op + ": " + pe.Err.Error() // the same failure whatever the key
+	}
+	if !m.limits.allow("cache "+op+": "+cause, m.now()) {
+		return
 	}
 	ev := Event{Kind: EventCacheError, Time: m.now(), Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)}
 	if isCertKey(key) {

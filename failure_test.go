@@ -85,9 +85,9 @@ func TestFailingValidationOneAttempt(t *testing.T) {
 	// What the observer tracked for the attempt is gone with it, even
 	// after autocert's detached work fetched the authorizations again.
 	waitDetached(t)
-	e.m.obs.authzMu.Lock()
-	tracked := len(e.m.obs.authz) + len(e.m.obs.byName) + len(e.m.obs.failed)
-	e.m.obs.authzMu.Unlock()
+	e.m.obs.urlsMu.Lock()
+	tracked := len(e.m.obs.urls) + len(e.m.obs.byName) + len(e.m.obs.failed)
+	e.m.obs.urlsMu.Unlock()
 	if tracked != 0 {
 		t.Errorf("the ACME observer still tracks %d entries", tracked)
 	}

@@ -300,7 +300,7 @@ func persisted(t *testing.T, cache autocert.Cache) map[string]failureRecord {
 	if err != nil {
 		t.Fatalf("reading the persisted state: %v", err)
 	}
-	recs, bad, err := decodeState(data)
+	recs, bad, err := decodeState(data, time.Now())
 	if err != nil || len(bad) > 0 {
 		t.Fatalf("persisted state unreadable: %v %v", err, bad)
 	}
@@ -1049,8 +1049,10 @@ func TestFaultCacheCorruptState(t *testing.T) {
 
 // TestFaultCloseDuringAttempt: Close while the CA holds a request of an
 // attempt (its new order, or its finalization once the order exists)
-// returns at once, leaves no goroutine, records no failure and spends no
-// budget; certificates obtained are still served.
+// returns at once, leaves no goroutine and records no failure; an order
+// sent without an answer keeps its reservation in the budget (the CA may
+// have made it), one whose authorization was seen valid spends nothing;
+// certificates obtained are still served.
 func TestFaultCloseDuringAttempt(t *testing.T) {
 	for _, held := range []pebbletest.Class{pebbletest.ClassNewOrder, pebbletest.ClassFinalize} {
 		t.Run(held.String(), func(t *testing.T) {
@@ -1074,11 +1076,15 @@ func TestFaultCloseDuringAttempt(t *testing.T) {
 			if st := m.Status(name); st.State != StateNone || st.Failures != 0 {
 				t.Errorf("Status after Close = %+v, want none: Close is no failure of the domain", st)
 			}
-			if rec := failureOf(m, name); len(rec.Spends) != 0 {
-				t.Errorf("Close spent budget: %+v", rec.Spends)
+			wantSpent := 0
+			if held == pebbletest.ClassNewOrder {
+				wantSpent = 1
 			}
-			if rec, ok := persisted(t, f.cache)[name]; ok && !rec.empty(time.Now()) {
-				t.Errorf("Close persisted a failure: %+v", rec)
+			if rec := failureOf(m, name); rec.spentSince(time.Now().Add(-budgetWindow), time.Now()) != wantSpent {
+				t.Errorf("after Close the budget holds %+v, want %d authorization(s) spent", rec.Spends, wantSpent)
+			}
+			if rec := persisted(t, f.cache)[name]; rec.Failures != 0 || rec.spentSince(time.Now().Add(-budgetWindow), time.Now()) != wantSpent {
+				t.Errorf("Close persisted %+v, want no failure and %d authorization(s) spent", rec, wantSpent)
 			}
 			f.checkKept(t)
 			f.expectFallback(t, after)

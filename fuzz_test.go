@@ -170,6 +170,21 @@ func fuzzCheckRecord(t *testing.T, name string, r failureRecord) {
 	if r.Failures < 0 || len(r.Spends) > maxSpends || (r.Failures > 0 && r.NextAttempt.IsZero()) {
 		t.Errorf("decoded an inconsistent record for %q: %+v", name, r)
 	}
+	// Nothing in a store can push a wait past maxRetryAfter from now, or
+	// date a failure or a spend after now.
+	limit := fuzzNow.Add(maxRetryAfter)
+	if r.NextAttempt.After(limit) || r.RetryAfter.After(limit) || r.LastFailure.After(fuzzNow) {
+		t.Errorf("decoded a record for %q beyond the bounds: %+v", name, r)
+	}
+	for i, s := range r.Spends {
+		if s.Authz < 1 || s.Authz > maxSpendAuthz || s.At.After(fuzzNow) || !s.At.After(fuzzNow.Add(-budgetWindow)) ||
+			i > 0 && s.At.Before(r.Spends[i-1].At) {
+			t.Errorf("decoded a record for %q with spend %d out of bounds or order: %+v", name, i, r.Spends)
+		}
+	}
+	if len(r.LastError) > maxLastError {
+		t.Errorf("decoded a record for %q with a LastError of %d bytes", name, len(r.LastError))
+	}
 }
 
 // fuzzSameRecords reports whether a and b hold the same records; times
@@ -186,7 +201,7 @@ func fuzzSameRecords(a, b map[string]failureRecord) bool {
 			return false
 		}
 		for i := range x.Spends {
-			if !x.Spends[i].At.Equal(y.Spends[i].At) || x.Spends[i].Authz != y.Spends[i].Authz {
+			if !x.Spends[i].At.Equal(y.Spends[i].At) || x.Spends[i].Authz != y.Spends[i].Authz || x.Spends[i].ID != y.Spends[i].ID {
 				return false
 			}
 		}
@@ -220,7 +235,7 @@ func FuzzDecodeState(f *testing.F) {
 	f.Add([]byte(`{"version":2,"domains":{}}`))
 	f.Add([]byte(`{"version":"1","domains":{}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		recs, bad, err := decodeState(data)
+		recs, bad, err := decodeState(data, fuzzNow)
 		var st struct {
 			Version int                        `json:"version"`
 			Domains map[string]json.RawMessage `json:"domains"`
@@ -250,7 +265,7 @@ func FuzzDecodeState(f *testing.F) {
 		if err != nil {
 			t.Fatalf("encodeState of decoded records: %v", err)
 		}
-		recs2, bad2, err := decodeState(again)
+		recs2, bad2, err := decodeState(again, fuzzNow)
 		if err != nil || len(bad2) > 0 {
 			t.Fatalf("decodeState of re-encoded records: %v, bad %v", err, bad2)
 		}
