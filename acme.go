@@ -34,6 +34,7 @@ type acmeObserver struct {
 	timeout time.Duration   // bounds each request, its body included
 	admit   func(req *http.Request, domain string) (reservation string, err error)
 	report  func(domain string, ob observation)
+	account func(uri string) // the account's URI, from the CA's answer to a new-account request
 	closed  func() bool
 
 	urlsMu sync.Mutex
@@ -84,7 +85,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	defer cancel()
 	stop := context.AfterFunc(o.life, cancel)
 	defer stop()
-	domain, newOrder := "", false
+	domain, newOrder, newAccount := "", false, false
 	if req.Method == http.MethodPost && req.Body != nil {
 		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
 		req.Body.Close()
@@ -95,6 +96,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		req.Body = io.NopCloser(bytes.NewReader(body))
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		domain, newOrder = orderIdentifier(body)
+		newAccount = !newOrder && signedWithJWK(body)
 	}
 	if req.Context() != ctx {
 		req = req.WithContext(ctx)
@@ -116,6 +118,9 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		body, err = io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
 		res.Body.Close()
 		res.Body = io.NopCloser(bytes.NewReader(body))
+		if loc := res.Header.Get("Location"); err == nil && newAccount && loc != "" && res.StatusCode < 300 && o.account != nil {
+			o.account(loc)
+		}
 		if err == nil && owner.domain != "" {
 			if ob := o.observe(owner, newOrder, res, body); ob != (observation{}) {
 				if ob.authzFailed && !o.firstFailure(req.URL.String()) {
@@ -269,6 +274,25 @@ func (o *acmeObserver) forget(domain string) {
 		delete(o.failed, u)
 	}
 	delete(o.byName, domain)
+}
+
+// signedWithJWK reports whether a JWS request body carries its key (as a
+// new-account request does) rather than an account's key ID.
+func signedWithJWK(body []byte) bool {
+	var jws struct {
+		Protected string `json:"protected"`
+	}
+	if json.Unmarshal(body, &jws) != nil {
+		return false
+	}
+	protected, err := base64.RawURLEncoding.DecodeString(jws.Protected)
+	if err != nil {
+		return false
+	}
+	var h struct {
+		JWK json.RawMessage `json:"jwk"`
+	}
+	return json.Unmarshal(protected, &h) == nil && len(h.JWK) > 0
 }
 
 // orderIdentifier reads a JWS request body and reports whether it asks

@@ -175,6 +175,7 @@ type Manager struct {
 	idPrefix  string        // of reservation IDs: unique to this Manager
 	nextID    atomic.Uint64 // of reservation IDs
 	limits    limiter       // of repeated warnings
+	account   atomic.Value  // the account's URI (a string), once the CA said it
 
 	persistMu sync.Mutex // serialises saveState's writes
 
@@ -271,6 +272,8 @@ func New(cfg Config) (*Manager, error) {
 			return nil, m.dns.err
 		}
 		m.dns.life = m.ctx
+		m.dns.methods = m.challengeTypes
+		m.dns.account = m.accountURI
 	}
 	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
 	if err != nil {
@@ -292,6 +295,7 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.admit = m.admitOrder
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
+	m.obs.account = func(uri string) { m.account.Store(uri) }
 	m.base = m.newAutocert(nil)
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,
@@ -395,6 +399,20 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 		}
 	}
 	return nil
+}
+
+// challengeTypes returns the validation methods attempts may use.
+func (m *Manager) challengeTypes() []string {
+	if m.http01.Load() {
+		return []string{"tls-alpn-01", "http-01"}
+	}
+	return []string{"tls-alpn-01"}
+}
+
+// accountURI returns the ACME account's URI, or "" until the CA said it.
+func (m *Manager) accountURI() string {
+	uri, _ := m.account.Load().(string)
+	return uri
 }
 
 // endRenewals ends the renewals in flight, which run in autocert's own

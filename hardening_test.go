@@ -15,6 +15,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,6 +26,7 @@ import (
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
+	"github.com/certmgr/certmgr/internal/dnstest"
 	"github.com/certmgr/certmgr/internal/pebbletest"
 )
 
@@ -608,5 +611,57 @@ func TestOrderBudgetBinds(t *testing.T) {
 	}
 	if st := m.Status(names[2]); st.Failures != 0 {
 		t.Errorf("a local refusal counted as the domain's failure: %+v", st)
+	}
+}
+
+// TestCAAParametersChecked: an issue record's accounturi and
+// validationmethods (RFC 8657) must allow this client, as far as it knows
+// its account and methods.
+func TestCAAParametersChecked(t *testing.T) {
+	s := startDNS(t)
+	s.SetA("a.test", "127.0.0.1")
+	const account = "https://ca.test/acct/1"
+	tests := []struct {
+		value   string
+		account string // the client's, "" while unknown
+		ready   bool
+	}{
+		{"ca.test", account, true},
+		{"ca.test; validationmethods=tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01,tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01", account, false},
+		{"ca.test; validationmethods=dns-01", "", false},
+		{"ca.test; accounturi=" + account, account, true},
+		{"ca.test; accounturi=https://ca.test/acct/2", account, false},
+		{"ca.test; accounturi=https://ca.test/acct/2", "", true},
+		{"ca.test; accounturi=" + account + "; validationmethods=http-01", account, false},
+		{"other.ca; accounturi=" + account, account, false},
+	}
+	for _, tt := range tests {
+		s.SetCAA("a.test", dnstest.CAA{Tag: "issue", Value: tt.value})
+		c := newDNSChecker(DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+			Resolvers: []string{s.Addr()}, CAAIdentities: []string{"ca.test"}}, 0, time.Now)
+		c.methods = func() []string { return []string{"tls-alpn-01"} }
+		c.account = func() string { return tt.account }
+		err := c.check(context.Background(), "a.test")
+		if ready := err == nil; ready != tt.ready {
+			t.Errorf("CAA %q with account %q: %v, want ready %v", tt.value, tt.account, err, tt.ready)
+		}
+	}
+}
+
+// TestAccountURIFromCA: the account's URI is what the CA answered to the
+// new-account request.
+func TestAccountURIFromCA(t *testing.T) {
+	const name = "acct.test"
+	e := startEnv(t, pebbletest.Options{}, Config{}, name)
+	e.ServeTLS(t, e.m.TLSConfig(), nil)
+	if err := e.m.Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	uri := e.m.accountURI()
+	dir, _ := url.Parse(e.DirectoryURL)
+	if u, err := url.Parse(uri); err != nil || u.Host != dir.Host || !strings.HasPrefix(u.Path, "/my-account/") {
+		t.Errorf("account URI %q, want the CA's account URL (Pebble: /my-account/ID)", uri)
 	}
 }
