@@ -140,9 +140,10 @@ func (h testHooks) withDefaults() testHooks {
 // A Manager has four mutexes, each declared above what it guards:
 //   - persistMu serialises writes of the persisted state, so that the last
 //     one written is the newest. It is held across that one Cache Put.
-//   - stateMu guards the domain table (domains, queue, inFlight) and every
-//     field of every domain and attempt. A function or method named
-//     ...Locked is called with stateMu held; no other lock is meant.
+//   - stateMu guards the domain table (domains, queue, inFlight, orders,
+//     dormant, stateUnread) and every field of every domain and attempt. A
+//     function or method named ...Locked is called with stateMu held; no
+//     other lock is meant.
 //   - servedMu guards served, the certificates handshakes get.
 //   - accountMu guards key.
 //
@@ -154,8 +155,11 @@ func (h testHooks) withDefaults() testHooks {
 // call Status: so autocert's locks come before stateMu, and stateMu is
 // never held around autocert.
 //
-// The helpers have leaf locks that are never held while another lock is
-// taken or a call goes out: acmeObserver.urlsMu, certCache.pendingMu,
+// The Cache wrapper (certCache) holds one lock per key being written
+// across that write, so that the newest write of a key lands last;
+// persistMu comes before the state key's. The helpers' other locks are
+// leaves, never held while another lock is taken or a call goes out:
+// acmeObserver.urlsMu, certCache.pendingMu and writersMu,
 // fallbackStore.certsMu, dnsChecker.cacheMu and limiter.lastMu.
 type Manager struct {
 	cfg       Config    // defaults applied
