@@ -263,10 +263,10 @@ func (s *conformance) noLostUpdate(ctx context.Context, a, b Coordinator) {
 	const goroutines, increments = 10, 5
 	key := s.base + "counter"
 	var (
-		wg      sync.WaitGroup
-		errMu   sync.Mutex // guards firstErr and revs
+		wg       sync.WaitGroup
+		errMu    sync.Mutex // guards firstErr and revs
 		firstErr error
-		revs    []int64
+		revs     []int64
 	)
 	fail := func(err error) {
 		errMu.Lock()
