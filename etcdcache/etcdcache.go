@@ -1,0 +1,720 @@
+// Package etcdcache keeps certmgr's certificates, challenge tokens,
+// account key and failure records in etcd, and coordinates the replicas
+// that share them: a Cache is an autocert.Cache and implements
+// certmgr.Coordinator, so that replicas behind one name act as one
+// server.
+//
+// It is a module of its own, so that users of certmgr who do not use
+// etcd do not depend on it.
+//
+// # Keys
+//
+// Under Options.Prefix (P, "/certmgr/" by default) a Cache uses two
+// ranges of keys, and needs read and write permission on P only:
+//
+//   - P+"cache/"+key holds the value of key, for autocert.Cache's Get,
+//     Put and Delete and for Coordinator's GetRevision, PutIf and Watch
+//     alike. A key's revision is its etcd ModRevision.
+//   - P+"locks/"+name+"/"+lease is a replica's entry for the lock name:
+//     that of concurrency.Mutex (the key of etcdctl lock), attached to
+//     the replica's lease, so that the lock is held by the oldest entry
+//     and ends with the lease.
+//
+// # Leases
+//
+// A Cache holds one lease (a concurrency.Session) for all its locks,
+// made at the first Lock and kept alive by the client. When the lease
+// is lost, every lock it held is lost: the lost channels that Lock
+// returned are closed, either when the client reports the lease gone or
+// when no keep-alive has been acknowledged for LeaseTTL less a tenth, so
+// before the server can give the lock to another replica (the client
+// alone may report a loss only twice the TTL after it, when the server
+// is unreachable). The Cache then gives the lease up and the next Lock
+// grants a new one: after an outage of the store, the same Cache resumes
+// without a restart.
+//
+// Goroutines of one process that share a Cache share its lease; a Cache
+// therefore lets one Lock of a name at a time proceed to etcd, and a
+// second Lock of the same name waits for the first's unlock, as one on
+// another replica does.
+package etcdcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// Options configures a Cache. The zero value is usable.
+type Options struct {
+	// Prefix is the prefix of every key the Cache uses, as it is, so it
+	// usually ends with a slash. If empty, "/certmgr/".
+	Prefix string
+
+	// LeaseTTL is how long a dead replica's locks outlive it: how long
+	// after a replica last reached etcd another may take its locks. It
+	// is rounded up to whole seconds, as etcd counts; etcd may raise a
+	// very short one (to 2 s with its default timing). If zero, 15 s.
+	LeaseTTL time.Duration
+}
+
+// Cache is an autocert.Cache in etcd that also implements
+// certmgr.Coordinator. Its methods may be called concurrently.
+type Cache struct {
+	client *clientv3.Client
+	prefix string // Options.Prefix or its default
+	ttl    int64  // the lease's TTL asked for, in seconds
+
+	ctx    context.Context    // ends at Close; parent of the sessions' contexts
+	cancel context.CancelFunc // ends ctx
+
+	wg sync.WaitGroup // session monitors, unlocks and watches; Close waits
+
+	// sessionSem is held while a session is made, so that one is made at
+	// a time; a channel so that waiting for it can end with a context.
+	sessionSem chan struct{}
+
+	mu     sync.Mutex       // guards the fields below, and the sessions' ended and holds and the holds' released
+	closed bool             // Close was called
+	sess   *session         // the current session, or nil
+	names  map[string]*slot // the lock names this process holds or is trying to get
+	stale  []clientv3.LeaseID
+}
+
+// session is a lease of this Cache and the locks held under it.
+type session struct {
+	s      *concurrency.Session
+	ctx    context.Context // ends when the session does: by loss, give-up or Close
+	cancel context.CancelFunc
+	ttl    time.Duration // as granted
+	ended  bool
+	holds  map[*hold]bool
+}
+
+// slot is this process's claim on a lock name: from the Lock that is
+// trying to get it, through the lock's hold, until the lock's entry in
+// etcd is deleted (or its lease lost). Another Lock of the name in this
+// process waits for free to be closed.
+type slot struct {
+	name  string
+	free  chan struct{}
+	freed bool  // free is closed
+	hold  *hold // while the lock is held
+}
+
+// hold is a lock that this process holds.
+type hold struct {
+	slot     *slot
+	sess     *session
+	mutex    *concurrency.Mutex
+	owner    clientv3.Cmp  // true in etcd while the lock is held
+	lost     chan struct{} // closed when released
+	released bool          // by unlock, loss or Close
+}
+
+var errClosed = errors.New("etcdcache: Cache closed")
+
+// New returns a Cache that keeps its data in etcd through client, under
+// opts.Prefix. It does not contact etcd: the lease is granted at the
+// first Lock. The caller keeps ownership of client, and closes it after
+// Cache.Close.
+func New(client *clientv3.Client, opts Options) (*Cache, error) {
+	if client == nil {
+		return nil, errors.New("etcdcache: nil client")
+	}
+	if opts.LeaseTTL < 0 {
+		return nil, fmt.Errorf("etcdcache: negative LeaseTTL %v", opts.LeaseTTL)
+	}
+	if opts.Prefix == "" {
+		opts.Prefix = "/certmgr/"
+	}
+	if opts.LeaseTTL == 0 {
+		opts.LeaseTTL = 15 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Cache{
+		client:     client,
+		prefix:     opts.Prefix,
+		ttl:        int64((opts.LeaseTTL + time.Second - 1) / time.Second),
+		ctx:        ctx,
+		cancel:     cancel,
+		sessionSem: make(chan struct{}, 1),
+		names:      make(map[string]*slot),
+	}, nil
+}
+
+// closeTimeout bounds how long Close and the give-up of a lost lease wait
+// for etcd to revoke a lease.
+const closeTimeout = 5 * time.Second
+
+// Close releases the Cache's locks, closing their lost channels, and
+// revokes its lease, waiting at most 5 seconds for etcd (the lease
+// expires by itself otherwise, and Close reports the error). It ends the
+// Cache's watches and waits for their calls of f to return, so f must
+// not call Close. Lock fails after Close, but the other methods keep
+// working as long as the client does. Close may be called more than
+// once.
+//
+// A Lock that was waiting for an unreachable etcd when its ctx ended may
+// keep a goroutine until etcd answers or the client is closed.
+func (c *Cache) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	s := c.sess
+	c.sess = nil
+	if s != nil {
+		c.endLocked(s)
+	}
+	for _, sl := range c.names {
+		c.freeLocked(sl) // Locks waiting in this process see closed
+	}
+	stale := c.stale
+	c.stale = nil
+	c.mu.Unlock()
+
+	var err error
+	if s != nil {
+		s.cancel() // no more keep-alives
+		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+		if _, rerr := c.client.Revoke(ctx, s.s.Lease()); rerr != nil {
+			err = fmt.Errorf("etcdcache: revoke lease: %w", rerr)
+		}
+		cancel()
+	}
+	c.revoke(stale, closeTimeout)
+	c.cancel()
+	c.wg.Wait()
+	return err
+}
+
+// revoke revokes leases that were given up, for their lock entries to
+// go at once; errors do not matter, the leases expire anyway.
+func (c *Cache) revoke(leases []clientv3.LeaseID, timeout time.Duration) {
+	if len(leases) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	for _, id := range leases {
+		c.client.Revoke(ctx, id)
+	}
+}
+
+// goLocked runs f in a goroutine that Close waits for, unless the Cache
+// is closed; c.mu must be held.
+func (c *Cache) goLocked(f func()) bool {
+	if c.closed {
+		return false
+	}
+	c.wg.Go(f)
+	return true
+}
+
+// margin is how long before its lease's TTL since the last keep-alive
+// acknowledgement a Cache counts the lease as lost: a tenth of the TTL,
+// for the time the acknowledgement took to arrive and for clocks that
+// run at slightly different rates.
+func margin(ttl time.Duration) time.Duration { return ttl / 10 }
+
+// session returns the current session, granting a new lease if there is
+// none.
+func (c *Cache) session(ctx context.Context) (*session, error) {
+	c.mu.Lock()
+	s, closed := c.sess, c.closed
+	c.mu.Unlock()
+	switch {
+	case closed:
+		return nil, errClosed
+	case s != nil:
+		return s, nil
+	}
+	select {
+	case c.sessionSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-c.sessionSem }()
+	c.mu.Lock()
+	s, closed = c.sess, c.closed
+	c.mu.Unlock()
+	switch {
+	case closed:
+		return nil, errClosed
+	case s != nil:
+		return s, nil
+	}
+
+	start := time.Now()
+	grant, err := c.client.Grant(ctx, c.ttl)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("etcdcache: grant lease: %w", err)
+	}
+	sctx, cancel := context.WithCancel(c.ctx)
+	// Two keep-alive streams of one lease: the session's, and this one,
+	// which tells when etcd last acknowledged one.
+	acks, err := c.client.KeepAlive(sctx, grant.ID)
+	var cs *concurrency.Session
+	if err == nil {
+		cs, err = concurrency.NewSession(c.client, concurrency.WithTTL(int(grant.TTL)),
+			concurrency.WithLease(grant.ID), concurrency.WithContext(sctx))
+	}
+	if err != nil {
+		cancel()
+		c.revoke([]clientv3.LeaseID{grant.ID}, closeTimeout)
+		return nil, fmt.Errorf("etcdcache: keep lease alive: %w", err)
+	}
+	ttl := time.Duration(grant.TTL) * time.Second
+	s = &session{s: cs, ctx: sctx, cancel: cancel, ttl: ttl, holds: make(map[*hold]bool)}
+	deadline := start.Add(ttl - margin(ttl))
+
+	c.mu.Lock()
+	if !c.goLocked(func() { c.monitor(s, acks, deadline) }) {
+		c.mu.Unlock()
+		cancel()
+		c.revoke([]clientv3.LeaseID{grant.ID}, closeTimeout)
+		return nil, errClosed
+	}
+	c.sess = s
+	stale := c.stale
+	c.stale = nil
+	c.mu.Unlock()
+	c.revoke(stale, closeTimeout)
+	return s, nil
+}
+
+// monitor ends s when etcd acknowledged no keep-alive for the TTL less
+// the margin, when the client reports the lease lost, or at Close.
+func (c *Cache) monitor(s *session, acks <-chan *clientv3.LeaseKeepAliveResponse, deadline time.Time) {
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+loop:
+	for {
+		select {
+		case ack, ok := <-acks:
+			if !ok {
+				break loop
+			}
+			ttl := time.Duration(ack.TTL) * time.Second
+			timer.Reset(ttl - margin(ttl))
+		case <-s.s.Done():
+			break loop
+		case <-timer.C:
+			break loop
+		case <-s.ctx.Done():
+			break loop
+		}
+	}
+	c.mu.Lock()
+	c.giveUpLocked(s) // and stop keeping it alive
+	closed := c.closed
+	c.mu.Unlock()
+	if !closed { // Close revokes it
+		// Give the lease up now rather than when it expires, if etcd
+		// can be reached.
+		ctx, cancel := context.WithTimeout(c.ctx, s.ttl)
+		_, err := c.client.Revoke(ctx, s.s.Lease())
+		cancel()
+		if err != nil {
+			c.mu.Lock()
+			c.stale = append(c.stale, s.s.Lease())
+			c.mu.Unlock()
+		}
+	}
+}
+
+// giveUpLocked ends s as lost; its monitor then revokes its lease. c.mu
+// must be held.
+func (c *Cache) giveUpLocked(s *session) {
+	if c.sess == s {
+		c.sess = nil
+	}
+	c.endLocked(s)
+}
+
+// endLocked marks s ended and releases its locks. c.mu must be held.
+func (c *Cache) endLocked(s *session) {
+	if s.ended {
+		return
+	}
+	s.ended = true
+	for h := range s.holds {
+		c.releaseLocked(h)
+		c.freeLocked(h.slot) // its entry goes with the lease
+	}
+	s.cancel()
+}
+
+// releaseLocked marks h released and closes its lost; it reports whether
+// h was held. c.mu must be held.
+func (c *Cache) releaseLocked(h *hold) bool {
+	if h.released {
+		return false
+	}
+	h.released = true
+	close(h.lost)
+	delete(h.sess.holds, h)
+	h.slot.hold = nil
+	return true
+}
+
+// freeLocked ends sl's claim on its name. c.mu must be held.
+func (c *Cache) freeLocked(sl *slot) {
+	if sl.freed {
+		return
+	}
+	sl.freed = true
+	close(sl.free)
+	if c.names[sl.name] == sl {
+		delete(c.names, sl.name)
+	}
+}
+
+// claim waits until no other Lock of this process claims name, and
+// claims it.
+func (c *Cache) claim(ctx context.Context, name string) (*slot, error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, errClosed
+		}
+		sl := c.names[name]
+		if sl == nil {
+			sl = &slot{name: name, free: make(chan struct{})}
+			c.names[name] = sl
+			c.mu.Unlock()
+			return sl, nil
+		}
+		free := sl.free
+		c.mu.Unlock()
+		select {
+		case <-free:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// lockResult is the outcome of an attempt to get a lock.
+type lockResult struct {
+	h   *hold
+	err error
+}
+
+// Lock implements certmgr.Coordinator: it blocks until this process
+// holds the lock name, or ctx ends. Waiters on all replicas get the lock
+// in the order they asked etcd for it. The lock ends at unlock, at Close
+// or when the Cache's lease is lost, and then lost is closed (see the
+// package documentation).
+func (c *Cache) Lock(ctx context.Context, name string) (lost <-chan struct{}, unlock func(), err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	sl, err := c.claim(ctx, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	// The attempt runs in a goroutine of its own, which may outlive
+	// this call: concurrency.Mutex.Lock can wait for etcd after ctx
+	// ends, to delete its entry.
+	got := make(chan lockResult)
+	gaveUp := make(chan struct{})
+	go c.acquire(ctx, sl, got, gaveUp)
+	select {
+	case r := <-got:
+		if r.err != nil {
+			return nil, nil, r.err
+		}
+		h := r.h
+		return h.lost, func() { c.unlock(h) }, nil
+	case <-ctx.Done():
+		close(gaveUp)
+		return nil, nil, ctx.Err()
+	}
+}
+
+// acquire gets the lock sl.name in etcd and hands it over on got, or
+// releases it if the caller of Lock gave up meanwhile. It frees sl
+// unless it hands over a lock.
+func (c *Cache) acquire(ctx context.Context, sl *slot, got chan<- lockResult, gaveUp <-chan struct{}) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(c.ctx, cancel)()
+	var r lockResult
+	for {
+		s, err := c.session(ctx)
+		if err != nil {
+			r.err = err
+			break
+		}
+		h, err := c.lockIn(ctx, s, sl)
+		if h != nil {
+			select {
+			case got <- lockResult{h: h}:
+			case <-gaveUp:
+				c.unlock(h)
+			}
+			return
+		}
+		if ctx.Err() != nil {
+			r.err = ctx.Err()
+			if c.ctx.Err() != nil {
+				r.err = errClosed
+			}
+			break
+		}
+		c.mu.Lock()
+		if errors.Is(err, concurrency.ErrSessionExpired) {
+			c.giveUpLocked(s)
+		}
+		ended := s.ended
+		c.mu.Unlock()
+		if !ended {
+			r.err = fmt.Errorf("etcdcache: lock %q: %w", sl.name, err)
+			break
+		}
+		// The lease was lost while waiting: try again with a new one.
+	}
+	c.mu.Lock()
+	c.freeLocked(sl)
+	c.mu.Unlock()
+	select {
+	case got <- r:
+	case <-gaveUp:
+	}
+}
+
+// lockIn gets the lock sl.name with the lease of s, and registers it
+// unless s ended meanwhile.
+func (c *Cache) lockIn(ctx context.Context, s *session, sl *slot) (*hold, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
+	pfx := c.prefix + "locks/" + sl.name
+	m := concurrency.NewMutex(s.s, pfx)
+	err := m.Lock(ctx)
+	if err == nil {
+		c.mu.Lock()
+		closed := c.closed
+		if !s.ended && !closed {
+			h := &hold{slot: sl, sess: s, mutex: m, owner: m.IsOwner(), lost: make(chan struct{})}
+			s.holds[h] = true
+			sl.hold = h
+			c.mu.Unlock()
+			return h, nil
+		}
+		c.mu.Unlock()
+		err = concurrency.ErrSessionExpired
+		if closed {
+			err = errClosed
+		}
+	}
+	// Leave no entry that would block other replicas while this lease
+	// lives. Mutex.Lock deletes it in most cases, not when its Txn
+	// failed after it landed. The key is the Mutex's.
+	c.client.Delete(s.ctx, fmt.Sprintf("%s/%x", pfx, s.s.Lease()))
+	return nil, err
+}
+
+// unlock releases h and deletes its entry in etcd, in the background;
+// another Lock of the same name in this process waits for the delete.
+func (c *Cache) unlock(h *hold) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.releaseLocked(h) {
+		return
+	}
+	if !c.goLocked(func() {
+		h.mutex.Unlock(h.sess.ctx) // ends early if the lease does
+		c.mu.Lock()
+		c.freeLocked(h.slot)
+		c.mu.Unlock()
+	}) {
+		c.freeLocked(h.slot)
+	}
+}
+
+// key returns the etcd key of the Cache's key.
+func (c *Cache) key(key string) string { return c.prefix + "cache/" + key }
+
+// GetRevision implements certmgr.Coordinator: the revision is key's etcd
+// ModRevision.
+func (c *Cache) GetRevision(ctx context.Context, key string) (value []byte, rev int64, err error) {
+	resp, err := c.client.Get(ctx, c.key(key))
+	if err != nil {
+		return nil, 0, fmt.Errorf("etcdcache: get %q: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, 0, autocert.ErrCacheMiss
+	}
+	kv := resp.Kvs[0]
+	return nonNil(kv.Value), kv.ModRevision, nil
+}
+
+func nonNil(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}
+
+// PutIf implements certmgr.Coordinator, in one etcd transaction that
+// compares key's ModRevision with rev and, with a fence, checks that the
+// lock's entry of this Cache is still the one Lock created.
+func (c *Cache) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (newRev int64, ok bool, err error) {
+	k := c.key(key)
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}
+	if fence != "" {
+		c.mu.Lock()
+		var h *hold
+		if sl := c.names[fence]; sl != nil {
+			h = sl.hold
+		}
+		c.mu.Unlock()
+		if h == nil {
+			return 0, false, nil // not held, or lost
+		}
+		cmps = append(cmps, h.owner)
+	}
+	resp, err := c.client.Txn(ctx).If(cmps...).Then(clientv3.OpPut(k, string(value))).Commit()
+	if err != nil {
+		return 0, false, fmt.Errorf("etcdcache: put %q: %w", key, err)
+	}
+	if !resp.Succeeded {
+		return 0, false, nil
+	}
+	return resp.Header.Revision, true, nil
+}
+
+// Get implements autocert.Cache.
+func (c *Cache) Get(ctx context.Context, key string) ([]byte, error) {
+	v, _, err := c.GetRevision(ctx, key)
+	return v, err
+}
+
+// Put implements autocert.Cache: it writes whatever key's revision.
+func (c *Cache) Put(ctx context.Context, key string, data []byte) error {
+	if _, err := c.client.Put(ctx, c.key(key), string(data)); err != nil {
+		return fmt.Errorf("etcdcache: put %q: %w", key, err)
+	}
+	return nil
+}
+
+// Delete implements autocert.Cache.
+func (c *Cache) Delete(ctx context.Context, key string) error {
+	if _, err := c.client.Delete(ctx, c.key(key)); err != nil {
+		return fmt.Errorf("etcdcache: delete %q: %w", key, err)
+	}
+	return nil
+}
+
+// Watch implements certmgr.Coordinator with an etcd watch of the keys
+// under prefix, from the revision current when it is called: every
+// write after that is reported. It runs until ctx ends, the Cache is
+// closed or the client is, in one goroutine per call.
+//
+// When its etcd watch fails (a lost leader, an error), Watch watches
+// again from the revision after the last it reported, so nothing is
+// skipped. If etcd compacted that revision meanwhile, Watch reports the
+// current value of each key written since (a delete meanwhile is then
+// not reported) and goes on from there.
+func (c *Cache) Watch(ctx context.Context, prefix string, f func(key string, value []byte)) error {
+	// Any read gives the current revision.
+	resp, err := c.client.Get(ctx, c.key(prefix), clientv3.WithCountOnly())
+	if err != nil {
+		return fmt.Errorf("etcdcache: watch %q: %w", prefix, err)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.goLocked(func() { c.watch(ctx, prefix, resp.Header.Revision+1, f) }) {
+		return errClosed
+	}
+	return nil
+}
+
+// watch runs Watch's etcd watches from revision next on.
+func (c *Cache) watch(ctx context.Context, prefix string, next int64, f func(key string, value []byte)) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(c.ctx, cancel)()
+	defer context.AfterFunc(c.client.Ctx(), cancel)()
+	ctx = clientv3.WithRequireLeader(ctx)
+	full := c.key(prefix)
+	report := func(kv []byte, value []byte) bool {
+		if ctx.Err() != nil {
+			return false
+		}
+		f(strings.TrimPrefix(string(kv), c.prefix+"cache/"), value)
+		return true
+	}
+	pause := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		wctx, wcancel := context.WithCancel(ctx) // frees this etcd watch
+		wch := c.client.Watch(wctx, full, clientv3.WithPrefix(), clientv3.WithRev(next))
+		for wresp := range wch {
+			if wresp.CompactRevision != 0 {
+				n, ok := c.resync(ctx, full, next, report)
+				if !ok {
+					break
+				}
+				next = n
+				break // and watch from next
+			}
+			if wresp.Err() != nil {
+				break
+			}
+			pause = 50 * time.Millisecond
+			for _, ev := range wresp.Events {
+				value := nonNil(ev.Kv.Value)
+				if ev.Type == clientv3.EventTypeDelete {
+					value = nil
+				}
+				if !report(ev.Kv.Key, value) {
+					wcancel()
+					return
+				}
+				next = ev.Kv.ModRevision + 1
+			}
+		}
+		wcancel()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 2*time.Second)
+	}
+}
+
+// resync reports the current value of every key under full written at
+// revision next or later, oldest first, and returns the revision to
+// watch from.
+func (c *Cache) resync(ctx context.Context, full string, next int64, report func(key, value []byte) bool) (int64, bool) {
+	resp, err := c.client.Get(ctx, full, clientv3.WithPrefix(), clientv3.WithMinModRev(next))
+	if err != nil {
+		return next, false
+	}
+	kvs := resp.Kvs
+	sort.SliceStable(kvs, func(i, j int) bool { return kvs[i].ModRevision < kvs[j].ModRevision })
+	for _, kv := range kvs {
+		if !report(kv.Key, nonNil(kv.Value)) {
+			return next, false
+		}
+	}
+	return resp.Header.Revision + 1, true
+}

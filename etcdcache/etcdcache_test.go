@@ -1,0 +1,648 @@
+package etcdcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/certmgr/certmgr/certmgrtest"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// testTTL is the lease TTL of the tests' Caches: as short as etcd allows
+// with its default timing.
+const testTTL = 2 * time.Second
+
+// etcdServer is an etcd server in this process, on loopback.
+type etcdServer struct {
+	cfg *embed.Config
+	mu  sync.Mutex // guards e
+	e   *embed.Etcd
+}
+
+// freeURL returns an http URL on a loopback port that is free now.
+func freeURL(t *testing.T) url.URL {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return url.URL{Scheme: "http", Host: l.Addr().String()}
+}
+
+// startEtcd starts an etcd server with its data in a temporary
+// directory, and stops it in t's cleanup.
+func startEtcd(t *testing.T) *etcdServer {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "test"
+	cfg.Dir = t.TempDir()
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.UnsafeNoFsync = true
+	cu, pu := freeURL(t), freeURL(t)
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = cfg.Name + "=" + pu.String()
+	s := &etcdServer{cfg: cfg}
+	s.start(t)
+	t.Cleanup(s.stop)
+	return s
+}
+
+func (s *etcdServer) start(t *testing.T) {
+	t.Helper()
+	e, err := embed.StartEtcd(s.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		e.Close()
+		t.Fatal("etcd not ready within 30s")
+	}
+	s.mu.Lock()
+	s.e = e
+	s.mu.Unlock()
+}
+
+func (s *etcdServer) stop() {
+	s.mu.Lock()
+	e := s.e
+	s.e = nil
+	s.mu.Unlock()
+	if e != nil {
+		e.Close()
+	}
+}
+
+func (s *etcdServer) endpoint() string { return s.cfg.AdvertiseClientUrls[0].String() }
+
+// client returns a client of s, closed in t's cleanup.
+func (s *etcdServer) client(t *testing.T) *clientv3.Client {
+	t.Helper()
+	return clientOf(t, s.endpoint())
+}
+
+// clientOf returns a client of the etcd server at endpoint, closed in
+// t's cleanup.
+func clientOf(t *testing.T, endpoint string) *clientv3.Client {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:   []string{endpoint},
+		DialTimeout: 5 * time.Second,
+		Logger:      zap.NewNop(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// newCache returns a Cache on cli, closed in t's cleanup (before cli,
+// cleanups running last first).
+func newCache(t *testing.T, cli *clientv3.Client, prefix string) *Cache {
+	t.Helper()
+	c, err := New(cli, Options{Prefix: prefix, LeaseTTL: testTTL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	return c
+}
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), 50*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestConformance runs certmgrtest's suite with replicas on clients of
+// their own, each through a TCP proxy. A replica is lost when its proxy
+// cuts it off: its client can no longer reach etcd, and its lease
+// expires a TTL after its last keep-alive, as in a partition or a crash.
+// (Closing the client is not a loss: the Cache may still revoke the
+// lease as the client closes.)
+func TestConformance(t *testing.T) {
+	srv := startEtcd(t)
+	var (
+		mu      sync.Mutex // guards proxies
+		proxies = make(map[*Cache]*proxy)
+	)
+	open := func() certmgrtest.Coordinator {
+		p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+		c := newCache(t, clientOf(t, "http://"+p.addr()), "/conformance/")
+		mu.Lock()
+		proxies[c] = p
+		mu.Unlock()
+		return c
+	}
+	lose := func(c certmgrtest.Coordinator) {
+		mu.Lock()
+		p := proxies[c.(*Cache)]
+		mu.Unlock()
+		p.cut()
+		// Let the lost Cache close at once in the cleanup.
+		t.Cleanup(p.heal)
+	}
+	start := time.Now()
+	certmgrtest.CoordinatorConformance(t, open, lose)
+	t.Logf("conformance suite: %v", time.Since(start).Round(time.Millisecond))
+}
+
+// proxy forwards TCP connections to an address until it is cut.
+type proxy struct {
+	l      net.Listener
+	target string
+	mu     sync.Mutex // guards isCut, conns
+	isCut  bool
+	conns  map[net.Conn]bool
+	wg     sync.WaitGroup
+}
+
+// startProxy starts a proxy to target on a loopback port, and closes it
+// in t's cleanup.
+func startProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{l: l, target: target, conns: make(map[net.Conn]bool)}
+	p.wg.Go(p.serve)
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *proxy) addr() string { return p.l.Addr().String() }
+
+func (p *proxy) serve() {
+	for {
+		in, err := p.l.Accept()
+		if err != nil {
+			return
+		}
+		p.wg.Go(func() { p.forward(in) })
+	}
+}
+
+// track adds c to the connections that cut and close close, unless the
+// proxy is cut.
+func (p *proxy) track(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.isCut {
+		c.Close()
+		return false
+	}
+	p.conns[c] = true
+	return true
+}
+
+func (p *proxy) forward(in net.Conn) {
+	if !p.track(in) {
+		return
+	}
+	out, err := net.Dial("tcp", p.target)
+	if err != nil {
+		in.Close()
+		return
+	}
+	if !p.track(out) {
+		in.Close()
+		return
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { io.Copy(out, in); out.Close() })
+	wg.Go(func() { io.Copy(in, out); in.Close() })
+	wg.Wait()
+}
+
+// cut closes every connection, and those accepted until heal.
+func (p *proxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.isCut = true
+	for c := range p.conns {
+		c.Close()
+	}
+	clear(p.conns)
+}
+
+func (p *proxy) heal() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.isCut = false
+}
+
+func (p *proxy) close() {
+	p.l.Close()
+	p.cut()
+	p.wg.Wait()
+}
+
+func TestCache(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	cli := srv.client(t)
+	c := newCache(t, cli, "/a/")
+	other := newCache(t, cli, "/b/")
+	if _, err := c.Get(ctx, "k"); err != autocert.ErrCacheMiss {
+		t.Fatalf("Get of a missing key: %v, want autocert.ErrCacheMiss itself", err)
+	}
+	if err := c.Put(ctx, "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := c.Get(ctx, "k"); err != nil || string(v) != "v" {
+		t.Fatalf("Get = %q, %v; want %q", v, err, "v")
+	}
+	if err := c.Put(ctx, "empty", nil); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := c.Get(ctx, "empty"); err != nil || v == nil || len(v) != 0 {
+		t.Fatalf("Get of an empty value = %#v, %v; want []byte{}", v, err)
+	}
+	if _, err := other.Get(ctx, "k"); err != autocert.ErrCacheMiss {
+		t.Fatalf("Get under another prefix: %v, want autocert.ErrCacheMiss", err)
+	}
+	resp, err := cli.Get(ctx, "/a/cache/k")
+	if err != nil || len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "v" {
+		t.Fatalf("the etcd key /a/cache/k: %v, %v", resp, err)
+	}
+	if err := c.Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, "k"); err != autocert.ErrCacheMiss {
+		t.Fatalf("Get after Delete: %v, want autocert.ErrCacheMiss", err)
+	}
+	if err := c.Delete(ctx, "k"); err != nil {
+		t.Fatalf("Delete of a missing key: %v", err)
+	}
+
+	// The locks' keys.
+	_, unlock, err := c.Lock(ctx, "example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err = cli.Get(ctx, "/a/locks/example.com/", clientv3.WithPrefix())
+	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		t.Fatalf("the lock's etcd key: %v, %v", resp, err)
+	}
+	unlock()
+
+	if _, err := New(nil, Options{}); err == nil {
+		t.Error("New(nil) succeeded")
+	}
+	if _, err := New(cli, Options{LeaseTTL: -time.Second}); err == nil {
+		t.Error("New with a negative LeaseTTL succeeded")
+	}
+	d, err := New(cli, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.prefix != "/certmgr/" || d.ttl != 15 {
+		t.Errorf("defaults: prefix %q, TTL %d s; want /certmgr/, 15 s", d.prefix, d.ttl)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestClose(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	cli := srv.client(t)
+	c := newCache(t, cli, "/close/")
+	lost, _, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-lost:
+	default:
+		t.Fatal("Close did not close lost")
+	}
+	if _, _, err := c.Lock(ctx, "l"); err == nil {
+		t.Fatal("Lock after Close succeeded")
+	}
+	// The lease is revoked: another Cache gets the lock at once.
+	d := newCache(t, cli, "/close/")
+	short, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	_, unlock, err := d.Lock(short, "l")
+	if err != nil {
+		t.Fatalf("Lock after the holder's Close: %v", err)
+	}
+	unlock()
+	if err := c.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+}
+
+// TestRestart stops etcd under a Cache that holds a lock and watches,
+// and starts it again on the same data and URLs: the lock is lost within
+// the TTL, Locks fail meanwhile with their ctx's error, and afterwards
+// the same Cache gets locks (with a new lease) and its watch goes on.
+//
+// The client reaches etcd through a proxy that drops the connections as
+// etcd stops, as a crash would: etcd's own stop waits 7 s for the open
+// watch and keep-alive streams to end.
+func TestRestart(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+	c := newCache(t, clientOf(t, "http://"+p.addr()), "/restart/")
+	var (
+		mu     sync.Mutex // guards events
+		events []string
+	)
+	if err := c.Watch(ctx, "w/", func(key string, value []byte) {
+		mu.Lock()
+		events = append(events, fmt.Sprintf("%s=%s", key, value))
+		mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(ctx, "w/before", []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	lost, unlock, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	rev, ok, err := c.PutIf(ctx, "rec", []byte("1"), 0, "l")
+	if err != nil || !ok {
+		t.Fatalf("fenced PutIf: %v, %v", ok, err)
+	}
+
+	stopping := time.Now()
+	p.cut()
+	srv.stop()
+	stopped := time.Now()
+	t.Logf("etcd stopped in %v", stopped.Sub(stopping).Round(time.Millisecond))
+	select {
+	case <-lost:
+		t.Logf("lost closed %v after etcd stopped (TTL %v)", time.Since(stopped).Round(time.Millisecond), testTTL)
+	case <-time.After(testTTL):
+		t.Fatalf("lost not closed within the TTL, %v, of etcd's stop", testTTL)
+	}
+	if _, ok, _ := c.PutIf(ctx, "rec", []byte("2"), rev, "l"); ok {
+		t.Fatal("a fenced PutIf succeeded after the lock was lost")
+	}
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	if _, _, err := c.Lock(short, "l"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Lock while etcd is down: %v, want context.DeadlineExceeded", err)
+	}
+
+	srv.start(t)
+	p.heal()
+	restarted := time.Now()
+	t.Logf("etcd restarted in %v", restarted.Sub(stopped).Round(time.Millisecond))
+	lost2, unlock2, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatalf("Lock after etcd's restart: %v", err)
+	}
+	defer unlock2()
+	t.Logf("Lock %v after etcd's restart", time.Since(restarted).Round(time.Millisecond))
+	if _, ok, err := c.PutIf(ctx, "rec", []byte("2"), rev, "l"); err != nil || !ok {
+		t.Fatalf("fenced PutIf after the restart: %v, %v", ok, err)
+	}
+	if err := c.Put(ctx, "w/after", []byte("2")); err != nil {
+		t.Fatal(err)
+	}
+	want := "w/before=1 w/after=2"
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		mu.Lock()
+		got := strings.Join(events, " ")
+		mu.Unlock()
+		if got == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("watch reported %q, want %q", got, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case <-lost2:
+		t.Fatal("the new lock is lost")
+	default:
+	}
+}
+
+// TestWatchCompacted compacts the revision a watch would resume from,
+// by cutting the watch off while it is behind.
+func TestWatchCompacted(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	cli := srv.client(t)
+	c := newCache(t, cli, "/compact/")
+	var (
+		mu     sync.Mutex // guards events
+		events []string
+	)
+	// The watch starts at the revision current now...
+	resp, err := cli.Get(ctx, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := resp.Header.Revision + 1
+	for i := range 3 {
+		if err := c.Put(ctx, "w/k", fmt.Appendf(nil, "%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Put(ctx, "w/gone", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, "w/gone"); err != nil {
+		t.Fatal(err)
+	}
+	last, err := cli.Put(ctx, "/compact/cache/w/other", "o")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// ...and everything up to the last write is compacted away.
+	if _, err := cli.Compact(ctx, last.Header.Revision); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.mu.Lock()
+	c.goLocked(func() {
+		c.watch(wctx, "w/", next, func(key string, value []byte) {
+			mu.Lock()
+			events = append(events, fmt.Sprintf("%s=%s", key, value))
+			mu.Unlock()
+		})
+	})
+	c.mu.Unlock()
+	if err := c.Put(ctx, "w/later", []byte("l")); err != nil {
+		t.Fatal(err)
+	}
+	// The current values of the keys written since, then the later
+	// writes; the deleted key is not reported.
+	want := "w/k=2 w/other=o w/later=l"
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		mu.Lock()
+		got := strings.Join(events, " ")
+		mu.Unlock()
+		if got == want {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("watch reported %q, want %q", got, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestSameProcess checks that goroutines sharing a Cache (and so a
+// lease) take turns with a lock, and that a waiting Lock that gives up
+// leaves nothing behind.
+func TestSameProcess(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	c := newCache(t, srv.client(t), "/same/")
+	var (
+		inside, most int
+		mu           sync.Mutex // guards inside, most
+		wg           sync.WaitGroup
+	)
+	for range 20 {
+		wg.Go(func() {
+			for range 3 {
+				_, unlock, err := c.Lock(ctx, "l")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				inside++
+				most = max(most, inside)
+				mu.Unlock()
+				runtime.Gosched()
+				mu.Lock()
+				inside--
+				mu.Unlock()
+				unlock()
+			}
+		})
+	}
+	// Lock calls that give up at once, meanwhile.
+	for range 20 {
+		short, cancel := context.WithTimeout(ctx, time.Millisecond)
+		c.Lock(short, "l")
+		cancel()
+	}
+	wg.Wait()
+	if most != 1 {
+		t.Fatalf("%d goroutines held the lock at once", most)
+	}
+	_, unlock, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+}
+
+// ours lists the goroutines of this package and of the etcd client.
+func ours() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	var found []string
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		if strings.Contains(g, "etcdcache.") && !strings.Contains(g, "etcdcache.TestNoGoroutines") ||
+			strings.Contains(g, "go.etcd.io/etcd/client/v3") && !strings.Contains(g, "etcd/server/v3") {
+			found = append(found, g)
+		}
+	}
+	return found
+}
+
+func TestNoGoroutinesLeft(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	before := len(ours())
+	func() {
+		var caches [2]*Cache
+		for i := range caches {
+			cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.endpoint()}, Logger: zap.NewNop()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cli.Close() // after the Cache's Close
+			c, err := New(cli, Options{Prefix: "/leak/", LeaseTTL: testTTL})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := c.Close(); err != nil {
+					t.Error(err)
+				}
+			}()
+			caches[i] = c
+		}
+		a, b := caches[0], caches[1]
+		if err := a.Watch(ctx, "", func(string, []byte) {}); err != nil {
+			t.Fatal(err)
+		}
+		_, unlock, err := a.Lock(ctx, "l")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A Lock that waits (on b) and one that gives up (on a), an
+		// unlock, and a lock left to Close.
+		time.AfterFunc(100*time.Millisecond, unlock)
+		_, unlockB, err := b.Lock(ctx, "l")
+		if err != nil {
+			t.Fatal(err)
+		}
+		short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		a.Lock(short, "l")
+		unlockB()
+		if _, _, err := a.Lock(ctx, "l2"); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := a.PutIf(ctx, "k", []byte("v"), 0, "l2"); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	var left []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if left = ours(); len(left) <= before {
+			return
+		}
+	}
+	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
+}
