@@ -35,36 +35,17 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/internal/cliflag"
 )
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// resolverList is a repeatable flag of DNS servers; port 53 is the default.
-type resolverList []string
-
-func (l *resolverList) String() string { return strings.Join(*l, ",") }
-
-func (l *resolverList) Set(s string) error {
-	if _, err := netip.ParseAddr(s); err == nil {
-		s = net.JoinHostPort(s, "53")
-	} else if _, err := netip.ParseAddr(strings.Trim(s, "[]")); err == nil {
-		s = net.JoinHostPort(strings.Trim(s, "[]"), "53")
-	}
-	if _, _, err := net.SplitHostPort(s); err != nil {
-		return errors.New("want host:port")
-	}
-	*l = append(*l, s)
-	return nil
-}
-
 // checker holds the command's settings.
 type checker struct {
-	known     cliflag.Addrs
-	resolvers resolverList
-	caaIDs    cliflag.Strings
+	known     []netip.Addr
+	resolvers []string // host:port
+	caaIDs    []string
 	timeout   time.Duration
 }
 
@@ -72,9 +53,30 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var c checker
 	fs := flag.NewFlagSet("dnscheck", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Var(&c.known, "known-ip", "an address the servers answer on (repeatable, required)")
-	fs.Var(&c.resolvers, "resolver", "a recursive DNS server as host:port (repeatable; default: /etc/resolv.conf)")
-	fs.Var(&c.caaIDs, "caa", "the CA's CAA identity, e.g. letsencrypt.org (repeatable; default: CAA not checked)")
+	fs.Func("known-ip", "an address the servers answer on (repeatable, required)", func(s string) error {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return errors.New("not an IP address")
+		}
+		c.known = append(c.known, a.Unmap())
+		return nil
+	})
+	fs.Func("resolver", "a recursive DNS server as host:port (repeatable; default: /etc/resolv.conf)", func(s string) error {
+		// An address alone means port 53.
+		host := strings.Trim(s, "[]")
+		if _, err := netip.ParseAddr(host); err == nil {
+			s = net.JoinHostPort(host, "53")
+		}
+		if _, _, err := net.SplitHostPort(s); err != nil {
+			return errors.New("want host:port")
+		}
+		c.resolvers = append(c.resolvers, s)
+		return nil
+	})
+	fs.Func("caa", "the CA's CAA identity, e.g. letsencrypt.org (repeatable; default: CAA not checked)", func(s string) error {
+		c.caaIDs = append(c.caaIDs, s)
+		return nil
+	})
 	fs.DurationVar(&c.timeout, "timeout", 5*time.Second, "timeout of each DNS query")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: dnscheck -known-ip IP [-known-ip IP ...] [-resolver host:port ...] [-caa identity ...] [-timeout 5s] domain [domain ...]")
@@ -139,7 +141,11 @@ func (c *checker) report(ctx context.Context, out io.Writer, name string) bool {
 		expectCAA = "none, or allowing " + strings.Join(c.caaIDs, " or ")
 	}
 	fmt.Fprintln(out, strings.TrimSuffix(name, "."))
-	fmt.Fprintf(out, "  expected: A/AAAA only %s; CAA %s\n", c.known.String(), expectCAA)
+	known := make([]string, len(c.known))
+	for i, a := range c.known {
+		known[i] = a.String()
+	}
+	fmt.Fprintf(out, "  expected: A/AAAA only %s; CAA %s\n", strings.Join(known, ","), expectCAA)
 
 	var table bytes.Buffer
 	tw := tabwriter.NewWriter(&table, 0, 8, 2, ' ', 0)

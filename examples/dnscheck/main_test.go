@@ -5,20 +5,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/certmgr/certmgr/internal/dnstest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
-// startDNS starts a loopback DNS server; every test points the command at
-// it with -resolver, so no other server is ever asked.
-func startDNS(t *testing.T) *dnstest.Server {
-	t.Helper()
-	srv, err := dnstest.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
-	return srv
-}
+// Every test points the command at a loopback DNS server of its own with
+// -resolver, so no other server is ever asked.
 
 func runCmd(t *testing.T, args ...string) (int, string) {
 	t.Helper()
@@ -29,9 +20,9 @@ func runCmd(t *testing.T, args ...string) (int, string) {
 }
 
 func TestReady(t *testing.T) {
-	srv := startDNS(t)
+	srv := certmgrtest.StartDNS(t)
 	srv.SetA("ready.test", "127.0.0.1")
-	srv.SetCAA("ready.test", dnstest.CAA{Tag: "issue", Value: "letsencrypt.org"})
+	srv.SetCAA("ready.test", certmgrtest.CAA{Tag: "issue", Value: "letsencrypt.org"})
 
 	code, out := runCmd(t, "-known-ip", "127.0.0.1", "-resolver", srv.Addr(), "-caa", "letsencrypt.org", "ready.test")
 	if code != 0 {
@@ -48,7 +39,7 @@ func TestReady(t *testing.T) {
 }
 
 func TestUnknownAddress(t *testing.T) {
-	srv := startDNS(t)
+	srv := certmgrtest.StartDNS(t)
 	srv.SetA("stray.test", "127.0.0.2")
 
 	code, out := runCmd(t, "-known-ip", "127.0.0.1", "-resolver", srv.Addr(), "stray.test")
@@ -63,9 +54,9 @@ func TestUnknownAddress(t *testing.T) {
 }
 
 func TestCAAForbids(t *testing.T) {
-	srv := startDNS(t)
+	srv := certmgrtest.StartDNS(t)
 	srv.SetA("www.caa.test", "127.0.0.1")
-	srv.SetCAA("caa.test", dnstest.CAA{Tag: "issue", Value: "ca.example"})
+	srv.SetCAA("caa.test", certmgrtest.CAA{Tag: "issue", Value: "ca.example"})
 
 	code, out := runCmd(t, "-known-ip", "127.0.0.1", "-resolver", srv.Addr(), "-caa", "letsencrypt.org", "www.caa.test")
 	if code != 1 {
@@ -79,7 +70,7 @@ func TestCAAForbids(t *testing.T) {
 }
 
 func TestCNAMEAndSeveralNames(t *testing.T) {
-	srv := startDNS(t)
+	srv := certmgrtest.StartDNS(t)
 	srv.SetCNAME("alias.test", "target.test")
 	srv.SetA("target.test", "127.0.0.1")
 	srv.SetAAAA("target.test", "::1")

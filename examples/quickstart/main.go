@@ -21,10 +21,8 @@ import (
 	"os"
 	"time"
 
-	"golang.org/x/crypto/acme/autocert"
-
 	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // name is the demo domain. It exists only in the embedded DNS server.
@@ -39,29 +37,27 @@ func main() {
 
 // run runs the demo and reports on w.
 func run(w io.Writer) error {
-	// 1. Start the CA and its DNS server, and point the demo name at
-	// 127.0.0.1, where our HTTPS server will listen.
-	env, err := pebbletest.New(pebbletest.Options{})
+	// 1. Start the CA and its DNS server.
+	ca, err := certmgrtest.NewServer(certmgrtest.Options{})
 	if err != nil {
 		return err
 	}
-	defer env.Close()
-	env.DNS.SetA(name, "127.0.0.1")
+	defer ca.Close()
 
-	// 2. Create the Manager. Autocert holds the ACME settings; certmgr
-	// adds a DNS pre-check (name must resolve to one of KnownIPs before
-	// the CA is asked), backoff, status and events. OnEvent tells us
-	// which challenge the CA validated.
+	// 2. Create the Manager. Autocert holds the ACME settings: ca.Autocert
+	// makes them for the CA and, in the CA's DNS server, points the demo
+	// name at 127.0.0.1, where our HTTPS server will listen. certmgr adds
+	// a DNS pre-check (name must resolve to one of DNS.KnownIPs before the
+	// CA is asked), backoff, status and events. OnEvent tells us which
+	// challenge the CA validated.
 	obtained := make(chan certmgr.Event, 1)
 	m, err := certmgr.New(certmgr.Config{
-		Autocert: &autocert.Manager{
-			Prompt:     autocert.AcceptTOS,
-			Client:     env.NewClient(),
-			HostPolicy: autocert.HostWhitelist(name),
+		Autocert: ca.Autocert(name),
+		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		DNS: certmgr.DNSCheck{
+			KnownIPs:  []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+			Resolvers: []string{ca.DNS.Addr()},
 		},
-		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		KnownIPs:  []netip.Addr{netip.MustParseAddr("127.0.0.1")},
-		Resolvers: []string{env.DNS.Addr()},
 		OnEvent: func(e certmgr.Event) {
 			if e.Kind == certmgr.EventObtained {
 				select {
@@ -84,7 +80,7 @@ func run(w io.Writer) error {
 			fmt.Fprintf(w, "Hello from %s\n", r.Host)
 		}),
 	}
-	go srv.ServeTLS(env.TLSListener, "", "")
+	go srv.ServeTLS(ca.TLSListener, "", "")
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -93,11 +89,11 @@ func run(w io.Writer) error {
 
 	// 4. Visit https://quickstart.test/ as a browser would, trusting the
 	// CA's root. The first handshake makes certmgr obtain the certificate.
-	addr := env.TLSListener.Addr().String()
+	addr := ca.TLSListener.Addr().String()
 	client := &http.Client{
 		Timeout: 20 * time.Second,
 		Transport: &http.Transport{
-			TLSClientConfig: &tls.Config{RootCAs: env.Roots, ServerName: name},
+			TLSClientConfig: &tls.Config{RootCAs: ca.Roots, ServerName: name},
 			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 				return (&net.Dialer{}).DialContext(ctx, network, addr)
 			},
@@ -127,7 +123,7 @@ func run(w io.Writer) error {
 	fmt.Fprintf(w, "issuer:    %s\n", leaf.Issuer.CommonName)
 	fmt.Fprintf(w, "valid:     %s → %s (UTC)\n", leaf.NotBefore.UTC().Format(time.DateTime), leaf.NotAfter.UTC().Format(time.DateTime))
 	fmt.Fprintf(w, "took:      %s (first request, issuance included)\n", took.Round(time.Millisecond))
-	fmt.Fprintf(w, "orders:    %d\n", env.Proxy.Counts(name).Orders)
+	fmt.Fprintf(w, "orders:    %d\n", ca.Proxy.Counts(name).Orders)
 	fmt.Fprintf(w, "response:  %s\n", resp.Status)
 	fmt.Fprintf(w, "state:     %s\n", m.Status(name).State)
 	if resp.StatusCode != http.StatusOK {

@@ -61,8 +61,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/internal/cliflag"
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 const (
@@ -85,8 +84,8 @@ func main() {
 
 // options are the command's flags.
 type options struct {
-	domains      cliflag.Strings
-	knownIPs     cliflag.Addrs
+	domains      []string
+	knownIPs     []netip.Addr
 	cacheDir     string
 	email        string
 	directory    string
@@ -105,8 +104,18 @@ type options struct {
 func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Var(&o.domains, "domain", "a domain to serve (repeatable)")
-	fs.Var(&o.knownIPs, "known-ip", "an address this server answers on; domains must resolve only to these (repeatable; default: no DNS check)")
+	fs.Func("domain", "a domain to serve (repeatable)", func(s string) error {
+		o.domains = append(o.domains, s)
+		return nil
+	})
+	fs.Func("known-ip", "an address this server answers on; domains must resolve only to these (repeatable; default: no DNS check)", func(s string) error {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return errors.New("not an IP address")
+		}
+		o.knownIPs = append(o.knownIPs, a.Unmap())
+		return nil
+	})
 	fs.StringVar(&o.cacheDir, "cache-dir", "", "directory keeping certificates and the account key (required without -pebble)")
 	fs.StringVar(&o.email, "email", "", "contact address given to the CA")
 	fs.StringVar(&o.directory, "directory", stagingDirectory, "ACME directory URL")
@@ -136,10 +145,10 @@ func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
 			}
 		}
 		if len(o.domains) == 0 {
-			o.domains = cliflag.Strings{"a.pebble.test", "b.pebble.test"}
+			o.domains = []string{"a.pebble.test", "b.pebble.test"}
 		}
 		if len(o.knownIPs) == 0 {
-			o.knownIPs = cliflag.Addrs{netip.MustParseAddr("127.0.0.1")}
+			o.knownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1")}
 		}
 		return true, false
 	}
@@ -184,20 +193,20 @@ func serve(ctx context.Context, o *options, stdout io.Writer, log *slog.Logger) 
 		HostPolicy: autocert.HostWhitelist(o.domains...),
 		Email:      o.email,
 	}
-	cfg := certmgr.Config{Autocert: am, Logger: log, KnownIPs: o.knownIPs}
+	cfg := certmgr.Config{Autocert: am, Logger: log, DNS: certmgr.DNSCheck{KnownIPs: o.knownIPs}}
 	var httpsLn, httpLn net.Listener
-	var env *pebbletest.Env
+	var ca *certmgrtest.Server
 	if o.pebble {
-		if env, err = pebbletest.New(pebbletest.Options{}); err != nil {
+		if ca, err = certmgrtest.NewServer(certmgrtest.Options{}); err != nil {
 			return err
 		}
-		defer env.Close() // last, after the servers and the Manager
+		defer ca.Close() // last, after the servers and the Manager
 		for _, d := range o.domains {
-			env.DNS.SetA(d, "127.0.0.1")
+			ca.DNS.SetA(d, "127.0.0.1")
 		}
-		am.Client = env.NewClient()
-		cfg.Resolvers = []string{env.DNS.Addr()}
-		httpsLn, httpLn = env.TLSListener, env.HTTPListener
+		am.Client = ca.NewClient()
+		cfg.DNS.Resolvers = []string{ca.DNS.Addr()}
+		httpsLn, httpLn = ca.TLSListener, ca.HTTPListener
 	} else {
 		am.Cache = autocert.DirCache(o.cacheDir)
 		am.Client = &acme.Client{DirectoryURL: o.directory}
@@ -269,8 +278,8 @@ func serve(ctx context.Context, o *options, stdout io.Writer, log *slog.Logger) 
 	}
 
 	if err == nil && ctx.Err() == nil {
-		if env != nil && o.rootOut != "" {
-			pemRoot := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: env.Root.Raw})
+		if ca != nil && o.rootOut != "" {
+			pemRoot := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Root.Raw})
 			if err := os.WriteFile(o.rootOut, pemRoot, 0o644); err != nil {
 				log.Error("writing the Pebble root", "error", err)
 			} else {
