@@ -12,7 +12,7 @@ import (
 
 	"golang.org/x/crypto/acme"
 
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // startAttempt makes d's attempt in flight, as begin does, without its
@@ -232,7 +232,7 @@ func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 	const name = "limited.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = time.Second })
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Delay: 3 * time.Second,
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Delay: 3 * time.Second,
 		Status: http.StatusTooManyRequests, RetryAfter: "3600",
 		Detail: "too many failed authorizations (5) for \"limited.test\" in the last 1h0m0s"})
 
@@ -242,7 +242,7 @@ func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 	if !isFallbackLeaf(leaf) || took > 1100*time.Millisecond {
 		t.Errorf("handshake got %v after %v, want the fallback within 1.1 s", leaf.Subject, took)
 	}
-	waitFor(t, 5*time.Second, "the 429", func() bool { return e.Proxy.Requests(pebbletest.ClassNewOrder) >= 1 && len(e.Proxy.Problems()) > 0 })
+	waitFor(t, 5*time.Second, "the 429", func() bool { return e.Proxy.Requests(certmgrtest.ClassNewOrder) >= 1 && len(e.Proxy.Problems()) > 0 })
 	answered := time.Now()
 	waitFor(t, time.Second, "Status to show the rate limit", func() bool { return m.Status(name).Failures == 1 })
 	if d := time.Since(answered); d > time.Second {
@@ -260,7 +260,7 @@ func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 	if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
 		t.Errorf("Provision = %v, want ErrBackoff", err)
 	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 1 {
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 1 {
 		t.Errorf("%d new-order requests, want 1", n)
 	}
 	if !strings.Contains(e.logs.String(), "rate limited by CA") {
@@ -275,7 +275,7 @@ func TestLateSuccessIsRecordedAndServed(t *testing.T) {
 	const name = "late.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 200 * time.Millisecond })
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Delay: time.Second})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Delay: time.Second})
 
 	if leaf := e.handshake(t, name, insecure); !isFallbackLeaf(leaf) {
 		t.Fatalf("first handshake got %v, want the fallback", leaf.Subject)
@@ -303,7 +303,7 @@ func TestLateSuccessIsRecordedAndServed(t *testing.T) {
 // locally by the schedule.
 func TestFailedRenewalKeepsServing(t *testing.T) {
 	const name = "renew.test"
-	e := newEnv(t, envOptions{names: []string{name}, pebble: pebbletest.Options{CertValidity: time.Minute}})
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Minute}})
 	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}
@@ -343,7 +343,7 @@ func TestFailedRenewalKeepsServing(t *testing.T) {
 // still holds in memory.
 func TestExpiredCertificateIsReplacedAfterFailedRenewals(t *testing.T) {
 	const name = "expiring.test"
-	e := newEnv(t, envOptions{names: []string{name}, pebble: pebbletest.Options{CertValidity: 3 * time.Second}})
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: 3 * time.Second}})
 	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}

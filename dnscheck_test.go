@@ -13,19 +13,8 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/certmgr/certmgr/internal/dnstest"
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
-
-func startDNS(t *testing.T) *dnstest.Server {
-	t.Helper()
-	s, err := dnstest.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
 
 func testDNSCheck(resolvers ...string) DNSCheck {
 	return DNSCheck{
@@ -38,11 +27,11 @@ func testDNSCheck(resolvers ...string) DNSCheck {
 // server on loopback: addresses, CNAME chains, resolver failures, server
 // fallback, truncation and CAA.
 func TestCheckDNS(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	addr := s.Addr()
 
 	// A second server, silent for every name used, and a dead address.
-	silent := startDNS(t)
+	silent := certmgrtest.StartDNS(t)
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -65,7 +54,7 @@ func TestCheckDNS(t *testing.T) {
 	s.SetA("c11.test", "127.0.0.1")
 	s.SetCNAME("dangling.test", "elsewhere.test")
 	s.SetRcode("servfail.test", dns.RcodeServerFailure)
-	s.SetCAA("noaddr.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"})
+	s.SetCAA("noaddr.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"})
 	s.SetA("silent.test", "127.0.0.1")
 	s.SetSilent("silent.test", true)
 	s.SetA("tc.test", "127.0.0.1")
@@ -73,11 +62,11 @@ func TestCheckDNS(t *testing.T) {
 	for _, name := range []string{"caa.test", "sub.parent.test", "nobody.test", "critical.test", "wild.test"} {
 		s.SetA(name, "127.0.0.1")
 	}
-	s.SetCAA("caa.test", dnstest.CAA{Tag: "issue", Value: "ca.example.net"})
-	s.SetCAA("parent.test", dnstest.CAA{Tag: "issue", Value: " Pebble.Test ; account=1"}, dnstest.CAA{Tag: "iodef", Value: "mailto:x@parent.test"})
-	s.SetCAA("nobody.test", dnstest.CAA{Tag: "issue", Value: ";"})
-	s.SetCAA("critical.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"}, dnstest.CAA{Flag: 128, Tag: "tbs", Value: "x"})
-	s.SetCAA("wild.test", dnstest.CAA{Tag: "issuewild", Value: "ca.example.net"})
+	s.SetCAA("caa.test", certmgrtest.CAA{Tag: "issue", Value: "ca.example.net"})
+	s.SetCAA("parent.test", certmgrtest.CAA{Tag: "issue", Value: " Pebble.Test ; account=1"}, certmgrtest.CAA{Tag: "iodef", Value: "mailto:x@parent.test"})
+	s.SetCAA("nobody.test", certmgrtest.CAA{Tag: "issue", Value: ";"})
+	s.SetCAA("critical.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"}, certmgrtest.CAA{Flag: 128, Tag: "tbs", Value: "x"})
+	s.SetCAA("wild.test", certmgrtest.CAA{Tag: "issuewild", Value: "ca.example.net"})
 	silent.SetSilent("fallback.test", true)
 	s.SetA("fallback.test", "127.0.0.1")
 
@@ -145,7 +134,7 @@ func TestCheckDNS(t *testing.T) {
 // TestCheckDNSInvalid: invalid names and options, and a done context, are
 // errors other than ErrDNSNotReady.
 func TestCheckDNSInvalid(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	s.SetA("a.test", "127.0.0.1")
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
@@ -175,7 +164,7 @@ func TestCheckDNSInvalid(t *testing.T) {
 // TestDNSCheckerCache: floods of checks cost one query per name and type
 // per cache interval, on the checker's clock; failures are cached too.
 func TestDNSCheckerCache(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	s.SetA("a.test", "127.0.0.1")
 	s.SetRcode("servfail.test", dns.RcodeServerFailure)
 	clock := &fakeClock{t: time.Unix(1e9, 0)}
@@ -262,7 +251,7 @@ func TestPreCheckWaitsForDNS(t *testing.T) {
 	if !errors.Is(err, ErrDNSNotReady) || !strings.Contains(err.Error(), "127.0.0.2") {
 		t.Fatalf("Provision = %v, want ErrDNSNotReady naming 127.0.0.2", err)
 	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 0 {
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
 		t.Errorf("%d orders before DNS was ready", n)
 	}
 	if st := m.Status(name); st.State != StateWaitingDNS || st.NextAttempt.IsZero() || !errors.Is(st.LastError, ErrDNSNotReady) {
@@ -291,16 +280,16 @@ func TestPreCheckWaitsForDNS(t *testing.T) {
 // CA; Domains then lists each name with its state.
 func TestPreCheckRecords(t *testing.T) {
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{"stale-aaaa.test", "good-aaaa.test", "caa-other.test", "www.caa-parent.test"},
-		dnsCheck: true, pebble: pebbletest.Options{IPv6: true}})
+		dnsCheck: true, pebble: certmgrtest.Options{IPv6: true}})
 	m := e.start(t, func(c *Config) { c.DNS.CAAIdentities = []string{"pebble.test"} })
 	e.DNS.SetA("stale-aaaa.test", "127.0.0.1")
 	e.DNS.SetAAAA("stale-aaaa.test", "2001:db8::1")
 	e.DNS.SetA("good-aaaa.test", "127.0.0.1")
 	e.DNS.SetAAAA("good-aaaa.test", "::1")
 	e.DNS.SetA("caa-other.test", "127.0.0.1")
-	e.DNS.SetCAA("caa-other.test", dnstest.CAA{Tag: "issue", Value: "ca.example.net"})
+	e.DNS.SetCAA("caa-other.test", certmgrtest.CAA{Tag: "issue", Value: "ca.example.net"})
 	e.DNS.SetA("www.caa-parent.test", "127.0.0.1")
-	e.DNS.SetCAA("caa-parent.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"})
+	e.DNS.SetCAA("caa-parent.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"})
 
 	for _, tt := range []struct {
 		name, want string // want: "" to pass, else what the error names
@@ -371,7 +360,7 @@ func TestPreCheckHandshakeFlood(t *testing.T) {
 	if len(bad) > 0 {
 		t.Fatalf("%d handshakes without the fallback, first: %v", len(bad), bad[0])
 	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 0 {
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
 		t.Errorf("%d orders", n)
 	}
 	for _, q := range []uint16{dns.TypeA, dns.TypeAAAA, dns.TypeCAA} {
@@ -392,8 +381,8 @@ func TestPreCheckResolverFailures(t *testing.T) {
 	m := e.start(t, nil)
 	e.DNS.SetRcode("nx.test", dns.RcodeNameError)
 	e.DNS.SetRcode("servfail.test", dns.RcodeServerFailure)
-	e.DNS.SetA("noaddr.test")                                                    // no A record ...
-	e.DNS.SetCAA("noaddr.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"}) // exists, no A/AAAA
+	e.DNS.SetA("noaddr.test")                                                        // no A record ...
+	e.DNS.SetCAA("noaddr.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"}) // exists, no A/AAAA
 	e.DNS.SetA("silent.test", "127.0.0.1")
 	e.DNS.SetSilent("silent.test", true)
 	for _, name := range names {
@@ -416,7 +405,7 @@ func TestPreCheckResolverFailures(t *testing.T) {
 			t.Errorf("%s: not logged", name)
 		}
 	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 0 {
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
 		t.Errorf("%d orders", n)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
@@ -31,13 +32,13 @@ import (
 
 	"golang.org/x/crypto/acme/autocert"
 
+	"github.com/certmgr/certmgr/certmgrtest"
 	"github.com/certmgr/certmgr/internal/leakcheck"
-	"github.com/certmgr/certmgr/internal/pebbletest"
 )
 
 // envOptions configure an env. The zero value is usable.
 type envOptions struct {
-	pebble   pebbletest.Options
+	pebble   certmgrtest.Options
 	names    []string                        // allowed by the default HostPolicy, and pointed at 127.0.0.1
 	dnsCheck bool                            // the Managers run the DNS pre-check against the harness's DNS (see dnsConfig)
 	cache    func(dir string) autocert.Cache // the Managers' Cache, made in a temporary directory; if nil, a DirCache
@@ -47,15 +48,15 @@ type envOptions struct {
 	clock    bool                            // the Managers run on e.clock, a fake clock set to the time the env starts
 }
 
-// env is one end-to-end test's world: Pebble behind the fault-injecting
-// proxy, its DNS, a Cache that outlives the Managers, and the Managers the
+// env is one end-to-end test's world: a certmgrtest.Server (Pebble behind
+// the fault-injecting proxy, and its DNS), a Cache that outlives the Managers, and the Managers the
 // test starts one after the other, all served on one TLS listener (the
 // current one, the last started, answers). When the test ends the Managers
 // are closed, no name may have failed more authorizations than the budget
 // of 4 an hour, no goroutine of certmgr, autocert or acme may be left, and
 // on failure the Managers' log is printed.
 type env struct {
-	*pebbletest.Env
+	*certmgrtest.Server
 	opts    envOptions
 	cache   autocert.Cache
 	names   []string
@@ -74,7 +75,7 @@ const envBudget = 4
 func newEnv(t *testing.T, o envOptions) *env {
 	t.Helper()
 	checkLeaks(t)
-	e := &env{Env: pebbletest.Start(t, o.pebble), opts: o, names: o.names, logs: &syncBuffer{}}
+	e := &env{Server: certmgrtest.Start(t, o.pebble), opts: o, names: o.names, logs: &syncBuffer{}}
 	for _, n := range o.names {
 		e.DNS.SetA(n, "127.0.0.1")
 	}
@@ -87,13 +88,13 @@ func newEnv(t *testing.T, o envOptions) *env {
 		e.clock = &fakeClock{t: time.Now()}
 	}
 	if !o.ownTLS {
-		e.ServeTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		e.serveTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 			m := e.cur.Load()
 			if m == nil {
 				return nil, errors.New("env: no Manager started")
 			}
 			return m.TLSConfig(), nil
-		}}, nil)
+		}})
 	}
 	t.Cleanup(func() {
 		// Runs once every Manager is closed, before Pebble stops.
@@ -125,7 +126,7 @@ func (e *env) config(mod func(*Config)) Config {
 		cfg.hooks.now = e.clock.now
 	}
 	if e.opts.dnsCheck {
-		cfg = dnsConfig(e.Env, cfg)
+		cfg = dnsConfig(e.Server, cfg)
 	}
 	for _, f := range []func(*Config){e.opts.config, mod} {
 		if f != nil {
@@ -156,11 +157,27 @@ func memoryCache(string) autocert.Cache { return nil }
 
 // dnsConfig is cfg with the pre-check on: it expects the loopback
 // addresses and asks the harness's DNS server.
-func dnsConfig(pe *pebbletest.Env, cfg Config) Config {
+func dnsConfig(pe *certmgrtest.Server, cfg Config) Config {
 	cfg.DNS.KnownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")}
 	cfg.DNS.Resolvers = []string{pe.DNS.Addr()}
 	cfg.DNS.Timeout = 500 * time.Millisecond
 	return cfg
+}
+
+// serveTLS serves cfg on TLSListener until the env stops.
+func (e *env) serveTLS(t *testing.T, cfg *tls.Config) {
+	t.Helper()
+	if err := e.ServeTLS(cfg, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// servePlain serves h on HTTPListener until the env stops.
+func (e *env) servePlain(t *testing.T, h http.Handler) {
+	t.Helper()
+	if err := e.ServePlain(h); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // dial connects to TLSListener with SNI name and returns the leaf the
@@ -473,7 +490,7 @@ func settle(d time.Duration, keep func(stack string) bool) []string {
 func leakedGoroutines() []string {
 	var leaked []string
 	for _, g := range leakcheck.Stacks() {
-		if strings.Contains(g, "leakedGoroutines") || strings.Contains(g, "pebble/v2") || strings.Contains(g, "internal/pebbletest") || strings.Contains(g, "internal/dnstest") {
+		if strings.Contains(g, "leakedGoroutines") || strings.Contains(g, "pebble/v2") || strings.Contains(g, "certmgr/certmgrtest.") {
 			continue
 		}
 		if strings.Contains(g, "github.com/certmgr/certmgr.") || strings.Contains(g, "acme/autocert.") || strings.Contains(g, "x/crypto/acme.") {

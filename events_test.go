@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // eventLog collects OnEvent's events.
@@ -147,7 +147,7 @@ func TestEmitLogsAndCalls(t *testing.T) {
 func TestEventStory(t *testing.T) {
 	const name = "story.test"
 	var events eventLog
-	e := newEnv(t, envOptions{names: []string{name}, pebble: pebbletest.Options{CertValidity: 30 * time.Second}})
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: 30 * time.Second}})
 	logs := e.logs
 	config := func(c *Config) {
 		c.Autocert.RenewBefore = 28 * time.Second

@@ -39,7 +39,7 @@ import (
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 const (
@@ -117,7 +117,7 @@ func (e *env) checkKept(t *testing.T) {
 }
 
 // addRule is a fault: the proxy applies r, until healed.
-func addRule(r pebbletest.Rule) func(t *testing.T, e *env) func() {
+func addRule(r certmgrtest.Rule) func(t *testing.T, e *env) func() {
 	return func(t *testing.T, e *env) func() {
 		waitDetached(t) // kept.test's clean-up requests are done
 		return e.Proxy.AddRule(r)
@@ -158,7 +158,7 @@ func faultCases() []faultCase {
 			},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
 				const name = "down.test"
-				before := e.Proxy.Requests(pebbletest.ClassAny)
+				before := e.Proxy.Requests(certmgrtest.ClassAny)
 				e.checkKept(t)
 				start := time.Now()
 				e.expectFallback(t, name)
@@ -180,7 +180,7 @@ func faultCases() []faultCase {
 					t.Errorf("a handshake in backoff made another attempt: %+v", st)
 				}
 				e.checkKept(t)
-				if n := e.Proxy.Requests(pebbletest.ClassAny) - before; n != 0 {
+				if n := e.Proxy.Requests(certmgrtest.ClassAny) - before; n != 0 {
 					t.Errorf("%d requests reached Pebble", n)
 				}
 				if rec := failureOf(m, name); len(rec.Spends) != 0 {
@@ -199,7 +199,7 @@ func faultCases() []faultCase {
 			env: envOptions{names: []string{"hang.test", "hang-close.test"},
 				config: func(c *Config) { c.hooks.requestTimeout = time.Second }},
 			fault: func(t *testing.T, e *env) func() {
-				t.Cleanup(addRule(pebbletest.Rule{Hold: true})(t, e))
+				t.Cleanup(addRule(certmgrtest.Rule{Hold: true})(t, e))
 				return nil
 			},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
@@ -208,7 +208,7 @@ func faultCases() []faultCase {
 					closedName = "hang-close.test"
 					reqTimeout = time.Second
 				)
-				before := e.Proxy.Requests(pebbletest.ClassAny)
+				before := e.Proxy.Requests(certmgrtest.ClassAny)
 				start := time.Now()
 				e.expectFallback(t, name)
 				st := waitFailed(t, m, name, 1)
@@ -219,7 +219,7 @@ func faultCases() []faultCase {
 				if st.State != StateBackoff || st.LastError == nil || !strings.Contains(st.LastError.Error(), "deadline exceeded") {
 					t.Errorf("Status = %+v, want backoff after a request that timed out", st)
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassAny) - before; n < 1 {
+				if n := e.Proxy.Requests(certmgrtest.ClassAny) - before; n < 1 {
 					t.Errorf("no request reached the proxy")
 				}
 				e.expectFallback(t, name)
@@ -229,9 +229,9 @@ func faultCases() []faultCase {
 				}
 
 				// Close while a request is held.
-				held := e.Proxy.Requests(pebbletest.ClassAny)
+				held := e.Proxy.Requests(certmgrtest.ClassAny)
 				e.expectFallback(t, closedName)
-				waitFor(t, 5*time.Second, "a held request", func() bool { return e.Proxy.Requests(pebbletest.ClassAny) > held })
+				waitFor(t, 5*time.Second, "a held request", func() bool { return e.Proxy.Requests(certmgrtest.ClassAny) > held })
 				if st := m.Status(closedName); st.State != StateObtaining {
 					t.Fatalf("Status(%s) = %+v, want obtaining", closedName, st)
 				}
@@ -253,25 +253,25 @@ func faultCases() []faultCase {
 		{
 			name:  "ca-500-every-request",
 			env:   envOptions{names: []string{"fivexx.test"}},
-			fault: addRule(pebbletest.Rule{Status: http.StatusInternalServerError}),
+			fault: addRule(certmgrtest.Rule{Status: http.StatusInternalServerError}),
 			want:  wantServerError(http.StatusInternalServerError, 0),
 		},
 		{
 			name:  "ca-503-every-request",
 			env:   envOptions{names: []string{"fivexx.test"}},
-			fault: addRule(pebbletest.Rule{Status: http.StatusServiceUnavailable}),
+			fault: addRule(certmgrtest.Rule{Status: http.StatusServiceUnavailable}),
 			want:  wantServerError(http.StatusServiceUnavailable, 0),
 		},
 		{
 			name:  "ca-503-retry-after-every-request",
 			env:   envOptions{names: []string{"fivexx.test"}},
-			fault: addRule(pebbletest.Rule{Status: http.StatusServiceUnavailable, RetryAfter: "120"}),
+			fault: addRule(certmgrtest.Rule{Status: http.StatusServiceUnavailable, RetryAfter: "120"}),
 			want:  wantServerError(http.StatusServiceUnavailable, 120*time.Second),
 		},
 		{
 			name:  "ca-503-retry-after-new-order",
 			env:   envOptions{names: []string{"fivexx.test"}},
-			fault: addRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Status: http.StatusServiceUnavailable, RetryAfter: "120"}),
+			fault: addRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Status: http.StatusServiceUnavailable, RetryAfter: "120"}),
 			want:  wantServerError(http.StatusServiceUnavailable, 120*time.Second),
 		},
 		{
@@ -280,7 +280,7 @@ func faultCases() []faultCase {
 			// operator's Retry.
 			name: "ca-rate-limited",
 			env:  envOptions{names: []string{"limited-fault.test"}},
-			fault: addRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: "limited-fault.test", Status: http.StatusTooManyRequests,
+			fault: addRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: "limited-fault.test", Status: http.StatusTooManyRequests,
 				RetryAfter: "3600", Detail: "too many new orders recently"}),
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
 				const name = "limited-fault.test"
@@ -300,7 +300,7 @@ func faultCases() []faultCase {
 				if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
 					t.Errorf("Provision after Retry = %v, want ErrBackoff", err)
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 2 { // kept.test's and the 429
+				if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 2 { // kept.test's and the 429
 					t.Errorf("%d new-order requests, want 2", n)
 				}
 				if c := e.Proxy.Counts(name); c.FailedAuthzs != 0 || c.Orders != 0 {
@@ -317,9 +317,9 @@ func faultCases() []faultCase {
 			name: "ca-bad-nonce",
 			env:  envOptions{names: []string{"nonce.test", "nonce-storm.test"}},
 			fault: func(t *testing.T, e *env) func() {
-				e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: "nonce.test", Status: http.StatusBadRequest,
+				e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: "nonce.test", Status: http.StatusBadRequest,
 					ProblemType: badNonce, Detail: "JWS has an invalid anti-replay nonce", Times: 3})
-				e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: "nonce-storm.test", Status: http.StatusBadRequest,
+				e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: "nonce-storm.test", Status: http.StatusBadRequest,
 					ProblemType: badNonce, Detail: "JWS has an invalid anti-replay nonce"})
 				return nil
 			},
@@ -341,13 +341,13 @@ func faultCases() []faultCase {
 					}
 				})
 				t.Run("storm", func(t *testing.T) {
-					before := e.Proxy.Requests(pebbletest.ClassNewOrder)
+					before := e.Proxy.Requests(certmgrtest.ClassNewOrder)
 					e.expectFallback(t, storm)
 					st := waitFailed(t, m, storm, 1)
 					if st.State != StateBackoff {
 						t.Errorf("Status = %+v, want backoff", st)
 					}
-					if n := e.Proxy.Requests(pebbletest.ClassNewOrder) - before; n < 2 || n > 8 {
+					if n := e.Proxy.Requests(certmgrtest.ClassNewOrder) - before; n < 2 || n > 8 {
 						t.Errorf("%d new-order requests, want a few bounded retries", n)
 					}
 					rec := failureOf(m, storm)
@@ -372,27 +372,27 @@ func faultCases() []faultCase {
 			fault: func(t *testing.T, e *env) func() {
 				closeWithin(t, e.cur.Load(), time.Second)
 				waitDetached(t)
-				remove := e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassDirectory, Status: http.StatusOK, Body: "{not json"})
+				remove := e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassDirectory, Status: http.StatusOK, Body: "{not json"})
 				e.start(t, nil) // a new client: the directory is read again
 				return remove
 			},
 			want: func(t *testing.T, e *env, m *Manager, heal func()) {
 				const name = "baddir.test"
-				orders := e.Proxy.Requests(pebbletest.ClassNewOrder)
-				dirs := e.Proxy.Requests(pebbletest.ClassDirectory)
+				orders := e.Proxy.Requests(certmgrtest.ClassNewOrder)
+				dirs := e.Proxy.Requests(certmgrtest.ClassDirectory)
 				e.checkKept(t)
 				e.expectFallback(t, name)
 				st := waitFailed(t, m, name, 1)
 				if st.State != StateBackoff || st.LastError == nil {
 					t.Errorf("Status = %+v, want backoff", st)
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassNewOrder) - orders; n != 0 {
+				if n := e.Proxy.Requests(certmgrtest.ClassNewOrder) - orders; n != 0 {
 					t.Errorf("%d new-order requests without a directory", n)
 				}
 				if rec := failureOf(m, name); len(rec.Spends) != 0 {
 					t.Errorf("a malformed directory spent budget: %+v", rec.Spends)
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassDirectory) - dirs; n < 1 || n > 4 {
+				if n := e.Proxy.Requests(certmgrtest.ClassDirectory) - dirs; n < 1 || n > 4 {
 					t.Errorf("%d directory requests, want 1 to 4", n)
 				}
 				e.expectFallback(t, name)
@@ -770,14 +770,14 @@ func faultCases() []faultCase {
 		{
 			name:  "close-during-new-order",
 			env:   envOptions{names: []string{"inflight.test", "after-close.test"}},
-			fault: addRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: "inflight.test", Hold: true}),
-			want:  wantCloseCutsAttempt(pebbletest.ClassNewOrder),
+			fault: addRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: "inflight.test", Hold: true}),
+			want:  wantCloseCutsAttempt(certmgrtest.ClassNewOrder),
 		},
 		{
 			name:  "close-during-finalize",
 			env:   envOptions{names: []string{"inflight.test", "after-close.test"}},
-			fault: addRule(pebbletest.Rule{Class: pebbletest.ClassFinalize, Identifier: "inflight.test", Hold: true}),
-			want:  wantCloseCutsAttempt(pebbletest.ClassFinalize),
+			fault: addRule(certmgrtest.Rule{Class: certmgrtest.ClassFinalize, Identifier: "inflight.test", Hold: true}),
+			want:  wantCloseCutsAttempt(certmgrtest.ClassFinalize),
 		},
 		{
 			// A second Manager on the same cache after the first one closed
@@ -806,10 +806,10 @@ func faultCases() []faultCase {
 				if err := m1.Provision(context.Background(), "waitdns.test"); !errors.Is(err, ErrDNSNotReady) {
 					t.Fatalf("Provision(waitdns.test) = %v", err)
 				}
-				remove := e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: "obtaining.test", Hold: true})
-				orders := e.Proxy.Requests(pebbletest.ClassNewOrder)
+				remove := e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: "obtaining.test", Hold: true})
+				orders := e.Proxy.Requests(certmgrtest.ClassNewOrder)
 				e.expectFallback(t, "obtaining.test")
-				waitFor(t, 5*time.Second, "the held order", func() bool { return e.Proxy.Requests(pebbletest.ClassNewOrder) > orders })
+				waitFor(t, 5*time.Second, "the held order", func() bool { return e.Proxy.Requests(certmgrtest.ClassNewOrder) > orders })
 				if st := m1.Status("obtaining.test"); st.State != StateObtaining {
 					t.Fatalf("Status(obtaining.test) = %+v", st)
 				}
@@ -857,17 +857,17 @@ func faultCases() []faultCase {
 				}
 
 				t.Run("backoff", func(t *testing.T) {
-					before := e.Proxy.Requests(pebbletest.ClassAny)
+					before := e.Proxy.Requests(certmgrtest.ClassAny)
 					e.expectFallback(t, backoff)
 					if err := m2.Provision(context.Background(), backoff); !errors.Is(err, ErrBackoff) {
 						t.Errorf("Provision = %v, want ErrBackoff", err)
 					}
-					if n := e.Proxy.Requests(pebbletest.ClassAny) - before; n != 0 {
+					if n := e.Proxy.Requests(certmgrtest.ClassAny) - before; n != 0 {
 						t.Errorf("%d ACME requests in backoff", n)
 					}
 				})
 				t.Run("valid", func(t *testing.T) {
-					before := e.Proxy.Requests(pebbletest.ClassAny)
+					before := e.Proxy.Requests(certmgrtest.ClassAny)
 					e.checkKept(t)
 					if got := e.expectIssued(t, valid); !got.Equal(validLeaf) {
 						t.Errorf("%s: another certificate served after restart", valid)
@@ -875,7 +875,7 @@ func faultCases() []faultCase {
 					if st := m2.Status(valid); st.State != StateValid || !st.NotAfter.Equal(validLeaf.NotAfter) {
 						t.Errorf("Status = %+v, want valid until %v", st, validLeaf.NotAfter)
 					}
-					if n := e.Proxy.Requests(pebbletest.ClassAny) - before; n != 0 {
+					if n := e.Proxy.Requests(certmgrtest.ClassAny) - before; n != 0 {
 						t.Errorf("%d ACME requests to serve cached certificates", n)
 					}
 				})
@@ -1004,9 +1004,9 @@ func faultCases() []faultCase {
 				return nil
 			},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
-				orders := e.Proxy.Requests(pebbletest.ClassNewOrder)
+				orders := e.Proxy.Requests(certmgrtest.ClassNewOrder)
 				e.checkKept(t)
-				if n := e.Proxy.Requests(pebbletest.ClassNewOrder) - orders; n != 0 {
+				if n := e.Proxy.Requests(certmgrtest.ClassNewOrder) - orders; n != 0 {
 					t.Errorf("%d orders to serve cached certificates with the clock behind", n)
 				}
 			},
@@ -1029,7 +1029,7 @@ func faultCases() []faultCase {
 			}},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
 				names := randomNames(abuseNames, ".abuse.test")
-				requests := e.Proxy.Requests(pebbletest.ClassAny)
+				requests := e.Proxy.Requests(certmgrtest.ClassAny)
 				heap := heapAlloc()
 				start := time.Now()
 				slowest := abuse(t, m, names, func(name string, c *tls.Certificate, err error) error {
@@ -1049,7 +1049,7 @@ func faultCases() []faultCase {
 				if _, total := dnsQueries(e, names); total != 0 {
 					t.Errorf("%d DNS queries for refused names", total)
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassAny) - requests; n != 0 {
+				if n := e.Proxy.Requests(certmgrtest.ClassAny) - requests; n != 0 {
 					t.Errorf("%d ACME requests", n)
 				}
 				if growth > 10<<20 {
@@ -1082,7 +1082,7 @@ func faultCases() []faultCase {
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
 				const maxDomains, maxFallbacks = 1000, 500
 				names := randomNames(abuseNames, ".abuse.test")
-				requests := e.Proxy.Requests(pebbletest.ClassAny)
+				requests := e.Proxy.Requests(certmgrtest.ClassAny)
 				heap := heapAlloc()
 				start := time.Now()
 				slowest := abuse(t, m, names, func(name string, c *tls.Certificate, err error) error {
@@ -1108,7 +1108,7 @@ func faultCases() []faultCase {
 				if total == 0 {
 					t.Error("no DNS query at all: the pre-check did not run")
 				}
-				if n := e.Proxy.Requests(pebbletest.ClassAny) - requests; n != 0 {
+				if n := e.Proxy.Requests(certmgrtest.ClassAny) - requests; n != 0 {
 					t.Errorf("%d ACME requests", n)
 				}
 				if growth > 10<<20 {
@@ -1131,7 +1131,7 @@ func faultCases() []faultCase {
 func wantServerError(status int, retryAfter time.Duration) func(t *testing.T, e *env, m *Manager, _ func()) {
 	return func(t *testing.T, e *env, m *Manager, _ func()) {
 		const name = "fivexx.test"
-		before := e.Proxy.Requests(pebbletest.ClassAny)
+		before := e.Proxy.Requests(certmgrtest.ClassAny)
 		e.expectFallback(t, name)
 		st := waitFailed(t, m, name, 1)
 		failedAt := time.Now()
@@ -1146,7 +1146,7 @@ func wantServerError(status int, retryAfter time.Duration) func(t *testing.T, e 
 		} else if ahead := st.NextAttempt.Sub(failedAt); ahead < 50*time.Second || ahead > 70*time.Second {
 			t.Errorf("NextAttempt %v ahead, want about a minute", ahead)
 		}
-		sent := e.Proxy.Requests(pebbletest.ClassAny) - before
+		sent := e.Proxy.Requests(certmgrtest.ClassAny) - before
 		if sent < 1 || sent > 8 {
 			t.Errorf("the attempt sent %d requests, want 1 to 8 (a few bounded retries)", sent)
 		}
@@ -1154,7 +1154,7 @@ func wantServerError(status int, retryAfter time.Duration) func(t *testing.T, e 
 		if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
 			t.Errorf("Provision in backoff = %v, want ErrBackoff", err)
 		}
-		if n := e.Proxy.Requests(pebbletest.ClassAny) - before; n != sent {
+		if n := e.Proxy.Requests(certmgrtest.ClassAny) - before; n != sent {
 			t.Errorf("%d more requests in backoff", n-sent)
 		}
 		if rec := failureOf(m, name); len(rec.Spends) != 0 {
@@ -1211,7 +1211,7 @@ func corruptState(state func(good []byte) []byte) func(t *testing.T, e *env) fun
 	return func(t *testing.T, e *env) func() {
 		const backoff = "backoff-state.test"
 		m1 := e.cur.Load()
-		e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: backoff, Status: http.StatusForbidden,
+		e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: backoff, Status: http.StatusForbidden,
 			ProblemType: "urn:ietf:params:acme:error:rejectedIdentifier", Detail: "policy forbids it", Times: 1})
 		if err := m1.Provision(context.Background(), backoff); err == nil {
 			t.Fatal("Provision succeeded through a 403")
@@ -1286,7 +1286,7 @@ func wantCorruptState(entries bool) func(t *testing.T, e *env, m *Manager, _ fun
 // wantCloseCutsAttempt starts inflight.test's attempt, whose request of
 // class held the CA holds, and wants Close to cut it: at once, without a
 // goroutine left, a failure recorded or budget spent.
-func wantCloseCutsAttempt(held pebbletest.Class) func(t *testing.T, e *env, m *Manager, _ func()) {
+func wantCloseCutsAttempt(held certmgrtest.Class) func(t *testing.T, e *env, m *Manager, _ func()) {
 	return func(t *testing.T, e *env, m *Manager, _ func()) {
 		const (
 			name  = "inflight.test"

@@ -17,7 +17,7 @@ func TestHTTPHandlerObtainsOverHTTP01(t *testing.T) {
 	const name = "http01.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	m := e.start(t, nil)
-	e.ServePlain(t, m.HTTPHandler(nil))
+	e.servePlain(t, m.HTTPHandler(nil))
 	e.TLSListener.Close() // tls-alpn-01 connections are refused
 
 	if err := m.Provision(context.Background(), name); err != nil {

@@ -11,7 +11,7 @@ import (
 
 	"github.com/miekg/dns"
 
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // TestRetryClearsBackoffOnly: the operator's Retry clears the schedule's
@@ -100,12 +100,12 @@ func TestProvisionCancelled(t *testing.T) {
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	m := e.start(t, nil)
 	e.DNS.SetA(name, "127.0.0.1")
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Hold: true})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Hold: true})
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
 	go func() { errc <- m.Provision(ctx, name) }()
 	// Cancel while Provision waits for the attempt, whose order is held.
-	waitFor(t, 10*time.Second, "the held order", func() bool { return e.Proxy.Requests(pebbletest.ClassNewOrder) == 1 })
+	waitFor(t, 10*time.Second, "the held order", func() bool { return e.Proxy.Requests(certmgrtest.ClassNewOrder) == 1 })
 	cancelled := time.Now()
 	cancel()
 	select {
@@ -149,7 +149,7 @@ func TestProvisionAfterRSAAttempt(t *testing.T) {
 	const name = "both.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 100 * time.Millisecond })
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Hold: true, Times: 1})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Hold: true, Times: 1})
 	// An RSA-only client starts the RSA attempt (and cannot take the
 	// ECDSA fallback it gets meanwhile).
 	rsaHello := &tls.ClientHelloInfo{ServerName: name, CipherSuites: rsaOnly.CipherSuites,
@@ -157,7 +157,7 @@ func TestProvisionAfterRSAAttempt(t *testing.T) {
 	if c, err := m.GetCertificate(rsaHello); err != nil || !IsFallback(c) {
 		t.Fatalf("GetCertificate(RSA hello) = %v, %v; want the fallback while the order is held", c, err)
 	}
-	waitFor(t, 5*time.Second, "the held RSA order", func() bool { return e.Proxy.Requests(pebbletest.ClassNewOrder) == 1 })
+	waitFor(t, 5*time.Second, "the held RSA order", func() bool { return e.Proxy.Requests(certmgrtest.ClassNewOrder) == 1 })
 	done := make(chan error, 1)
 	go func() { done <- m.Provision(context.Background(), name) }()
 	e.Proxy.Release()
@@ -179,7 +179,7 @@ func TestRetryKeepsRetryAfter(t *testing.T) {
 	const name = "retry-after.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, nil)
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Status: 429, RetryAfter: "3600"})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Status: 429, RetryAfter: "3600"})
 	if err := m.Provision(context.Background(), name); err == nil {
 		t.Fatal("Provision succeeded through a 429")
 	}
@@ -191,7 +191,7 @@ func TestRetryKeepsRetryAfter(t *testing.T) {
 	if err != nil || !IsFallback(c) {
 		t.Errorf("handshake after Retry: %v, %v; want the fallback", c, err)
 	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 1 {
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 1 {
 		t.Errorf("%d new-order requests, want 1", n)
 	}
 	if st := m.Status(name); time.Until(st.NextAttempt) < 3590*time.Second {

@@ -24,7 +24,7 @@ func TestTLSConfigObtainsOverTLSALPN(t *testing.T) {
 	const name = "alpn.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	m := e.start(t, nil)
-	e.ServeTLS(t, m.TLSConfig(), nil)
+	e.serveTLS(t, m.TLSConfig())
 
 	leaf, err := e.dial(t, name, nil)
 	if err != nil {
@@ -60,7 +60,7 @@ func TestHandMadeConfigWithoutALPNProtoFails(t *testing.T) {
 	m.HTTPHandler(nil) // in use, as in the incident; nothing answers port 80
 	e.HTTPListener.Close()
 	handMade := &tls.Config{GetCertificate: m.GetCertificate, NextProtos: []string{"h2", "http/1.1"}}
-	e.ServeTLS(t, handMade, nil)
+	e.serveTLS(t, handMade)
 
 	if leaf := e.handshake(t, name, insecure); !isFallbackLeaf(leaf) {
 		t.Errorf("got %v, want the fallback certificate", leaf.Subject)
@@ -93,7 +93,7 @@ func TestTLSConfigSurvivesNextProtosEdit(t *testing.T) {
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	conf := e.start(t, nil).TLSConfig()
 	conf.NextProtos = []string{"http/1.1"}
-	e.ServeTLS(t, conf, nil)
+	e.serveTLS(t, conf)
 	e.handshake(t, name, nil)
 	if c := e.Proxy.Counts(name); c.Orders != 1 || c.FailedAuthzs != 0 {
 		t.Errorf("proxy counted %+v, want 1 order and no failure", c)
@@ -168,7 +168,7 @@ func TestValidationHelloGetsTokenCertInBackoff(t *testing.T) {
 	if err := m.cache.Put(context.Background(), name+"+token", pemCert(t, &tok)); err != nil {
 		t.Fatal(err)
 	}
-	e.ServeTLS(t, m.TLSConfig(), nil)
+	e.serveTLS(t, m.TLSConfig())
 	leaf := e.handshake(t, name, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{acme.ALPNProto}})
 	if !bytes.Equal(leaf.Raw, tok.Certificate[0]) {
 		t.Errorf("validation hello got %v, want the token certificate", leaf.Subject)
