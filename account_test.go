@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -116,5 +117,40 @@ func TestAccountKeyWriteFailureIsKept(t *testing.T) {
 	m.cache.flush(context.Background())
 	if _, err := fc.inner.Get(context.Background(), accountKeyName); err != nil {
 		t.Errorf("the key was not written once the Cache worked: %v", err)
+	}
+}
+
+// TestOldAccountKeyNameIsTheAccount: autocert's former name of the account
+// key holds the account key, not a certificate.
+func TestOldAccountKeyNameIsTheAccount(t *testing.T) {
+	key := ecKey(t)
+	der, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := &memCache{m: map[string][]byte{oldAccountKeyName: pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})}}
+	m := newPureManager(t, nil, func(c *Config) { c.Autocert.Cache = cache })
+	got, err := m.accountKey(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !key.Public().(*ecdsa.PublicKey).Equal(got.Public()) {
+		t.Error("a new account key was made; the one under autocert's former name was not used")
+	}
+}
+
+// TestAccountURIFromCA: the account's URI is what the CA answered to the
+// new-account request.
+func TestAccountURIFromCA(t *testing.T) {
+	const name = "acct.test"
+	e := newEnv(t, envOptions{names: []string{name}, cache: memoryCache})
+	m := e.start(t, nil)
+	if err := m.Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	uri := m.accountURI()
+	dir, _ := url.Parse(e.DirectoryURL)
+	if u, err := url.Parse(uri); err != nil || u.Host != dir.Host || !strings.HasPrefix(u.Path, "/my-account/") {
+		t.Errorf("account URI %q, want the CA's account URL (Pebble: /my-account/ID)", uri)
 	}
 }

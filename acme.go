@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -18,34 +20,48 @@ import (
 // acmeObserver is the HTTP transport of the acme.Client that all of a
 // Manager's autocert.Managers share. It sees every ACME request, those of
 // autocert's own renewal timers included, so it is where certmgr:
-//   - refuses locally a new order that the domain's schedule does not allow
-//     (admit), so that no renewal reaches the CA while the domain backs off;
-//   - reads what the CA answers: orders made, authorizations that failed and
-//     the CA's problem detail (which autocert drops), rate limits and their
-//     Retry-After (report).
+//   - admits or refuses locally every new order (admit), so that no order
+//     reaches the CA that the domain's schedule, budget or DNS pre-check
+//     does not allow, and each order's authorization is reserved in the
+//     budget before it goes out;
+//   - reads what the CA answers: orders made, authorizations that failed or
+//     are valid (settling their reservations), the CA's problem detail
+//     (which autocert drops), rate limits and their Retry-After, and
+//     requests that failed at the transport (report).
 type acmeObserver struct {
 	next    http.RoundTripper
 	life    context.Context // ends at Close: requests in flight are cut
 	timeout time.Duration   // bounds each request, its body included
-	admit   func(req *http.Request, domain string) error
+	admit   func(req *http.Request, domain string) (reservation string, err error)
 	report  func(domain string, ob observation)
+	account func(uri string) // the account's URI, from the CA's answer to a new-account request
 	closed  func() bool
 
-	authzMu sync.Mutex
-	authz   map[string]string   // authorization and challenge URL → domain, for attempts in flight
-	byName  map[string][]string // domain → its URLs in authz
-	failed  map[string]bool     // authorizations already seen invalid
+	urlsMu sync.Mutex
+	urls   map[string]tracked  // order, authorization, challenge, finalize and certificate URLs of attempts in flight
+	byName map[string][]string // domain → its URLs in urls
+	failed map[string]bool     // authorizations already seen invalid
 }
 
-// observation is what one ACME response said about a domain.
+// tracked is what a URL of an order belongs to.
+type tracked struct {
+	domain      string
+	reservation string // the order's reservation in the budget
+}
+
+// observation is what one ACME exchange said about a domain.
 type observation struct {
+	reservation string    // the reservation of the order concerned, if known
 	order       bool      // the CA created an order
+	orderFailed bool      // a new-order request made no order
 	authzFailed bool      // an authorization is invalid
-	problem     string    // the CA's problem detail, if any
+	authzValid  bool      // an authorization is valid
+	problem     string    // the CA's problem detail, or the transport's error
 	challenge   string    // the type of a challenge the client accepted
 	rateLimited bool      // the CA answered rateLimited
 	retryAfter  time.Time // the CA's Retry-After, if any
 	refused     bool      // a 4xx other than badNonce: the request failed for good
+	transport   bool      // the request got no answer
 }
 
 // maxACMEBody bounds what the observer reads of a request or response.
@@ -55,7 +71,7 @@ func newACMEObserver(next http.RoundTripper) *acmeObserver {
 	if next == nil {
 		next = http.DefaultTransport
 	}
-	return &acmeObserver{next: next, authz: make(map[string]string), byName: make(map[string][]string), failed: make(map[string]bool)}
+	return &acmeObserver{next: next, urls: make(map[string]tracked), byName: make(map[string][]string), failed: make(map[string]bool)}
 }
 
 // RoundTrip implements http.RoundTripper.
@@ -69,7 +85,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	defer cancel()
 	stop := context.AfterFunc(o.life, cancel)
 	defer stop()
-	domain, newOrder := "", false
+	domain, newOrder, newAccount := "", false, false
 	if req.Method == http.MethodPost && req.Body != nil {
 		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
 		req.Body.Close()
@@ -80,16 +96,20 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		req.Body = io.NopCloser(bytes.NewReader(body))
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		domain, newOrder = orderIdentifier(body)
+		newAccount = !newOrder && signedWithJWK(body)
 	}
 	if req.Context() != ctx {
 		req = req.WithContext(ctx)
 	}
+	var owner tracked
 	if newOrder {
-		if err := o.admit(req, domain); err != nil {
+		id, err := o.admit(req, domain)
+		if err != nil {
 			return nil, err
 		}
+		owner = tracked{domain: domain, reservation: id}
 	} else {
-		domain = o.owner(req.URL.String())
+		owner = o.owner(req.URL.String())
 	}
 	res, err := o.next.RoundTrip(req)
 	if err == nil {
@@ -98,33 +118,45 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		body, err = io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
 		res.Body.Close()
 		res.Body = io.NopCloser(bytes.NewReader(body))
-		if err == nil && domain != "" {
-			if ob := o.observe(domain, newOrder, res, body); ob != (observation{}) {
+		if loc := res.Header.Get("Location"); err == nil && newAccount && loc != "" && res.StatusCode < 300 && o.account != nil {
+			o.account(loc)
+		}
+		if err == nil && owner.domain != "" {
+			if ob := o.observe(owner, newOrder, res, body); ob != (observation{}) {
 				if ob.authzFailed && !o.firstFailure(req.URL.String()) {
 					ob.authzFailed = false // autocert polls an invalid authorization again
 				}
-				o.report(domain, ob)
+				o.report(owner.domain, ob)
 			}
 		}
 	}
 	if err != nil {
 		if o.life.Err() != nil {
-			return nil, errClosed // cut by Close: not the CA's failure
+			return nil, errClosed // cut by Close: not the CA's failure; a reservation stays
+		}
+		if owner.domain != "" {
+			// No answer: the attempt learns nothing more from the CA. A new
+			// order that never left this machine made no order.
+			var op *net.OpError
+			notSent := errors.As(err, &op) && op.Op == "dial"
+			o.report(owner.domain, observation{reservation: owner.reservation, transport: true,
+				orderFailed: newOrder && notSent, problem: err.Error()})
 		}
 		return nil, err
 	}
 	return res, nil
 }
 
-// observe reads one response for domain.
-func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response, body []byte) observation {
-	var ob observation
+// observe reads one response about owner's order.
+func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response, body []byte) observation {
+	ob := observation{reservation: owner.reservation}
 	if res.StatusCode >= 400 {
 		var p struct {
 			Type   string `json:"type"`
 			Detail string `json:"detail"`
 		}
 		json.Unmarshal(body, &p)
+		ob.orderFailed = newOrder // an error answer to a new order made none
 		ob.problem = p.Detail
 		if ob.problem == "" {
 			ob.problem = http.StatusText(res.StatusCode)
@@ -134,7 +166,8 @@ func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response,
 		case strings.HasSuffix(strings.ToLower(p.Type), ":ratelimited"):
 			ob.rateLimited = true
 		case strings.HasSuffix(strings.ToLower(p.Type), ":badnonce"):
-			return observation{}
+			// acme.Client sends the request again: nothing failed yet.
+			return observation{reservation: owner.reservation, orderFailed: newOrder}
 		case res.StatusCode < 500:
 			ob.refused = true
 		}
@@ -145,6 +178,8 @@ func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response,
 		Type           string   `json:"type"`  // a challenge's
 		Token          string   `json:"token"` // a challenge's
 		Authorizations []string `json:"authorizations"`
+		Finalize       string   `json:"finalize"`    // an order's
+		Certificate    string   `json:"certificate"` // a valid order's
 		Challenges     []struct {
 			URL   string `json:"url"`
 			Error *struct {
@@ -156,12 +191,12 @@ func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response,
 		} `json:"error"`
 	}
 	if json.Unmarshal(body, &r) != nil {
-		return ob
+		return observation{}
 	}
 	switch {
 	case newOrder:
 		ob.order = true
-		o.track(domain, r.Authorizations)
+		o.track(owner, append(r.Authorizations, r.Finalize, res.Header.Get("Location")))
 		return ob
 	case r.Token != "" && r.Type != "":
 		// A challenge: the client accepting it, or polling it.
@@ -171,54 +206,59 @@ func (o *acmeObserver) observe(domain string, newOrder bool, res *http.Response,
 		}
 		return ob
 	case r.Challenges == nil:
-		return ob // an order, a certificate, ...
+		o.track(owner, []string{r.Certificate}) // an order: its certificate, once issued
+		return observation{}
 	}
 	// An authorization.
 	urls := make([]string, 0, len(r.Challenges))
 	for _, c := range r.Challenges {
 		urls = append(urls, c.URL)
 	}
-	o.track(domain, urls)
-	if r.Status != "invalid" {
-		return ob
-	}
-	ob.authzFailed = true
-	for _, c := range r.Challenges {
-		if c.Error != nil && c.Error.Detail != "" {
-			ob.problem = c.Error.Detail
+	o.track(owner, urls)
+	switch r.Status {
+	case "valid":
+		ob.authzValid = true
+	case "invalid":
+		ob.authzFailed = true
+		for _, c := range r.Challenges {
+			if c.Error != nil && c.Error.Detail != "" {
+				ob.problem = c.Error.Detail
+			}
 		}
+	default:
+		return observation{}
 	}
 	return ob
 }
 
-// track remembers the authorization URLs of a new order for domain.
-func (o *acmeObserver) track(domain string, urls []string) {
-	o.authzMu.Lock()
-	defer o.authzMu.Unlock()
+// track remembers URLs of owner's order.
+func (o *acmeObserver) track(owner tracked, urls []string) {
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
 	for _, u := range urls {
-		if _, ok := o.authz[u]; !ok && u != "" {
-			o.authz[u] = domain
-			o.byName[domain] = append(o.byName[domain], u)
+		if _, ok := o.urls[u]; !ok && u != "" {
+			o.urls[u] = owner
+			o.byName[owner.domain] = append(o.byName[owner.domain], u)
 		}
 	}
 }
 
-// owner returns the domain whose authorization url is, or "".
-func (o *acmeObserver) owner(url string) string {
-	o.authzMu.Lock()
-	defer o.authzMu.Unlock()
-	return o.authz[url]
+// owner returns what url belongs to, or the zero tracked.
+func (o *acmeObserver) owner(url string) tracked {
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
+	return o.urls[url]
 }
 
 // firstFailure reports whether the authorization at url is seen invalid
 // for the first time.
 func (o *acmeObserver) firstFailure(url string) bool {
-	o.authzMu.Lock()
-	defer o.authzMu.Unlock()
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
 	if o.failed[url] {
 		return false
 	}
-	if _, ok := o.authz[url]; ok {
+	if _, ok := o.urls[url]; ok {
 		o.failed[url] = true
 	}
 	return true
@@ -227,13 +267,32 @@ func (o *acmeObserver) firstFailure(url string) bool {
 // forget drops what track remembered for domain; called when its attempt
 // ends, so the maps hold only attempts in flight.
 func (o *acmeObserver) forget(domain string) {
-	o.authzMu.Lock()
-	defer o.authzMu.Unlock()
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
 	for _, u := range o.byName[domain] {
-		delete(o.authz, u)
+		delete(o.urls, u)
 		delete(o.failed, u)
 	}
 	delete(o.byName, domain)
+}
+
+// signedWithJWK reports whether a JWS request body carries its key (as a
+// new-account request does) rather than an account's key ID.
+func signedWithJWK(body []byte) bool {
+	var jws struct {
+		Protected string `json:"protected"`
+	}
+	if json.Unmarshal(body, &jws) != nil {
+		return false
+	}
+	protected, err := base64.RawURLEncoding.DecodeString(jws.Protected)
+	if err != nil {
+		return false
+	}
+	var h struct {
+		JWK json.RawMessage `json:"jwk"`
+	}
+	return json.Unmarshal(protected, &h) == nil && len(h.JWK) > 0
 }
 
 // orderIdentifier reads a JWS request body and reports whether it asks

@@ -33,9 +33,9 @@ func jws(payload string) []byte {
 }
 
 // TestObserverReadsResponses: what the observer makes of each kind of
-// answer of the CA, without a CA: problem documents (their detail,
-// Retry-After and type), new orders (whose authorizations it tracks),
-// authorizations (failed or not) and challenges.
+// answer of the CA about an order (reservation r1), without a CA: problem
+// documents (their detail, Retry-After and type), new orders (whose URLs
+// it tracks), authorizations (failed, valid or pending) and challenges.
 func TestObserverReadsResponses(t *testing.T) {
 	retryAt := time.Date(2026, 1, 17, 0, 27, 45, 0, time.UTC)
 	dated := http.Header{"Retry-After": {retryAt.Format(http.TimeFormat)}}
@@ -50,11 +50,18 @@ func TestObserverReadsResponses(t *testing.T) {
 		{name: "rate limited", res: acmeResponse(429, dated, ""),
 			body: `{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders"}`,
 			want: observation{problem: "too many new orders", rateLimited: true, retryAfter: retryAt}},
+		{name: "new order rate limited", newOrder: true, res: acmeResponse(429, dated, ""),
+			body: `{"type":"urn:ietf:params:acme:error:rateLimited","detail":"too many new orders"}`,
+			want: observation{orderFailed: true, problem: "too many new orders", rateLimited: true, retryAfter: retryAt}},
 		{name: "rate limited, Retry-After in the detail", res: acmeResponse(429, nil, ""),
 			body: `{"type":"urn:ietf:params:acme:error:RateLimited","detail":"too many certificates; retry after 2026-01-17 00:27:45 UTC"}`,
 			want: observation{problem: "too many certificates; retry after 2026-01-17 00:27:45 UTC", rateLimited: true, retryAfter: retryAt}},
 		{name: "bad nonce", res: acmeResponse(400, dated, ""),
-			body: `{"type":"urn:ietf:params:acme:error:badNonce","detail":"JWS has an invalid anti-replay nonce"}`},
+			body: `{"type":"urn:ietf:params:acme:error:badNonce","detail":"JWS has an invalid anti-replay nonce"}`,
+			want: observation{}},
+		{name: "new order bad nonce", newOrder: true, res: acmeResponse(400, nil, ""),
+			body: `{"type":"urn:ietf:params:acme:error:badNonce","detail":"JWS has an invalid anti-replay nonce"}`,
+			want: observation{orderFailed: true}},
 		{name: "refused", res: acmeResponse(403, nil, ""),
 			body: `{"type":"urn:ietf:params:acme:error:rejectedIdentifier","detail":"policy forbids it"}`,
 			want: observation{problem: "policy forbids it", refused: true}},
@@ -62,32 +69,41 @@ func TestObserverReadsResponses(t *testing.T) {
 			want: observation{problem: "Service Unavailable", retryAfter: retryAt}},
 		{name: "server error without detail", res: acmeResponse(500, nil, ""), body: `{}`,
 			want: observation{problem: "Internal Server Error"}},
-		{name: "new order", newOrder: true, res: acmeResponse(201, nil, ""),
-			body: `{"status":"pending","authorizations":["https://ca/authz/1","https://ca/authz/2"]}`,
-			want: observation{order: true}, tracked: []string{"https://ca/authz/1", "https://ca/authz/2"}},
+		{name: "new order", newOrder: true, res: acmeResponse(201, http.Header{"Location": {"https://ca/order/1"}}, ""),
+			body: `{"status":"pending","authorizations":["https://ca/authz/1","https://ca/authz/2"],"finalize":"https://ca/finalize/1"}`,
+			want: observation{order: true}, tracked: []string{"https://ca/authz/1", "https://ca/authz/2", "https://ca/finalize/1", "https://ca/order/1"}},
 		{name: "pending authorization", res: acmeResponse(200, nil, ""),
 			body:    `{"status":"pending","challenges":[{"url":"https://ca/chall/1"},{"url":"https://ca/chall/2"}]}`,
 			tracked: []string{"https://ca/chall/1", "https://ca/chall/2"}},
 		{name: "failed authorization", res: acmeResponse(200, nil, ""),
 			body: `{"status":"invalid","challenges":[{"url":"https://ca/chall/3"},{"url":"https://ca/chall/4","error":{"detail":"Connection refused"}}]}`,
 			want: observation{authzFailed: true, problem: "Connection refused"}, tracked: []string{"https://ca/chall/3"}},
+		{name: "valid authorization", res: acmeResponse(200, nil, ""),
+			body: `{"status":"valid","challenges":[{"url":"https://ca/chall/5"}]}`,
+			want: observation{authzValid: true}, tracked: []string{"https://ca/chall/5"}},
 		{name: "challenge accepted", res: acmeResponse(200, nil, ""),
 			body: `{"type":"tls-alpn-01","token":"tok","status":"processing"}`,
 			want: observation{challenge: "tls-alpn-01"}},
 		{name: "challenge failed", res: acmeResponse(200, nil, ""),
 			body: `{"type":"http-01","token":"tok","status":"invalid","error":{"detail":"404 Not Found"}}`,
 			want: observation{challenge: "http-01", problem: "404 Not Found"}},
-		{name: "order", res: acmeResponse(200, nil, ""), body: `{"status":"valid","certificate":"https://ca/cert/1"}`},
+		{name: "order", res: acmeResponse(200, nil, ""), body: `{"status":"valid","certificate":"https://ca/cert/1"}`,
+			tracked: []string{"https://ca/cert/1"}},
 		{name: "certificate", res: acmeResponse(200, nil, ""), body: "-----BEGIN CERTIFICATE-----\n"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			o := newACMEObserver(nil)
-			if got := o.observe("a.test", tt.newOrder, tt.res, []byte(tt.body)); got != tt.want {
-				t.Errorf("observe = %+v, want %+v", got, tt.want)
+			owner := tracked{domain: "a.test", reservation: "r1"}
+			want := tt.want
+			if want != (observation{}) || tt.name == "bad nonce" {
+				want.reservation = "r1"
+			}
+			if got := o.observe(owner, tt.newOrder, tt.res, []byte(tt.body)); got != want {
+				t.Errorf("observe = %+v, want %+v", got, want)
 			}
 			for _, u := range tt.tracked {
-				if d := o.owner(u); d != "a.test" {
-					t.Errorf("owner(%s) = %q, want a.test", u, d)
+				if got := o.owner(u); got != owner {
+					t.Errorf("owner(%s) = %+v, want %+v", u, got, owner)
 				}
 			}
 		})
@@ -99,24 +115,25 @@ func TestObserverReadsResponses(t *testing.T) {
 // drops what the observer tracked for a domain.
 func TestObserverCountsEachFailedAuthorizationOnce(t *testing.T) {
 	o := newACMEObserver(nil)
-	o.track("a.test", []string{"https://ca/authz/1"})
-	o.track("b.test", []string{"https://ca/authz/1", "https://ca/authz/2"}) // the first is a.test's
+	a, b := tracked{domain: "a.test"}, tracked{domain: "b.test"}
+	o.track(a, []string{"https://ca/authz/1"})
+	o.track(b, []string{"https://ca/authz/1", "https://ca/authz/2"}) // the first is a.test's
 	if !o.firstFailure("https://ca/authz/1") || o.firstFailure("https://ca/authz/1") {
 		t.Error("an authorization's failure was not counted exactly once")
 	}
-	if o.owner("https://ca/authz/1") != "a.test" || o.owner("https://ca/authz/2") != "b.test" {
+	if o.owner("https://ca/authz/1") != a || o.owner("https://ca/authz/2") != b {
 		t.Error("a URL changed its owner")
 	}
 	o.forget("a.test")
-	if o.owner("https://ca/authz/1") != "" || o.owner("https://ca/authz/2") != "b.test" {
+	if o.owner("https://ca/authz/1") != (tracked{}) || o.owner("https://ca/authz/2") != b {
 		t.Error("forget dropped the wrong URLs")
 	}
 	if !o.firstFailure("https://ca/authz/1") || !o.firstFailure("https://ca/authz/1") {
 		t.Error("an untracked URL's failure is not news every time")
 	}
 	o.forget("b.test")
-	if len(o.authz)+len(o.byName)+len(o.failed) != 0 {
-		t.Errorf("the observer still tracks %d entries", len(o.authz)+len(o.byName)+len(o.failed))
+	if len(o.urls)+len(o.byName)+len(o.failed) != 0 {
+		t.Errorf("the observer still tracks %d entries", len(o.urls)+len(o.byName)+len(o.failed))
 	}
 }
 
@@ -149,12 +166,12 @@ func TestObserverRoundTrip(t *testing.T) {
 	o.timeout = time.Minute
 	o.closed = func() bool { return closed }
 	errRefused := errors.New("refused")
-	o.admit = func(_ *http.Request, domain string) error {
+	o.admit = func(_ *http.Request, domain string) (string, error) {
 		admitted = append(admitted, domain)
 		if domain == "refused.test" {
-			return errRefused
+			return "", errRefused
 		}
-		return nil
+		return "r1", nil
 	}
 	o.report = func(domain string, ob observation) {
 		if domain != "a.test" {
@@ -189,7 +206,8 @@ func TestObserverRoundTrip(t *testing.T) {
 	if len(sent) != 3 || sent[0] != "/new-order "+string(order) {
 		t.Errorf("sent %q, want the order (intact) and the authorization twice", sent)
 	}
-	want := []observation{{order: true}, {authzFailed: true, problem: "Connection refused"}, {problem: "Connection refused"}}
+	want := []observation{{reservation: "r1", order: true}, {reservation: "r1", authzFailed: true, problem: "Connection refused"},
+		{reservation: "r1", problem: "Connection refused"}}
 	if len(reports) != len(want) {
 		t.Fatalf("reports %+v, want %+v", reports, want)
 	}

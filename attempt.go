@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -30,6 +31,8 @@ type attempt struct {
 
 	cert *tls.Certificate
 	err  error
+
+	timer *time.Timer // a renewal's deadline; nil for other attempts
 
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
 	orders      int
@@ -56,6 +59,7 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 	for range 2 {
 		a, err := m.begin(d, k, path)
 		if err != nil {
+			m.warnOrderBudget(err)
 			return nil, err
 		}
 		select {
@@ -238,9 +242,15 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.inFlight--
 	}
 	attemptNo := d.fail.Failures + 1
+	if a.timer != nil {
+		a.timer.Stop()
+	}
+	// What failed for certmgr's own reasons is local; an authorization the
+	// CA failed, or its rate limit, is not, even at Close.
 	var cacheErr *cacheError
-	local := m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
-		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)
+	local := (m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
+		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)) &&
+		a.authzFailed == 0 && !a.rateLimited
 	switch {
 	case err == nil:
 		kind := EventObtained
@@ -280,11 +290,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 				a.rateLimited = true
 			}
 		}
-		spent := 0
-		if a.orders > 0 || a.authzFailed > 0 {
-			spent = max(m.cost(), a.authzFailed)
-		}
-		d.fail.fail(now, err.Error(), spent, m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, m.hooks.rand())
+		d.fail.fail(now, err.Error(), m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, m.hooks.rand())
 		d.lastErr = err
 		d.logged = false
 		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
@@ -318,91 +324,158 @@ func isRSA(c *tls.Certificate) bool {
 	return ok
 }
 
-// admitOrder is asked by the ACME transport before every new order. An
-// order inside an attempt certmgr started passes; any other is a renewal
-// by autocert's own timer, which must pass the same schedule, budget and
-// DNS pre-check as any attempt.
-func (m *Manager) admitOrder(req *http.Request, name string) error {
+// admitOrder is asked by the ACME transport before every new order, and
+// returns the order's reservation in the domain's budget of failed
+// authorizations, stored before the order goes out. An order inside an
+// attempt in flight passes if the budget holds one more authorization;
+// any other is a renewal by autocert's own timer, which must pass the same
+// schedule, budget and DNS pre-check as any attempt. An order of a
+// domain certmgr no longer tracks, or of an autocert.Manager it replaced
+// (whose renewal timer lives on), is refused.
+func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
+	now := m.now()
+	var renewal *attempt
 	m.stateMu.Lock()
 	d := m.domains[name]
-	var err error
-	switch {
-	case d == nil:
-		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
-	case sender(req) != d.am:
-		// An autocert.Manager certmgr replaced: its renewal timer lives on.
-		err = fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
-	case d.loading > 0:
-		err = errLoading
+	err := m.orderGateLocked(req, d, name, now)
+	if err == nil && d.attempt == nil {
+		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{})}
+		// Every attempt ends: a renewal that hears nothing more (autocert
+		// gave up without another request) ends here.
+		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
+			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: renewal gave no outcome within %v", name, m.hooks.renewalMaxAge))
+		})
+		d.attempt = renewal
 	}
-	for err == nil && d.attempt != nil {
-		a := d.attempt
-		if a.path != PathRenewal || m.now().Sub(a.start) < m.hooks.renewalMaxAge {
-			m.stateMu.Unlock()
-			return nil // an order of the attempt in flight
-		}
-		m.stateMu.Unlock()
-		m.finish(d, a, nil, errors.New("certmgr: renewal gave no outcome"))
-		m.stateMu.Lock() // and look again: another attempt may have begun
-	}
-	if err == nil {
-		err = m.gateLocked(d)
-	}
-	if age := m.now().Sub(d.renewed); err == nil && !d.renewed.IsZero() && age >= 0 && age < d.lifetime/4 {
-		// autocert renews again at once when RenewBefore exceeds the
-		// certificate's lifetime; this keeps that from looping, and from
-		// spending the CA's limit on duplicate certificates.
-		err = fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
-	}
-	if err != nil {
-		m.stateMu.Unlock()
-		m.refusedOrders.Add(1)
-		return err
-	}
-	a := &attempt{path: PathRenewal, start: m.now(), done: make(chan struct{})}
-	d.attempt = a
 	m.stateMu.Unlock()
-	if m.dns != nil {
+	if err != nil {
+		m.refused(err)
+		return "", err
+	}
+	if renewal != nil && m.dns != nil {
 		ctx, cancel := context.WithTimeout(req.Context(), m.hooks.dnsCheckTimeout)
 		err := m.dnsChecked(d, m.dns.check(ctx, name))
 		cancel()
 		if err != nil {
-			m.finish(d, a, nil, err)
-			return err
+			m.finish(d, renewal, nil, err)
+			return "", err
 		}
+	}
+	id := m.reservationID()
+	m.stateMu.Lock()
+	if m.domains[name] != d {
+		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	} else if err = m.orderBudgetLocked(d, now); err == nil {
+		d.fail.reserve(now, id)
+		m.orders = append(m.orders, now)
+	}
+	m.stateMu.Unlock()
+	if err != nil {
+		m.refused(err)
+		if renewal != nil {
+			m.finish(d, renewal, nil, err)
+		}
+		return "", err
+	}
+	m.saveState() // the reservation is stored before the order goes out
+	return id, nil
+}
+
+// orderGateLocked returns why d (the domain of name, or nil) may not
+// order now, or nil.
+func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now time.Time) error {
+	switch {
+	case d == nil:
+		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	case sender(req) != d.am:
+		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
+	case d.loading > 0:
+		return errLoading
+	case d.attempt != nil:
+		return nil // an order of the attempt in flight; orderBudgetLocked decides
+	}
+	if err := m.gateLocked(d); err != nil {
+		return err
+	}
+	if age := now.Sub(d.renewed); !d.renewed.IsZero() && age >= 0 && age < d.lifetime/4 {
+		// autocert renews again at once when RenewBefore exceeds the
+		// certificate's lifetime; this keeps that from looping, and from
+		// spending the CA's limit on duplicate certificates.
+		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
 	}
 	return nil
 }
 
-// observed records what the CA said about name's attempt in flight. A
-// renewal ends here when the CA refused it or every challenge type failed.
+// orderBudgetLocked returns why one more order, that may fail one
+// authorization, does not fit d's budget of failed authorizations or the
+// account's budget of new orders, or nil.
+func (m *Manager) orderBudgetLocked(d *domain, now time.Time) error {
+	if t := d.fail.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
+		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	return m.accountBudgetLocked(now)
+}
+
+// reservationID returns a new reservation's ID, unique to this Manager.
+func (m *Manager) reservationID() string {
+	return m.idPrefix + strconv.FormatUint(m.nextID.Add(1), 36)
+}
+
+// refused counts and logs an order refused locally.
+func (m *Manager) refused(err error) {
+	m.refusedOrders.Add(1)
+	m.warnOrderBudget(err)
+}
+
+// warnOrderBudget reports an attempt or order that the account's order
+// budget refused, at most once a minute.
+func (m *Manager) warnOrderBudget(err error) {
+	if errors.Is(err, errOrderBudget) && m.limits.allow("order budget", m.now()) {
+		m.emit(Event{Kind: EventOrderBudget, Time: m.now(), Err: err})
+	}
+}
+
+// observed records what the CA said about name's order: it settles the
+// order's reservation, and tells the attempt in flight. A renewal ends
+// here when the CA refused it, every challenge type failed, or a request
+// got no answer.
 func (m *Manager) observed(name string, ob observation) {
 	m.stateMu.Lock()
 	d := m.domains[name]
-	if d == nil || d.attempt == nil {
+	if d == nil {
 		m.stateMu.Unlock()
 		return
 	}
+	settled := ob.reservation != "" && (ob.authzFailed || ob.authzValid || ob.orderFailed) &&
+		d.fail.settle(ob.reservation, ob.authzFailed)
 	a := d.attempt
-	if ob.order {
-		a.orders++
+	end := false
+	if a != nil {
+		if ob.order {
+			a.orders++
+		}
+		if ob.authzFailed {
+			a.authzFailed++
+		}
+		if ob.problem != "" {
+			a.problem = ob.problem
+		}
+		if ob.challenge != "" {
+			a.challenge = ob.challenge
+		}
+		a.rateLimited = a.rateLimited || ob.rateLimited
+		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
+		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
 	}
-	if ob.authzFailed {
-		a.authzFailed++
+	problem := ""
+	if a != nil {
+		problem = a.problem
 	}
-	if ob.problem != "" {
-		a.problem = ob.problem
-	}
-	if ob.challenge != "" {
-		a.challenge = ob.challenge
-	}
-	a.rateLimited = a.rateLimited || ob.rateLimited
-	a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
-	end := a.path == PathRenewal && (ob.rateLimited || ob.refused || a.authzFailed >= m.cost())
-	problem := a.problem
 	m.stateMu.Unlock()
 	if end {
 		m.finish(d, a, nil, errors.New(problem))
+	} else if settled {
+		m.saveState()
 	}
 }
 

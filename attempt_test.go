@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
 )
@@ -30,19 +32,20 @@ func startAttempt(m *Manager, d *domain, path Path) *attempt {
 
 // TestFinishRecordsOutcome: finish records what the attempt's error says.
 // certmgr's own failures (Close, DNS, the schedule, a local refusal, the
-// Cache) spend nothing and do not move the schedule; the CA's do, with
-// its detail, its Retry-After and its rate limit.
+// Cache) do not move the schedule, unless the CA already failed an
+// authorization; the CA's failures do, with its detail, its Retry-After
+// and its rate limit. finish itself spends no budget: orders reserve it.
 func TestFinishRecordsOutcome(t *testing.T) {
 	t0 := newFakeClock().now()
 	retryAt := t0.Add(2 * time.Hour)
 	rateLimited := &acme.Error{StatusCode: http.StatusTooManyRequests, ProblemType: "urn:ietf:params:acme:error:rateLimited",
 		Detail: "too many", Header: http.Header{"Retry-After": {retryAt.Format(http.TimeFormat)}}}
+	refused := observation{order: true, authzFailed: true, problem: "Connection refused"}
 	for _, tt := range []struct {
 		name      string
 		err       error
 		observed  observation // what the CA said during the attempt
 		failures  int
-		spent     int       // failed authorizations
 		next      time.Time // the schedule's NextAttempt
 		localNext time.Time
 		events    []EventKind
@@ -53,8 +56,10 @@ func TestFinishRecordsOutcome(t *testing.T) {
 		{name: "backoff", err: fmt.Errorf("%w: a.test: not yet", ErrBackoff)},
 		{name: "loading", err: errLoading},
 		{name: "cache", err: &cacheError{op: "get", key: "a.test", err: errInjectedCache}, localNext: t0.Add(30 * time.Second)},
-		{name: "ca-refused", err: errors.New("acme/autocert: missing certificate"), observed: observation{order: true, authzFailed: true, problem: "Connection refused"},
-			failures: 1, spent: 1, next: t0.Add(time.Minute), events: []EventKind{EventFailed, EventBackoff}, lastErr: "certmgr: a.test: Connection refused"},
+		{name: "closed after a failed authorization", err: errClosed, observed: refused,
+			failures: 1, next: t0.Add(time.Minute), events: []EventKind{EventFailed, EventBackoff}, lastErr: "certmgr: a.test: Connection refused"},
+		{name: "ca-refused", err: errors.New("acme/autocert: missing certificate"), observed: refused,
+			failures: 1, next: t0.Add(time.Minute), events: []EventKind{EventFailed, EventBackoff}, lastErr: "certmgr: a.test: Connection refused"},
 		{name: "ca-unreachable", err: errors.New("dial tcp: connection refused"),
 			failures: 1, next: t0.Add(time.Minute), events: []EventKind{EventFailed, EventBackoff}, lastErr: "certmgr: a.test: dial tcp: connection refused"},
 		{name: "ca-rate-limited", err: rateLimited,
@@ -84,8 +89,8 @@ func TestFinishRecordsOutcome(t *testing.T) {
 			if fmt.Sprint(events) != fmt.Sprint(tt.events) {
 				t.Errorf("events %v, want %v", events, tt.events)
 			}
-			if spent := d.fail.spentSince(t0.Add(-time.Hour)); spent != tt.spent {
-				t.Errorf("spent %d authorizations, want %d", spent, tt.spent)
+			if len(d.fail.Spends) != 0 {
+				t.Errorf("finish spent %+v", d.fail.Spends)
 			}
 			if tt.lastErr == "" {
 				if d.lastErr != nil || !errors.Is(a.err, tt.err) {
@@ -102,9 +107,9 @@ func TestFinishRecordsOutcome(t *testing.T) {
 }
 
 // TestAdmitOrderGatesRenewals: an order autocert's timer makes passes the
-// domain's gate like any attempt; orders from a retired autocert.Manager
-// or during a load are refused. (An order for an unknown domain is not
-// tried here: admitOrder dereferences the nil domain; see the report.)
+// domain's gate like any attempt and reserves one authorization of the
+// budget, settled by what the CA says of it; orders for an unknown domain,
+// from a retired autocert.Manager or during a load are refused.
 func TestAdmitOrderGatesRenewals(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
@@ -114,42 +119,61 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	}
 	current := m.newAutocert(nil)
 	d.am = current
-	order := func(am any) *http.Request {
+	order := func(am *autocert.Manager) *http.Request {
 		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
 		return req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
 	}
-	if err := m.admitOrder(order(m.newAutocert(nil)), "a.test"); err == nil || !strings.Contains(err.Error(), "retired") {
+	if _, err := m.admitOrder(order(current), "b.test"); err == nil || !strings.Contains(err.Error(), "unknown domain") {
+		t.Errorf("order for an unknown domain: %v", err)
+	}
+	if _, err := m.admitOrder(order(m.newAutocert(nil)), "a.test"); err == nil || !strings.Contains(err.Error(), "retired") {
 		t.Errorf("order from a retired autocert.Manager: %v", err)
 	}
+	m.stateMu.Lock()
 	d.loading = 1
-	if err := m.admitOrder(order(current), "a.test"); !errors.Is(err, errLoading) {
+	m.stateMu.Unlock()
+	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, errLoading) {
 		t.Errorf("order during a load: %v, want errLoading", err)
 	}
+	m.stateMu.Lock()
 	d.loading = 0
-	d.fail.fail(clock.now(), "failed", 1, 1, 4, m.cfg.Backoff, time.Time{}, 0)
-	if err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
+	d.fail.fail(clock.now(), "failed", 1, 4, m.cfg.Backoff, time.Time{}, 0)
+	m.stateMu.Unlock()
+	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
 		t.Errorf("order in backoff: %v, want ErrBackoff", err)
 	}
-	if n := m.refusedOrders.Load(); n != 3 {
-		t.Errorf("%d orders refused, want 3", n)
+	if n := m.refusedOrders.Load(); n != 4 {
+		t.Errorf("%d orders refused, want 4", n)
 	}
 	clock.advance(time.Hour)
-	if err := m.admitOrder(order(current), "a.test"); err != nil {
-		t.Fatalf("due order: %v", err)
+	id, err := m.admitOrder(order(current), "a.test")
+	if err != nil || id == "" {
+		t.Fatalf("due order: %q, %v", id, err)
 	}
-	if d.attempt == nil || d.attempt.path != PathRenewal {
-		t.Fatalf("attempt %+v, want a renewal in flight", d.attempt)
+	m.stateMu.Lock()
+	renewal, spent := d.attempt, d.fail.spentSince(clock.now().Add(-time.Hour), clock.now())
+	m.stateMu.Unlock()
+	if renewal == nil || renewal.path != PathRenewal || spent != 1 {
+		t.Fatalf("attempt %+v, %d authorization(s) reserved; want a renewal in flight and 1", renewal, spent)
 	}
-	if err := m.admitOrder(order(current), "a.test"); err != nil {
+	id2, err := m.admitOrder(order(current), "a.test")
+	if err != nil {
 		t.Errorf("the renewal's next order: %v, want it to pass", err)
 	}
-	// A renewal with no outcome after renewalMaxAge failed.
-	clock.advance(16 * time.Minute)
-	if err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
-		t.Errorf("order after a renewal gave no outcome: %v, want ErrBackoff", err)
+	// The CA says: the first order's authorization is valid (nothing
+	// spent), the second's failed (spent).
+	m.observed("a.test", observation{reservation: id, authzValid: true})
+	m.observed("a.test", observation{reservation: id2, authzFailed: true, problem: "Connection refused"})
+	m.stateMu.Lock()
+	spent = d.fail.spentSince(clock.now().Add(-time.Hour), clock.now())
+	settled := len(d.fail.Spends) == 1 && d.fail.Spends[0].ID == ""
+	m.stateMu.Unlock()
+	if spent != 1 || !settled {
+		t.Errorf("budget %+v, want the failed authorization spent and settled", d.fail.Spends)
 	}
+	m.finish(d, renewal, nil, errors.New("renewal failed"))
 	if st := m.Status("a.test"); st.Failures != 2 || st.State != StateBackoff {
-		t.Errorf("Status = %+v, want the lost renewal counted as a failure", st)
+		t.Errorf("Status = %+v, want the failed renewal counted", st)
 	}
 }
 
@@ -215,9 +239,9 @@ func TestHandshakesShareOneAttempt(t *testing.T) {
 	// What the observer tracked for the attempt is gone with it, even
 	// after autocert's detached work fetched the authorizations again.
 	waitDetached(t)
-	m.obs.authzMu.Lock()
-	tracked := len(m.obs.authz) + len(m.obs.byName) + len(m.obs.failed)
-	m.obs.authzMu.Unlock()
+	m.obs.urlsMu.Lock()
+	tracked := len(m.obs.urls) + len(m.obs.byName) + len(m.obs.failed)
+	m.obs.urlsMu.Unlock()
 	if tracked != 0 {
 		t.Errorf("the ACME observer still tracks %d entries", tracked)
 	}
@@ -393,5 +417,150 @@ func TestDNSCheckTimeoutIsNoFailure(t *testing.T) {
 	}
 	if strings.Contains(e.logs.String(), "certificate attempt failed") {
 		t.Error("the DNS timeout was logged as a failed attempt")
+	}
+}
+
+// TestOrderOfUnknownOrRetiredManagerIsRefused: an order for a domain
+// certmgr does not track, or from an autocert.Manager it retired, is
+// refused and counted.
+func TestOrderOfUnknownOrRetiredManagerIsRefused(t *testing.T) {
+	m := newPureManager(t, nil, nil)
+	req := httptest.NewRequest(http.MethodPost, "https://ca.test/new-order", nil)
+	if _, err := m.admitOrder(req, "gone.test"); err == nil {
+		t.Error("an order for a domain certmgr does not track was admitted")
+	}
+	d, err := m.domainFor("kept.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	current, retired := &autocert.Manager{}, &autocert.Manager{}
+	m.stateMu.Lock()
+	d.am = current
+	m.stateMu.Unlock()
+	fromRetired := req.WithContext(context.WithValue(req.Context(), senderKey{}, retired))
+	if _, err := m.admitOrder(fromRetired, "kept.test"); err == nil || !strings.Contains(err.Error(), "retired") {
+		t.Errorf("an order from a retired autocert.Manager: %v, want refused", err)
+	}
+	if n := m.refusedOrders.Load(); n != 2 {
+		t.Errorf("%d orders refused, want 2", n)
+	}
+}
+
+// TestRenewalCutAtTransportEnds: a renewal whose request gets no answer
+// (the CA holds it past the request timeout) ends at once, failed and
+// logged, instead of holding the domain until autocert's next order.
+func TestRenewalCutAtTransportEnds(t *testing.T) {
+	const name = "renew.test"
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Minute}})
+	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	e.cur.Load().Close()
+	// From now on the CA takes every finalization and never answers.
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassFinalize, Identifier: name, Hold: true})
+
+	// Restarted with renewal due at once (RenewBefore covers the life).
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.Autocert.RenewBefore = time.Hour
+		c.OnEvent = events.add
+		c.hooks.requestTimeout = 500 * time.Millisecond
+	})
+	e.handshake(t, name, nil)
+	waitFor(t, 20*time.Second, "the renewal's failure", func() bool { return events.count(EventFailed) > 0 })
+	if ev := events.last(EventFailed); ev.Path != PathRenewal {
+		t.Errorf("failure event %+v, want the renewal's", ev)
+	}
+	if st := m.Status(name); st.State != StateValid || st.Failures != 1 {
+		t.Errorf("Status = %+v, want valid with the renewal's failure", st)
+	}
+	m.stateMu.Lock()
+	inFlight := m.domains[name].attempt
+	m.stateMu.Unlock()
+	if inFlight != nil {
+		t.Errorf("the renewal is still in flight after its failure")
+	}
+}
+
+// TestOrderBudgetBinds: the account makes at most OrderBudget orders in 3
+// hours; the next is refused with ErrBackoff and a warning.
+func TestOrderBudgetBinds(t *testing.T) {
+	names := []string{"o1.test", "o2.test", "o3.test"}
+	e := newEnv(t, envOptions{names: append([]string{keptName}, names...)})
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.OrderBudget = 3 // kept.test's and two more
+		c.OnEvent = events.add
+	})
+	e.provisionKept(t, m)
+	for _, n := range names[:2] {
+		if err := m.Provision(context.Background(), n); err != nil {
+			t.Fatalf("Provision %s: %v", n, err)
+		}
+	}
+	err := m.Provision(context.Background(), names[2])
+	if !errors.Is(err, ErrBackoff) || !strings.Contains(err.Error(), "OrderBudget") {
+		t.Errorf("Provision beyond the budget = %v, want ErrBackoff naming OrderBudget", err)
+	}
+	if n := e.Proxy.Counts(names[2]).Orders; n != 0 {
+		t.Errorf("%d orders beyond the budget", n)
+	}
+	if n := events.count(EventOrderBudget); n != 1 {
+		t.Errorf("%d order-budget events, want 1", n)
+	}
+	if st := m.Status(names[2]); st.Failures != 0 {
+		t.Errorf("a local refusal counted as the domain's failure: %+v", st)
+	}
+}
+
+// TestGracefulRestartsSpendAtMostTheBudget: six graceful restarts in a
+// row, each right after the CA failed a validation (Close cuts the
+// client's poll of the authorization), give the CA at most 4 failed
+// validations: what an attempt may have spent is stored before its
+// order goes out.
+func TestGracefulRestartsSpendAtMostTheBudget(t *testing.T) {
+	const name = "restart.test"
+	e := newEnv(t, envOptions{names: []string{keptName, name}, hsBound: faultHSTimeout + faultHSMargin,
+		config: func(c *Config) { c.HandshakeTimeout = faultHSTimeout }})
+	e.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	refused := 0
+	for round := range 6 {
+		m := e.start(t, func(c *Config) {
+			c.Backoff = Backoff{Steps: []time.Duration{time.Millisecond}, Jitter: -1} // only the budget binds
+		})
+		pass := e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassAuthz, Identifier: name, Times: 1})
+		hold := e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassAuthz, Identifier: name, Hold: true})
+		authz := e.Proxy.Requests(certmgrtest.ClassAuthz)
+		done := make(chan error, 1)
+		go func() { done <- m.Provision(context.Background(), name) }()
+		var err error
+		waitFor(t, 10*time.Second, "the poll after the failed validation, or a refusal", func() bool {
+			select {
+			case err = <-done:
+				return true
+			default:
+				return e.Proxy.Requests(certmgrtest.ClassAuthz) >= authz+2
+			}
+		})
+		if err != nil {
+			if !errors.Is(err, ErrBackoff) {
+				t.Fatalf("round %d: Provision = %v, want ErrBackoff or an attempt cut by Close", round, err)
+			}
+			refused++
+		}
+		closeWithin(t, m, time.Second)
+		pass()
+		hold()
+		waitDetached(t)
+	}
+	c := e.Proxy.Counts(name)
+	if c.ChallengeResponses > 4 {
+		t.Errorf("%d validations failed at the CA over 6 restarts, want at most 4", c.ChallengeResponses)
+	}
+	if c.ChallengeResponses == 0 || refused == 0 {
+		t.Errorf("%d validations, %d refusals: the scenario did not run", c.ChallengeResponses, refused)
+	}
+	if rec := persisted(t, e.cache)[name]; rec.spentSince(time.Now().Add(-budgetWindow), time.Now()) < c.ChallengeResponses {
+		t.Errorf("persisted %+v, want the %d failed validations counted", rec, c.ChallengeResponses)
 	}
 }

@@ -1,6 +1,9 @@
 package certmgr
 
-import "time"
+import (
+	"slices"
+	"time"
+)
 
 // Backoff is a retry schedule: how long to wait after consecutive failures.
 // The zero value is usable: it selects the schedule's documented default.
@@ -78,10 +81,15 @@ const budgetWindow = time.Hour
 // Encrypt's longest rate-limit window is a week.
 const maxRetryAfter = 8 * 24 * time.Hour
 
-// spend is one attempt's failed authorizations.
+// spend is failed authorizations counted against the budget. One with an
+// ID is a reservation: an order's one authorization, counted from before
+// the order went out until its outcome is known (settle). A reservation
+// that is never settled, because the process died or closed before the
+// CA answered, stays counted: the CA may have counted it too.
 type spend struct {
 	At    time.Time `json:"at"`
 	Authz int       `json:"authz"`
+	ID    string    `json:"id,omitempty"`
 }
 
 // failureRecord is what certmgr remembers of a domain's failed ACME
@@ -92,18 +100,19 @@ type failureRecord struct {
 	LastFailure time.Time // when the last attempt failed
 	NextAttempt time.Time // no attempt before this (schedule and CA's Retry-After)
 	RetryAfter  time.Time // the CA's own Retry-After; the operator's Retry keeps it
-	Spends      []spend   // failed authorizations in the last budgetWindow
+	Spends      []spend   // failed and reserved authorizations in the last budgetWindow, oldest first
 }
 
-// maxSpends bounds Spends: the budget never allows more attempts than
-// this in one window.
+// maxSpends bounds Spends. Beyond it the oldest settled spends are merged,
+// so that no count is lost.
 const maxSpends = 16
 
-// spentSince returns the failed authorizations spent after t.
-func (f *failureRecord) spentSince(t time.Time) int {
+// spentSince returns the failed and reserved authorizations after t. A
+// spend dated after now counts as made at now.
+func (f *failureRecord) spentSince(t, now time.Time) int {
 	n := 0
 	for _, s := range f.Spends {
-		if s.At.After(t) {
+		if minTime(s.At, now).After(t) {
 			n += s.Authz
 		}
 	}
@@ -112,7 +121,8 @@ func (f *failureRecord) spentSince(t time.Time) int {
 
 // budgetFree returns the earliest time at or after now when an attempt that
 // may fail cost authorizations fits in the budget of failed
-// authorizations per rolling budgetWindow. It returns now when it fits at once.
+// authorizations per rolling budgetWindow: now when it fits at once, and
+// never later than budgetWindow from now.
 func (f *failureRecord) budgetFree(now time.Time, cost, budget int) time.Time {
 	if cost <= 0 {
 		return now
@@ -121,47 +131,80 @@ func (f *failureRecord) budgetFree(now time.Time, cost, budget int) time.Time {
 	// Spends are in time order: dropping the oldest ones, in turn, is the
 	// only way the window frees up.
 	for i := 0; ; i++ {
-		if f.spentSince(t.Add(-budgetWindow))+cost <= budget {
+		if f.spentSince(t.Add(-budgetWindow), now)+cost <= budget {
 			return t
 		}
 		if i >= len(f.Spends) {
 			return t // cost > budget: never fits; let it run after the window
 		}
-		t = maxTime(t, f.Spends[i].At.Add(budgetWindow))
+		t = maxTime(t, minTime(f.Spends[i].At, now).Add(budgetWindow))
 	}
 }
 
-// fail records a failed attempt at now that spent authz failed
-// authorizations, and schedules the next attempt: the schedule's wait, but
-// never before retryAfter (the CA's word) or before the budget of the
-// next attempt (cost authorizations) is free again.
-func (f *failureRecord) fail(now time.Time, msg string, authz, cost, budget int, b Backoff, retryAfter time.Time, r float64) {
+// reserve counts one authorization against the budget at now, under id,
+// before the order that may fail it goes out.
+func (f *failureRecord) reserve(now time.Time, id string) {
+	f.Spends = append(f.Spends, spend{At: now, Authz: 1, ID: id})
+	f.prune(now)
+}
+
+// settle ends the reservation id: the authorization failed, and stays
+// counted, or it did not (it is valid, or the order was never made), and
+// no longer counts. It reports whether the record changed.
+func (f *failureRecord) settle(id string, failed bool) bool {
+	for i, s := range f.Spends {
+		if s.ID != id {
+			continue
+		}
+		if failed {
+			f.Spends[i].ID = ""
+		} else {
+			f.Spends = append(f.Spends[:i], f.Spends[i+1:]...)
+		}
+		return true
+	}
+	return false
+}
+
+// fail records a failed attempt at now and schedules the next one: the
+// schedule's wait, but never before retryAfter (the CA's word, obeyed for
+// at most maxRetryAfter) or before the budget of the next attempt (cost
+// authorizations) is free again. The authorizations the attempt spent were
+// reserved by its orders.
+func (f *failureRecord) fail(now time.Time, msg string, cost, budget int, b Backoff, retryAfter time.Time, r float64) {
 	f.Failures++
 	f.LastError = msg
 	f.LastFailure = now
-	if authz > 0 {
-		f.Spends = append(f.Spends, spend{At: now, Authz: authz})
-	}
 	f.prune(now)
-	// Trust the CA's Retry-After, but not beyond maxRetryAfter: a wrong
-	// answer must not lock a domain out for years.
-	f.RetryAfter = maxTime(f.RetryAfter, minTime(retryAfter, now.Add(maxRetryAfter)))
+	f.RetryAfter = maxTime(minTime(f.RetryAfter, now.Add(maxRetryAfter)), minTime(retryAfter, now.Add(maxRetryAfter)))
 	next := now.Add(b.delay(f.Failures, r))
 	next = maxTime(next, f.RetryAfter)
 	f.NextAttempt = maxTime(next, f.budgetFree(next, cost, budget))
 }
 
-// prune drops spends that left the window, and the oldest beyond maxSpends.
+// prune drops spends that left the window, dates none after now (the clock
+// went back), and merges the oldest settled ones beyond maxSpends.
 func (f *failureRecord) prune(now time.Time) {
 	keep := f.Spends[:0]
 	for _, s := range f.Spends {
-		s.At = minTime(s.At, now) // the clock went back: not in the future
+		s.At = minTime(s.At, now)
 		if s.At.After(now.Add(-budgetWindow)) {
 			keep = append(keep, s)
 		}
 	}
-	if len(keep) > maxSpends {
-		keep = keep[len(keep)-maxSpends:]
+	for i := 0; len(keep) > maxSpends && i+1 < len(keep); {
+		if keep[i].ID != "" || keep[i+1].ID != "" {
+			i++
+			continue
+		}
+		keep[i+1].Authz += keep[i].Authz // the later time: counted for longer
+		keep = append(keep[:i], keep[i+1:]...)
+	}
+	for len(keep) > maxSpends {
+		// Only reservations left to merge: they stay counted, unsettled.
+		keep[1].Authz += keep[0].Authz
+		keep[1].ID = ""
+		keep = keep[1:]
 	}
 	f.Spends = keep
 }
@@ -177,7 +220,24 @@ func (f *failureRecord) succeed(now time.Time) {
 // keeps the CA's Retry-After and the failed-authorization budget.
 func (f *failureRecord) retryNow(now time.Time, cost, budget int) {
 	f.prune(now)
-	f.NextAttempt = maxTime(f.RetryAfter, f.budgetFree(now, cost, budget))
+	f.NextAttempt = maxTime(minTime(f.RetryAfter, now.Add(maxRetryAfter)), f.budgetFree(now, cost, budget))
+}
+
+// merge adds what g knows to f: the later failure, the longer waits, and
+// every spend of either (the same spend once).
+func (f *failureRecord) merge(g failureRecord) {
+	if g.LastFailure.After(f.LastFailure) {
+		f.LastFailure, f.LastError = g.LastFailure, g.LastError
+	}
+	f.Failures = max(f.Failures, g.Failures)
+	f.NextAttempt = maxTime(f.NextAttempt, g.NextAttempt)
+	f.RetryAfter = maxTime(f.RetryAfter, g.RetryAfter)
+	for _, s := range g.Spends {
+		if !slices.Contains(f.Spends, s) {
+			f.Spends = append(f.Spends, s)
+		}
+	}
+	slices.SortStableFunc(f.Spends, func(a, b spend) int { return a.At.Compare(b.At) })
 }
 
 // nextAttempt returns when the next attempt may start, bounded against

@@ -2,6 +2,7 @@ package certmgr
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -38,7 +39,7 @@ func TestBackoffDelays(t *testing.T) {
 // rolling hour.
 func TestBudgetFree(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	f := failureRecord{Spends: []spend{{t0, 2}, {t0.Add(time.Minute), 2}}}
+	f := failureRecord{Spends: []spend{{At: t0, Authz: 2}, {At: t0.Add(time.Minute), Authz: 2}}}
 	if got := f.budgetFree(t0.Add(2*time.Minute), 1, 4); !got.Equal(t0.Add(time.Hour)) {
 		t.Errorf("budgetFree = %v, want when the first spend leaves the window (%v)", got, t0.Add(time.Hour))
 	}
@@ -80,14 +81,31 @@ func TestScheduleKeepsBudget(t *testing.T) {
 			if http01 {
 				cost = 2
 			}
+			// One order: admitted (its authorization reserved) or refused,
+			// then its authorization fails.
+			order := func() bool {
+				id, err := m.admitOrder(req, name)
+				if err != nil {
+					return false
+				}
+				m.observed(name, observation{reservation: id, order: true})
+				m.observed(name, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
+				spends = append(spends, clock.now())
+				return true
+			}
 			if i%2 == 0 {
-				// A renewal by autocert's timer: the order is admitted or refused.
-				if m.admitOrder(req, name) == nil {
-					m.observed(name, observation{order: true})
-					for range cost {
-						m.observed(name, observation{authzFailed: true, problem: "Connection refused"})
-						spends = append(spends, clock.now())
+				// A renewal by autocert's timer: its orders are admitted or
+				// refused; it ends once every challenge type failed.
+				for range cost {
+					if !order() {
+						break
 					}
+				}
+				m.stateMu.Lock()
+				a := d.attempt
+				m.stateMu.Unlock()
+				if a != nil {
+					m.finish(d, a, nil, errors.New("acme/autocert: renewal failed"))
 				}
 			} else {
 				// A handshake: begin's gate, then a failed attempt.
@@ -95,16 +113,18 @@ func TestScheduleKeepsBudget(t *testing.T) {
 				gate := m.gateLocked(d)
 				var a *attempt
 				if gate == nil {
-					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{}), orders: cost, authzFailed: cost}
+					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
 					d.attempt = a
 					m.inFlight++
 				}
 				m.stateMu.Unlock()
 				if gate == nil {
-					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
 					for range cost {
-						spends = append(spends, clock.now())
+						if !order() {
+							break
+						}
 					}
+					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
 				} else if !errors.Is(gate, ErrBackoff) {
 					t.Fatalf("gate: %v", gate)
 				}
@@ -153,7 +173,7 @@ func offsets(ts []time.Time, start time.Time) []time.Duration {
 func TestFailureRecordRetryKeepsRetryAfter(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var f failureRecord
-	f.fail(t0, "rate limited", 1, 1, 4, defaultBackoff, t0.Add(time.Hour), 0)
+	f.fail(t0, "rate limited", 1, 4, defaultBackoff, t0.Add(time.Hour), 0)
 	if !f.NextAttempt.Equal(t0.Add(time.Hour)) {
 		t.Fatalf("NextAttempt = %v, want the CA's Retry-After", f.NextAttempt)
 	}
@@ -167,34 +187,60 @@ func TestFailureRecordRetryKeepsRetryAfter(t *testing.T) {
 	}
 }
 
-// TestFailureRecordFail: each failure counts, schedules the next attempt
-// by the schedule, never before the CA's Retry-After (trusted for at most
-// a week) nor before the budget can pay for the next attempt.
+// TestFailureRecordFail: each failure counts and schedules the next
+// attempt by the schedule, never before the CA's Retry-After (trusted for
+// at most a week) nor before the budget can pay for the next attempt.
 func TestFailureRecordFail(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	b := Backoff{Steps: []time.Duration{time.Minute, 10 * time.Minute}, Jitter: -1}
 	var f failureRecord
-	f.fail(t0, "one", 1, 1, 4, b, time.Time{}, 0)
-	f.fail(t0.Add(time.Minute), "two", 1, 1, 4, b, time.Time{}, 0)
+	f.fail(t0, "one", 1, 4, b, time.Time{}, 0)
+	f.fail(t0.Add(time.Minute), "two", 1, 4, b, time.Time{}, 0)
 	if f.Failures != 2 || f.LastError != "two" || !f.LastFailure.Equal(t0.Add(time.Minute)) || !f.NextAttempt.Equal(t0.Add(11*time.Minute)) {
 		t.Errorf("after two failures: %+v", f)
 	}
-	f.fail(t0.Add(2*time.Minute), "three", 2, 2, 4, b, time.Time{}, 0) // 4 spent: the next attempt (2) waits for the window
+	// Four failed authorizations in the hour: the next attempt, which may
+	// fail two, waits until two of them left the window.
+	for i := range 4 {
+		id := fmt.Sprint(i)
+		f.reserve(t0.Add(time.Duration(i)*time.Minute), id)
+		f.settle(id, true)
+	}
+	f.fail(t0.Add(4*time.Minute), "three", 2, 4, b, time.Time{}, 0)
 	if want := t0.Add(61 * time.Minute); !f.NextAttempt.Equal(want) {
 		t.Errorf("NextAttempt %v, want %v when the budget can pay", f.NextAttempt, want)
 	}
 	var g failureRecord
-	g.fail(t0, "limited", 0, 1, 4, b, t0.Add(30*24*time.Hour), 0)
+	g.fail(t0, "limited", 1, 4, b, t0.Add(30*24*time.Hour), 0)
 	if want := t0.Add(maxRetryAfter); !g.NextAttempt.Equal(want) || !g.RetryAfter.Equal(want) {
 		t.Errorf("a Retry-After a month ahead: next %v, retry-after %v; want a week (%v)", g.NextAttempt, g.RetryAfter, want)
 	}
 	if len(g.Spends) != 0 {
-		t.Errorf("a failure that spent nothing recorded %+v", g.Spends)
+		t.Errorf("a failure spent %+v: only orders reserve the budget", g.Spends)
 	}
 }
 
-// TestFailureRecordPrune: spends leave after the hour, at most maxSpends
-// are kept, and a spend from the future is brought back to now.
+// TestFailureRecordReservations: an order reserves one authorization; the
+// CA's word settles it: spent if the authorization failed, freed if not.
+func TestFailureRecordReservations(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var f failureRecord
+	f.reserve(t0, "r1")
+	f.reserve(t0, "r2")
+	if n := f.spentSince(t0.Add(-time.Hour), t0); n != 2 {
+		t.Errorf("%d reserved, want 2", n)
+	}
+	if !f.settle("r1", false) || !f.settle("r2", true) || f.settle("r3", true) {
+		t.Error("settle did not find the reservations, or found one never made")
+	}
+	if n := f.spentSince(t0.Add(-time.Hour), t0); n != 1 || len(f.Spends) != 1 || f.Spends[0].ID != "" {
+		t.Errorf("after settling: %+v, want the failed one spent", f.Spends)
+	}
+}
+
+// TestFailureRecordPrune: spends leave after the hour, a spend from the
+// future is dated now, and beyond maxSpends the oldest settled ones are
+// merged, their authorizations still counted.
 func TestFailureRecordPrune(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	var f failureRecord
@@ -202,9 +248,10 @@ func TestFailureRecordPrune(t *testing.T) {
 		f.Spends = append(f.Spends, spend{At: t0.Add(time.Duration(i) * time.Second), Authz: 1})
 	}
 	f.Spends = append(f.Spends, spend{At: t0.Add(time.Hour), Authz: 1})
-	f.prune(t0.Add(time.Minute))
-	if len(f.Spends) != maxSpends || !f.Spends[maxSpends-1].At.Equal(t0.Add(time.Minute)) {
-		t.Errorf("after prune: %d spends, last at %v", len(f.Spends), f.Spends[len(f.Spends)-1].At)
+	now := t0.Add(time.Minute)
+	f.prune(now)
+	if len(f.Spends) != maxSpends || !f.Spends[maxSpends-1].At.Equal(now) || f.spentSince(t0.Add(-time.Hour), now) != maxSpends+5 {
+		t.Errorf("after prune: %d spends of %d authorizations, last at %v", len(f.Spends), f.spentSince(t0.Add(-time.Hour), now), f.Spends[len(f.Spends)-1].At)
 	}
 	f.prune(t0.Add(2 * time.Hour))
 	if len(f.Spends) != 0 || !f.empty(t0.Add(2*time.Hour)) {

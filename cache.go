@@ -1,7 +1,6 @@
 package certmgr
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/rsa"
@@ -32,13 +31,47 @@ type certCache struct {
 
 	pendingMu sync.Mutex
 	pending   map[string][]byte // writes that failed, by key
+
+	writersMu sync.Mutex
+	writers   map[string]*keyWriter // keys being written; see lockKey
+}
+
+// keyWriter serialises the writes of one key.
+type keyWriter struct {
+	mu    sync.Mutex // held across one write of the key to the inner Cache
+	users int        // guarded by certCache.writersMu
+}
+
+// lockKey serialises the writes of key to the inner Cache, so that of two
+// writes of a key (a Put and the retry of an older one that failed) the
+// one that lands last is the one that began last. It returns the unlock
+// function. The lock is held across the inner Cache's call; nothing else
+// is taken under it but pendingMu.
+func (c *certCache) lockKey(key string) (unlock func()) {
+	c.writersMu.Lock()
+	w := c.writers[key]
+	if w == nil {
+		w = &keyWriter{}
+		c.writers[key] = w
+	}
+	w.users++
+	c.writersMu.Unlock()
+	w.mu.Lock()
+	return func() {
+		w.mu.Unlock()
+		c.writersMu.Lock()
+		if w.users--; w.users == 0 {
+			delete(c.writers, key)
+		}
+		c.writersMu.Unlock()
+	}
 }
 
 func newCertCache(inner autocert.Cache) *certCache {
 	if inner == nil {
 		inner = &memCache{m: make(map[string][]byte)}
 	}
-	return &certCache{inner: inner, kick: make(chan struct{}, 1), pending: make(map[string][]byte)}
+	return &certCache{inner: inner, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
 }
 
 // Get implements autocert.Cache. An error other than a miss is a
@@ -120,6 +153,7 @@ func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 
 // put is Put without reporting.
 func (c *certCache) put(ctx context.Context, key string, data []byte) error {
+	unlock := c.lockKey(key)
 	err := c.inner.Put(ctx, key, data)
 	keep := isCertKey(key) || key == stateKey || key == accountKeyName
 	c.pendingMu.Lock()
@@ -129,6 +163,7 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 		delete(c.pending, key)
 	}
 	c.pendingMu.Unlock()
+	unlock()
 	if err != nil && keep {
 		select {
 		case c.kick <- struct{}{}:
@@ -143,6 +178,8 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 
 // Delete implements autocert.Cache.
 func (c *certCache) Delete(ctx context.Context, key string) error {
+	unlock := c.lockKey(key)
+	defer unlock()
 	c.pendingMu.Lock()
 	delete(c.pending, key)
 	c.pendingMu.Unlock()
@@ -169,23 +206,33 @@ func (c *certCache) retryLoop(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// flush writes the kept entries and returns how many are left.
+// flush writes the kept entries and returns how many are left. Each is
+// written under its key's lock, and only if it is still the newest write
+// of its key: a Put that succeeded meanwhile is not overwritten.
 func (c *certCache) flush(ctx context.Context) int {
 	c.pendingMu.Lock()
-	todo := make(map[string][]byte, len(c.pending))
-	for k, v := range c.pending {
-		todo[k] = v
+	keys := make([]string, 0, len(c.pending))
+	for k := range c.pending {
+		keys = append(keys, k)
 	}
 	c.pendingMu.Unlock()
-	for k, v := range todo {
-		wctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-		err := c.inner.Put(wctx, k, v)
-		cancel()
+	for _, k := range keys {
+		unlock := c.lockKey(k)
 		c.pendingMu.Lock()
-		if cur, ok := c.pending[k]; ok && err == nil && bytes.Equal(cur, v) {
-			delete(c.pending, k) // unless a newer write came meanwhile
-		}
+		v, ok := c.pending[k]
 		c.pendingMu.Unlock()
+		var err error
+		if ok {
+			wctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+			err = c.inner.Put(wctx, k, v)
+			cancel()
+			if err == nil {
+				c.pendingMu.Lock()
+				delete(c.pending, k) // under the key's lock: nothing newer came
+				c.pendingMu.Unlock()
+			}
+		}
+		unlock()
 		if err != nil {
 			c.onError("put", k, err)
 		}
@@ -201,8 +248,12 @@ const cacheTimeout = 10 * time.Second
 // isCertKey reports whether key is one under which autocert stores a
 // domain's certificate: "example.com" (ECDSA) or "example.com+rsa".
 // Its other keys have other suffixes ("+token", "+http-01",
-// "acme_account+key") and certmgr's own start with "certmgr+".
+// "acme_account+key"), or are autocert's former account key name
+// ("acme_account.key"), and certmgr's own start with "certmgr+".
 func isCertKey(key string) bool {
+	if key == oldAccountKeyName {
+		return false
+	}
 	i := strings.IndexByte(key, '+')
 	return i < 0 || key[i:] == "+rsa"
 }

@@ -4,9 +4,12 @@ import (
 	"cmp"
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	mathrand "math/rand/v2"
 	"net/http"
@@ -91,6 +94,13 @@ type Config struct {
 	// zero, 1,024.
 	MaxFallbacks int
 
+	// OrderBudget is the most new orders the ACME account may make in any
+	// rolling 3 hours, renewals included; an order beyond it is refused
+	// locally and logged. It keeps a flood of names a permissive HostPolicy
+	// allows from spending the CA's limit (Let's Encrypt allows 300 per
+	// account per 3 hours). If zero, 150.
+	OrderBudget int
+
 	hooks testHooks
 }
 
@@ -130,9 +140,10 @@ func (h testHooks) withDefaults() testHooks {
 // A Manager has four mutexes, each declared above what it guards:
 //   - persistMu serialises writes of the persisted state, so that the last
 //     one written is the newest. It is held across that one Cache Put.
-//   - stateMu guards the domain table (domains, queue, inFlight) and every
-//     field of every domain and attempt. A function or method named
-//     ...Locked is called with stateMu held; no other lock is meant.
+//   - stateMu guards the domain table (domains, queue, inFlight, orders,
+//     dormant, stateUnread) and every field of every domain and attempt. A
+//     function or method named ...Locked is called with stateMu held; no
+//     other lock is meant.
 //   - servedMu guards served, the certificates handshakes get.
 //   - accountMu guards key.
 //
@@ -144,9 +155,12 @@ func (h testHooks) withDefaults() testHooks {
 // call Status: so autocert's locks come before stateMu, and stateMu is
 // never held around autocert.
 //
-// The helpers have leaf locks that are never held while another lock is
-// taken or a call goes out: acmeObserver.authzMu, certCache.pendingMu,
-// fallbackStore.certsMu and dnsChecker.cacheMu.
+// The Cache wrapper (certCache) holds one lock per key being written
+// across that write, so that the newest write of a key lands last;
+// persistMu comes before the state key's. The helpers' other locks are
+// leaves, never held while another lock is taken or a call goes out:
+// acmeObserver.urlsMu, certCache.pendingMu and writersMu,
+// fallbackStore.certsMu, dnsChecker.cacheMu and limiter.lastMu.
 type Manager struct {
 	cfg       Config    // defaults applied
 	hooks     testHooks // defaults applied
@@ -161,14 +175,26 @@ type Manager struct {
 	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
 	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
 	loads     singleflight.Group
-	http01    atomic.Bool // HTTPHandler was called: attempts may try http-01
+	http01    atomic.Bool   // HTTPHandler was called: attempts may try http-01
+	idPrefix  string        // of reservation IDs: unique to this Manager
+	nextID    atomic.Uint64 // of reservation IDs
+	limits    limiter       // of repeated warnings
+	account   atomic.Value  // the account's URI (a string), once the CA said it
 
 	persistMu sync.Mutex // serialises saveState's writes
 
 	stateMu  sync.Mutex
 	domains  map[string]*domain
-	queue    []string // domain names, oldest first: where room is made
-	inFlight int      // attempts running in goroutines
+	queue    []string    // domain names, oldest first: where room is made
+	inFlight int         // attempts running in goroutines
+	orders   []time.Time // the account's new orders in the last orderWindow, oldest first
+	// dormant holds persisted records of names not in domains (the
+	// HostPolicy refused them, or failed): written back as they are, and
+	// taken up if the name comes back.
+	dormant map[string]failureRecord
+	// stateUnread is set while the persisted records could not be read:
+	// no order is made and no record written until they are.
+	stateUnread bool
 
 	servedMu sync.RWMutex
 	served   map[certKey]*tls.Certificate // valid certificates, by name and key type
@@ -192,8 +218,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Autocert == nil {
 		return nil, errors.New("certmgr: Config.Autocert is nil; it is required")
 	}
-	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 {
-		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains or MaxFallbacks")
+	if cfg.HandshakeTimeout < 0 || cfg.AuthzBudget < 0 || cfg.MaxDomains < 0 || cfg.MaxFallbacks < 0 || cfg.OrderBudget < 0 {
+		return nil, errors.New("certmgr: negative HandshakeTimeout, AuthzBudget, MaxDomains, MaxFallbacks or OrderBudget")
 	}
 	if cfg.AuthzBudget == 1 {
 		// An attempt may fail two authorizations (tls-alpn-01, then http-01).
@@ -206,6 +232,7 @@ func New(cfg Config) (*Manager, error) {
 		timeout: cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout),
 		served:  make(map[certKey]*tls.Certificate),
 		domains: make(map[string]*domain),
+		dormant: make(map[string]failureRecord),
 	}
 	m.now = m.hooks.now
 	m.cfg.Backoff = cfg.Backoff.withDefaults(defaultBackoff)
@@ -213,6 +240,10 @@ func New(cfg Config) (*Manager, error) {
 	m.cfg.AuthzBudget = cmp.Or(cfg.AuthzBudget, 4)
 	m.cfg.MaxDomains = cmp.Or(cfg.MaxDomains, 10000)
 	m.cfg.MaxFallbacks = cmp.Or(cfg.MaxFallbacks, 1024)
+	m.cfg.OrderBudget = cmp.Or(cfg.OrderBudget, 150)
+	var nonce [6]byte
+	rand.Read(nonce[:])
+	m.idPrefix = base64.RawURLEncoding.EncodeToString(nonce[:]) + "-"
 
 	user := cfg.Autocert.Client
 	if user == nil {
@@ -245,6 +276,8 @@ func New(cfg Config) (*Manager, error) {
 			return nil, m.dns.err
 		}
 		m.dns.life = m.ctx
+		m.dns.methods = m.challengeTypes
+		m.dns.account = m.accountURI
 	}
 	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
 	if err != nil {
@@ -266,6 +299,7 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.admit = m.admitOrder
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
+	m.obs.account = func(uri string) { m.account.Store(uri) }
 	m.base = m.newAutocert(nil)
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,
@@ -301,6 +335,7 @@ func (m *Manager) Close() error {
 		m.stateMu.Unlock()
 		m.cancel()
 		m.wg.Wait()
+		m.endRenewals()
 		// A last try at the writes that failed: what was obtained must
 		// not be lost at a graceful restart.
 		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
@@ -370,10 +405,54 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 	return nil
 }
 
-// cacheFailed reports a Cache failure of op on key as an event.
+// challengeTypes returns the validation methods attempts may use.
+func (m *Manager) challengeTypes() []string {
+	if m.http01.Load() {
+		return []string{"tls-alpn-01", "http-01"}
+	}
+	return []string{"tls-alpn-01"}
+}
+
+// accountURI returns the ACME account's URI, or "" until the CA said it.
+func (m *Manager) accountURI() string {
+	uri, _ := m.account.Load().(string)
+	return uri
+}
+
+// endRenewals ends the renewals in flight, which run in autocert's own
+// goroutines: their requests were refused since Close began.
+func (m *Manager) endRenewals() {
+	type pair struct {
+		d *domain
+		a *attempt
+	}
+	var renewals []pair
+	m.stateMu.Lock()
+	for _, d := range m.domains {
+		if d.attempt != nil && d.attempt.path == PathRenewal {
+			renewals = append(renewals, pair{d, d.attempt})
+		}
+	}
+	m.stateMu.Unlock()
+	for _, r := range renewals {
+		m.finish(r.d, r.a, nil, errClosed)
+	}
+}
+
+// cacheFailed reports a Cache failure of op on key as an event, at most
+// once a minute for each cause: a remote client can make autocert look up
+// keys of its choosing.
 func (m *Manager) cacheFailed(op, key string, err error) {
 	if m.closed.Load() {
 		return // autocert's renewal timers outlive Close; they are not news
+	}
+	cause := err.Error()
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		cause = pe.Op + ": " + pe.Err.Error() // the same failure whatever the key
+	}
+	if !m.limits.allow("cache "+op+": "+cause, m.now()) {
+		return
 	}
 	ev := Event{Kind: EventCacheError, Time: m.now(), Err: fmt.Errorf("certmgr: cache %s %q: %w", op, key, err)}
 	if isCertKey(key) {

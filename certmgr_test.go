@@ -5,10 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"golang.org/x/crypto/acme"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/crypto/acme/autocert"
@@ -189,4 +193,45 @@ func TestHostPolicyErrorWrapsBoth(t *testing.T) {
 		t.Errorf("no HostPolicy: %v, want every name allowed", err)
 	}
 
+}
+
+// TestRemoteNamesMakeNoCacheErrors: names and token paths a remote client
+// chooses are checked before any Cache call, and what the Cache cannot
+// store is reported at most once a minute.
+func TestRemoteNamesMakeNoCacheErrors(t *testing.T) {
+	var cacheErrors atomic.Int64
+	m := newPureManager(t, nil, func(c *Config) {
+		c.Autocert.Cache = autocert.DirCache(t.TempDir())
+		c.OnEvent = func(e Event) {
+			if e.Kind == EventCacheError {
+				cacheErrors.Add(1)
+			}
+		}
+	})
+	label := strings.Repeat("a", 63)
+	for i := range 20 {
+		// 253 bytes in labels of at most 63: a valid name whose "+token"
+		// key is too long for a file name.
+		name := strings.Join([]string{label, label, label, fmt.Sprintf("%02d", i) + strings.Repeat("c", 59)}, ".")
+		hello := &tls.ClientHelloInfo{ServerName: name, SupportedProtos: []string{acme.ALPNProto}}
+		if _, err := m.GetCertificate(hello); err == nil {
+			t.Fatal("a validation hello with no token got a certificate")
+		}
+		long := &tls.ClientHelloInfo{ServerName: strings.Repeat("b", 70) + ".test", SupportedProtos: []string{acme.ALPNProto}}
+		if _, err := m.GetCertificate(long); err == nil {
+			t.Fatal("a validation hello for a label of 70 bytes got a certificate")
+		}
+	}
+	h := m.HTTPHandler(nil)
+	for range 20 {
+		r := httptest.NewRequest(http.MethodGet, "http://a.test/.well-known/acme-challenge/"+strings.Repeat("x", 250), nil)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusNotFound {
+			t.Errorf("a token path of 250 bytes: %d, want 404", w.Code)
+		}
+	}
+	if n := cacheErrors.Load(); n > 1 {
+		t.Errorf("%d cache-error events from remote clients' names, want at most 1 a minute", n)
+	}
 }

@@ -119,11 +119,17 @@ type dnsChecker struct {
 	known     []netip.Addr // unmapped
 	resolvers []string
 	caaIDs    []string
-	timeout   time.Duration
-	maxCache  time.Duration // zero disables the cache
-	now       func() time.Time
-	err       error           // a configuration error that every check returns
-	life      context.Context // shared queries end with it (a Manager's Close)
+	// methods, if not nil, returns the validation methods the client may
+	// use, for CAA's validationmethods; account, if not nil, returns the
+	// client's account URI, for CAA's accounturi, or "" while unknown
+	// (RFC 8657). When either is nil or unknown, any value passes.
+	methods  func() []string
+	account  func() string
+	timeout  time.Duration
+	maxCache time.Duration // zero disables the cache
+	now      func() time.Time
+	err      error           // a configuration error that every check returns
+	life     context.Context // shared queries end with it (a Manager's Close)
 
 	flight singleflight.Group // de-duplicates concurrent identical queries
 
@@ -267,11 +273,7 @@ func (c *dnsChecker) checkCAA(domain, at string, rrs []dns.RR) error {
 		switch strings.ToLower(caa.Tag) {
 		case "issue":
 			issue = append(issue, fmt.Sprintf("issue %q", caa.Value))
-			issuer, _, _ := strings.Cut(caa.Value, ";")
-			issuer = strings.TrimSpace(issuer)
-			authorised = authorised || issuer != "" && slices.ContainsFunc(c.caaIDs, func(id string) bool {
-				return strings.EqualFold(id, issuer)
-			})
+			authorised = authorised || c.caaAuthorises(caa.Value)
 		case "issuewild", "iodef":
 			// issuewild only restricts wildcard names, which ACME
 			// HTTP-01 and TLS-ALPN-01 challenges cannot validate.
@@ -285,6 +287,37 @@ func (c *dnsChecker) checkCAA(domain, at string, rrs []dns.RR) error {
 		return nil // RFC 8659: a set without issue records does not restrict issuance
 	}
 	return notReady("CAA at %s does not authorise any of %v (found %s)", at, c.caaIDs, strings.Join(issue, ", "))
+}
+
+// caaAuthorises reports whether the value of a CAA issue record authorises
+// one of c.caaIDs for this client: its issuer is one of them and its
+// parameters (RFC 8657) allow the client's account and one of its
+// validation methods, as far as they are known.
+func (c *dnsChecker) caaAuthorises(value string) bool {
+	issuer, params, _ := strings.Cut(value, ";")
+	issuer = strings.TrimSpace(issuer)
+	if issuer == "" || !slices.ContainsFunc(c.caaIDs, func(id string) bool { return strings.EqualFold(id, issuer) }) {
+		return false
+	}
+	for p := range strings.SplitSeq(params, ";") {
+		key, val, _ := strings.Cut(p, "=")
+		key, val = strings.TrimSpace(key), strings.TrimSpace(val)
+		switch strings.ToLower(key) {
+		case "accounturi":
+			if c.account != nil {
+				if uri := c.account(); uri != "" && uri != val {
+					return false
+				}
+			}
+		case "validationmethods":
+			if c.methods != nil && !slices.ContainsFunc(strings.Split(val, ","), func(m string) bool {
+				return slices.Contains(c.methods(), strings.TrimSpace(m))
+			}) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // lookupError reports a query for name and qtype that yielded no usable

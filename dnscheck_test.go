@@ -409,3 +409,39 @@ func TestPreCheckResolverFailures(t *testing.T) {
 		t.Errorf("%d orders", n)
 	}
 }
+
+// TestCAAParametersChecked: an issue record's accounturi and
+// validationmethods (RFC 8657) must allow this client, as far as it knows
+// its account and methods.
+func TestCAAParametersChecked(t *testing.T) {
+	s := certmgrtest.StartDNS(t)
+	s.SetA("a.test", "127.0.0.1")
+	const account = "https://ca.test/acct/1"
+	tests := []struct {
+		value   string
+		account string // the client's, "" while unknown
+		ready   bool
+	}{
+		{"ca.test", account, true},
+		{"ca.test; validationmethods=tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01,tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01", account, false},
+		{"ca.test; validationmethods=dns-01", "", false},
+		{"ca.test; accounturi=" + account, account, true},
+		{"ca.test; accounturi=https://ca.test/acct/2", account, false},
+		{"ca.test; accounturi=https://ca.test/acct/2", "", true},
+		{"ca.test; accounturi=" + account + "; validationmethods=http-01", account, false},
+		{"other.ca; accounturi=" + account, account, false},
+	}
+	for _, tt := range tests {
+		s.SetCAA("a.test", certmgrtest.CAA{Tag: "issue", Value: tt.value})
+		c := newDNSChecker(DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+			Resolvers: []string{s.Addr()}, CAAIdentities: []string{"ca.test"}}, 0, time.Now)
+		c.methods = func() []string { return []string{"tls-alpn-01"} }
+		c.account = func() string { return tt.account }
+		err := c.check(context.Background(), "a.test")
+		if ready := err == nil; ready != tt.ready {
+			t.Errorf("CAA %q with account %q: %v, want ready %v", tt.value, tt.account, err, tt.ready)
+		}
+	}
+}

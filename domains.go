@@ -38,20 +38,27 @@ type domain struct {
 // domainFor returns the domain of name, creating it if needed. When
 // MaxDomains are tracked, it makes room by dropping the oldest idle
 // domain (see idleLocked), and fails when there is none among the first
-// few.
+// few: that is reported (EventTableFull) at most once a minute.
 func (m *Manager) domainFor(name string) (*domain, error) {
 	m.stateMu.Lock()
-	defer m.stateMu.Unlock()
-	if d := m.domains[name]; d != nil {
+	d := m.domains[name]
+	full := d == nil && len(m.domains) >= m.cfg.MaxDomains && !m.makeRoomLocked()
+	if d == nil && !full {
+		d = &domain{name: name, fail: m.dormant[name]}
+		delete(m.dormant, name)
+		m.domains[name] = d
+		m.queue = append(m.queue, name)
+	}
+	n := len(m.domains)
+	m.stateMu.Unlock()
+	if !full {
 		return d, nil
 	}
-	if len(m.domains) >= m.cfg.MaxDomains && !m.makeRoomLocked() {
-		return nil, fmt.Errorf("certmgr: tracking %d domains already; %s not added", len(m.domains), name)
+	err := fmt.Errorf("certmgr: tracking %d domains already (MaxDomains), none idle; %s not added", n, name)
+	if m.limits.allow("table full", m.now()) {
+		m.emit(Event{Kind: EventTableFull, Time: m.now(), Domain: name, Err: err})
 	}
-	d := &domain{name: name}
-	m.domains[name] = d
-	m.queue = append(m.queue, name)
-	return d, nil
+	return nil, err
 }
 
 // makeRoomLocked drops one idle domain, looking at a few of the oldest.
@@ -79,19 +86,26 @@ func (m *Manager) makeRoomLocked() bool {
 }
 
 // idleLocked reports whether d may be dropped to make room: no attempt,
-// no certificate, no autocert.Manager, and nothing it waits for (its
+// no Cache read in progress, no certificate, no autocert.Manager, and
+// nothing it waits for (its
 // backoff, the CA's Retry-After and its spent authorizations are over).
 // A name that keeps failing is forgotten then, like one never seen; a
 // domain that waits is kept, so that no flood of names can lift its
 // backoff.
 func (m *Manager) idleLocked(d *domain, now time.Time) bool {
-	return d.attempt == nil && d.am == nil && !now.Before(d.notAfter) &&
-		!m.waitingLocked(d, now) && d.fail.spentSince(now.Add(-budgetWindow)) == 0
+	return d.attempt == nil && d.am == nil && d.loading == 0 && !now.Before(d.notAfter) &&
+		!m.waitingLocked(d, now) && d.fail.spentSince(now.Add(-budgetWindow), now) == 0
 }
 
 // gateLocked returns why no attempt may start for d now, or nil.
 func (m *Manager) gateLocked(d *domain) error {
 	now := m.now()
+	if m.stateUnread {
+		return fmt.Errorf("%w: %s: the persisted failure records could not be read yet", ErrBackoff, d.name)
+	}
+	if err := m.accountBudgetLocked(now); err != nil {
+		return err
+	}
 	if !m.waitingLocked(d, now) {
 		return nil
 	}
@@ -141,6 +155,26 @@ func (m *Manager) dnsNextLocked(d *domain, now time.Time) time.Time {
 // cacheRetry from now.
 func (m *Manager) localNextLocked(d *domain, now time.Time) time.Time {
 	return minTime(d.localNext, now.Add(m.hooks.cacheRetry))
+}
+
+// orderWindow is the window of the account's order budget: that of Let's
+// Encrypt's limit of new orders per account.
+const orderWindow = 3 * time.Hour
+
+// accountBudgetLocked returns an error wrapping ErrBackoff and
+// errOrderBudget if the account made OrderBudget orders in the last
+// orderWindow, or nil.
+func (m *Manager) accountBudgetLocked(now time.Time) error {
+	i := 0
+	for i < len(m.orders) && !m.orders[i].After(now.Add(-orderWindow)) {
+		i++
+	}
+	m.orders = m.orders[i:]
+	if len(m.orders) < m.cfg.OrderBudget {
+		return nil
+	}
+	return fmt.Errorf("%w: %w: %d new orders in the last %v (Config.OrderBudget); the next at %s", ErrBackoff, errOrderBudget,
+		len(m.orders), orderWindow, m.orders[0].Add(orderWindow).UTC().Format(time.RFC3339))
 }
 
 // cost is how many authorizations one attempt can fail: one per

@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"strings"
@@ -192,5 +193,105 @@ func TestAutocertPerDomain(t *testing.T) {
 	if am.Cache != m.cache || am.Email != "ops@example.com" || am.RenewBefore != 48*time.Hour || am.Client.Key == nil ||
 		am.Client.DirectoryURL != m.client.DirectoryURL || am.Client.UserAgent != "certmgr" {
 		t.Errorf("autocert.Manager %+v, client %+v: not the user's settings through certmgr's cache", am, am.Client)
+	}
+}
+
+// TestLoadingDomainIsNotEvicted: a domain whose first Cache read is
+// running is not dropped to make room.
+func TestLoadingDomainIsNotEvicted(t *testing.T) {
+	m := newPureManager(t, nil, func(c *Config) { c.MaxDomains = 1 })
+	d, err := m.domainFor("loading.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.stateMu.Lock()
+	d.loading++ // its first Cache read is running
+	m.stateMu.Unlock()
+	if _, err := m.domainFor("other.test"); err == nil {
+		t.Error("a domain whose Cache read is running was dropped to make room")
+	}
+	m.stateMu.Lock()
+	d.loading--
+	m.stateMu.Unlock()
+	if _, err := m.domainFor("other.test"); err != nil {
+		t.Errorf("once loaded and idle, the domain makes room: %v", err)
+	}
+}
+
+// TestWaitsBoundedFromNow: no persisted record, however far in the future
+// its times, and no Retry-After met while the clock ran ahead, holds a
+// domain longer than maxRetryAfter from now; Retry cannot lift the CA's
+// (bounded) Retry-After.
+func TestWaitsBoundedFromNow(t *testing.T) {
+	clock := newFakeClock()
+	data := []byte(`{"version":1,"domains":{"far.test":{"failures":3,"last_failure":"9999-12-31T00:00:00Z",` +
+		`"next_attempt":"9999-12-31T00:00:00Z","retry_after":"9999-12-31T00:00:00Z",` +
+		`"spends":[{"at":"9999-12-31T00:00:00Z","authz":1000000000},{"at":"2025-01-01T00:00:00Z","authz":-5}]}}}`)
+	cache := &memCache{m: map[string][]byte{stateKey: data}}
+	m := newPureManager(t, clock, func(c *Config) { c.Autocert.Cache = cache })
+	limit := clock.now().Add(maxRetryAfter)
+	if st := m.Status("far.test"); st.NextAttempt.After(limit) || st.NextAttempt.IsZero() {
+		t.Errorf("Status.NextAttempt = %v, want within %v and set", st.NextAttempt, limit)
+	}
+	m.Retry("far.test")
+	if st := m.Status("far.test"); st.NextAttempt.After(limit) {
+		t.Errorf("after Retry, NextAttempt = %v, want within %v", st.NextAttempt, limit)
+	}
+	clock.advance(maxRetryAfter + budgetWindow + time.Second)
+	d, _ := m.domainFor("far.test")
+	m.stateMu.Lock()
+	gate := m.gateLocked(d)
+	m.stateMu.Unlock()
+	if gate != nil {
+		t.Errorf("after 8 days and the budget window: %v", gate)
+	}
+
+	// A 429 met while the clock ran a year ahead.
+	ahead := clock.now().Add(365 * 24 * time.Hour)
+	var rec failureRecord
+	rec.fail(ahead, "rate limited", 1, 4, defaultBackoff, ahead.Add(maxRetryAfter), 0)
+	d2, _ := m.domainFor("ahead.test")
+	m.stateMu.Lock()
+	d2.fail = rec
+	m.stateMu.Unlock()
+	if st := m.Status("ahead.test"); st.NextAttempt.After(clock.now().Add(maxRetryAfter)) {
+		t.Errorf("with the clock back, NextAttempt = %v, want within 8 days of %v", st.NextAttempt, clock.now())
+	}
+}
+
+// TestFullDomainTableIsReported: a new name refused because every tracked
+// domain is busy is logged and counted in an event, at most once a minute.
+func TestFullDomainTableIsReported(t *testing.T) {
+	clock := newFakeClock()
+	logs := &syncBuffer{}
+	events := &eventLog{}
+	m := newPureManager(t, clock, func(c *Config) {
+		c.MaxDomains = 1
+		c.OnEvent = events.add
+		c.Logger = newTestLogger(logs)
+	})
+	d, err := m.domainFor("busy.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.stateMu.Lock()
+	d.fail.NextAttempt = clock.now().Add(time.Hour) // backing off: kept
+	m.stateMu.Unlock()
+	for range 10 {
+		c, err := m.GetCertificate(&tls.ClientHelloInfo{ServerName: "new.test"})
+		if err != nil || !IsFallback(c) {
+			t.Fatalf("GetCertificate = %v, %v; want the fallback", c, err)
+		}
+	}
+	if n := events.count(EventTableFull); n != 1 {
+		t.Errorf("%d table-full events for 10 refusals in a minute, want 1", n)
+	}
+	if !strings.Contains(logs.String(), "level=WARN msg=\"domain table full\"") {
+		t.Errorf("no warning logged:\n%s", logs)
+	}
+	clock.advance(time.Minute)
+	m.GetCertificate(&tls.ClientHelloInfo{ServerName: "new.test"})
+	if n := events.count(EventTableFull); n != 2 {
+		t.Errorf("%d table-full events after a minute more, want 2", n)
 	}
 }

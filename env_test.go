@@ -330,8 +330,15 @@ func waitOutcome(t *testing.T, m *Manager, name string) Status {
 	return m.Status(name)
 }
 
-// persisted returns the failure records persisted in cache.
+// persisted returns the failure records persisted in cache, as read now.
 func persisted(t *testing.T, cache autocert.Cache) map[string]failureRecord {
+	t.Helper()
+	return persistedAt(t, cache, time.Now())
+}
+
+// persistedAt returns the failure records persisted in cache, as read at
+// now.
+func persistedAt(t *testing.T, cache autocert.Cache, now time.Time) map[string]failureRecord {
 	t.Helper()
 	data, err := cache.Get(context.Background(), stateKey)
 	if errors.Is(err, autocert.ErrCacheMiss) {
@@ -340,7 +347,7 @@ func persisted(t *testing.T, cache autocert.Cache) map[string]failureRecord {
 	if err != nil {
 		t.Fatalf("reading the persisted state: %v", err)
 	}
-	recs, bad, err := decodeState(data)
+	recs, bad, err := decodeState(data, now)
 	if err != nil || len(bad) > 0 {
 		t.Fatalf("persisted state unreadable: %v %v", err, bad)
 	}
@@ -359,14 +366,18 @@ func intermediates(c *tls.Certificate) *x509.CertPool {
 }
 
 // newPureManager returns a Manager with no CA, DNS or disk behind it: a
-// memory Cache, the clock's time, no jitter and a discarded log. mod, if
-// not nil, changes its Config first. It is closed when t ends.
+// memory Cache, the clock's time (the real time if clock is nil), no
+// jitter and a discarded log. mod, if not nil, changes its Config first.
+// It is closed when t ends.
 func newPureManager(t *testing.T, clock *fakeClock, mod func(*Config)) *Manager {
 	t.Helper()
 	cfg := Config{
 		Autocert: &autocert.Manager{},
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-		hooks:    testHooks{now: clock.now, rand: func() float64 { return 0 }},
+		hooks:    testHooks{rand: func() float64 { return 0 }},
+	}
+	if clock != nil {
+		cfg.hooks.now = clock.now
 	}
 	if mod != nil {
 		mod(&cfg)
@@ -435,6 +446,18 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(5 * time.Millisecond) // polling with a deadline
 	}
+}
+
+// waitForCond polls cond until it holds or d passes.
+func waitForCond(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(5 * time.Millisecond) // polling with a deadline
+	}
+	return true
 }
 
 // checkLeaks fails t if, once t's cleanups have run, goroutines of
@@ -582,4 +605,18 @@ func pemCert(t testing.TB, c *tls.Certificate) []byte {
 		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: b})...)
 	}
 	return out
+}
+
+// blockingCache runs block before each Get; an error it returns is the
+// Get's.
+type blockingCache struct {
+	autocert.Cache
+	block func(key string) error
+}
+
+func (c *blockingCache) Get(ctx context.Context, key string) ([]byte, error) {
+	if err := c.block(key); err != nil {
+		return nil, err
+	}
+	return c.Cache.Get(ctx, key)
 }

@@ -20,6 +20,9 @@ var errClosed = errors.New("certmgr: manager closed")
 // errLoading refuses an order while a domain's autocert reads the Cache.
 var errLoading = errors.New("certmgr: no ACME order while loading from cache")
 
+// errOrderBudget refuses an order beyond Config.OrderBudget.
+var errOrderBudget = errors.New("certmgr: the account's order budget is spent")
+
 // AttemptError is the error of a failed ACME attempt. Detail is what the
 // CA said (autocert itself only reports "missing certificate" or the last
 // step that failed); Err is what autocert returned, for errors.As.

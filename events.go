@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 )
 
@@ -23,6 +24,8 @@ const (
 	EventFallback                         // Debug: a handshake got the self-signed fallback (sampled)
 	EventCacheError                       // Error: reading or writing the Cache failed
 	EventRetry                            // Info: the operator asked for an early retry
+	EventTableFull                        // Warn: a new name was refused: MaxDomains are tracked and none is idle (at most once a minute)
+	EventOrderBudget                      // Warn: an order was refused: the account's OrderBudget is spent (at most once a minute)
 )
 
 var eventMessages = [...]string{
@@ -37,6 +40,8 @@ var eventMessages = [...]string{
 	EventFallback:    "fallback certificate served",
 	EventCacheError:  "cache error",
 	EventRetry:       "retry requested",
+	EventTableFull:   "domain table full",
+	EventOrderBudget: "order budget spent",
 }
 
 // String returns the event's log message, e.g. "certificate obtained".
@@ -51,7 +56,7 @@ func (k EventKind) level() slog.Level {
 	switch k {
 	case EventLoaded, EventFallback:
 		return slog.LevelDebug
-	case EventFailed, EventRateLimited:
+	case EventFailed, EventRateLimited, EventTableFull, EventOrderBudget:
 		return slog.LevelWarn
 	case EventCacheError:
 		return slog.LevelError
@@ -133,4 +138,42 @@ func (m *Manager) emit(events ...Event) {
 			m.cfg.OnEvent(e)
 		}
 	}
+}
+
+// limitInterval is how often a repeated warning is reported.
+const limitInterval = time.Minute
+
+// maxLimitCauses bounds the causes a limiter remembers.
+const maxLimitCauses = 64
+
+// limiter lets one report per cause through per limitInterval, so that
+// what a remote client can repeat at will does not flood the log. Its zero
+// value is ready to use.
+type limiter struct {
+	lastMu sync.Mutex
+	last   map[string]time.Time // when each cause was last let through
+}
+
+// allow reports whether a report of cause may go out at now, and if so
+// counts it.
+func (l *limiter) allow(cause string, now time.Time) bool {
+	l.lastMu.Lock()
+	defer l.lastMu.Unlock()
+	if t, ok := l.last[cause]; ok && !now.Before(t) && now.Sub(t) < limitInterval {
+		return false
+	}
+	if l.last == nil || len(l.last) >= maxLimitCauses {
+		for c, t := range l.last {
+			if now.Before(t) || now.Sub(t) >= limitInterval {
+				delete(l.last, c)
+			}
+		}
+		if l.last == nil {
+			l.last = make(map[string]time.Time)
+		} else if len(l.last) >= maxLimitCauses {
+			return false // as many causes as it holds reported within the minute
+		}
+	}
+	l.last[cause] = now
+	return true
 }

@@ -87,6 +87,8 @@ func TestEventKinds(t *testing.T) {
 		{EventFallback, "fallback certificate served", slog.LevelDebug},
 		{EventCacheError, "cache error", slog.LevelError},
 		{EventRetry, "retry requested", slog.LevelInfo},
+		{EventTableFull, "domain table full", slog.LevelWarn},
+		{EventOrderBudget, "order budget spent", slog.LevelWarn},
 		{EventKind(0), "EventKind(0)", slog.LevelInfo},
 		{EventKind(99), "EventKind(99)", slog.LevelInfo},
 	} {

@@ -764,7 +764,9 @@ func faultCases() []faultCase {
 
 		// Close while the CA holds a request of an attempt (its new order,
 		// or its finalization once the order exists) returns at once,
-		// leaves no goroutine, records no failure and spends no budget;
+		// leaves no goroutine and records no failure; an order sent without
+		// an answer keeps its reservation in the budget (the CA may have
+		// made it), one whose authorization was seen valid spends nothing;
 		// certificates obtained are still served. requestTimeout is the
 		// default 30 s.
 		{
@@ -1285,7 +1287,8 @@ func wantCorruptState(entries bool) func(t *testing.T, e *env, m *Manager, _ fun
 
 // wantCloseCutsAttempt starts inflight.test's attempt, whose request of
 // class held the CA holds, and wants Close to cut it: at once, without a
-// goroutine left, a failure recorded or budget spent.
+// goroutine left or a failure recorded, and with a held order's
+// reservation kept.
 func wantCloseCutsAttempt(held certmgrtest.Class) func(t *testing.T, e *env, m *Manager, _ func()) {
 	return func(t *testing.T, e *env, m *Manager, _ func()) {
 		const (
@@ -1303,11 +1306,15 @@ func wantCloseCutsAttempt(held certmgrtest.Class) func(t *testing.T, e *env, m *
 		if st := m.Status(name); st.State != StateNone || st.Failures != 0 {
 			t.Errorf("Status after Close = %+v, want none: Close is no failure of the domain", st)
 		}
-		if rec := failureOf(m, name); len(rec.Spends) != 0 {
-			t.Errorf("Close spent budget: %+v", rec.Spends)
+		wantSpent := 0
+		if held == certmgrtest.ClassNewOrder {
+			wantSpent = 1
 		}
-		if rec, ok := persisted(t, e.cache)[name]; ok && !rec.empty(time.Now()) {
-			t.Errorf("Close persisted a failure: %+v", rec)
+		if rec := failureOf(m, name); rec.spentSince(time.Now().Add(-budgetWindow), time.Now()) != wantSpent {
+			t.Errorf("after Close the budget holds %+v, want %d authorization(s) spent", rec.Spends, wantSpent)
+		}
+		if rec := persisted(t, e.cache)[name]; rec.Failures != 0 || rec.spentSince(time.Now().Add(-budgetWindow), time.Now()) != wantSpent {
+			t.Errorf("Close persisted %+v, want no failure and %d authorization(s) spent", rec, wantSpent)
 		}
 		e.checkKept(t)
 		e.expectFallback(t, after)

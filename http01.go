@@ -31,8 +31,14 @@ func (m *Manager) HTTPHandler(fallback http.Handler) http.Handler {
 	}
 	base := m.base.HTTPHandler(fallback)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !strings.HasPrefix(r.URL.Path, "/.well-known/acme-challenge/") {
+		token, ok := strings.CutPrefix(r.URL.Path, "/.well-known/acme-challenge/")
+		if !ok {
 			base.ServeHTTP(w, r)
+			return
+		}
+		if !validToken(token) {
+			// Checked before any Cache call: a remote client can send any path.
+			http.Error(w, "certmgr: not an ACME token", http.StatusNotFound)
 			return
 		}
 		// A validation on another port than 80 carries it in Host; the
@@ -50,4 +56,20 @@ func (m *Manager) HTTPHandler(fallback http.Handler) http.Handler {
 		r.Host = name
 		m.autocertOf(name).HTTPHandler(fallback).ServeHTTP(w, r)
 	})
+}
+
+// validToken reports whether token can be an ACME challenge token:
+// base64url without padding, of at least 128 bits (RFC 8555, section 8.1)
+// and at most 128 characters (Let's Encrypt's and Pebble's have 43).
+func validToken(token string) bool {
+	if len(token) < 22 || len(token) > 128 {
+		return false
+	}
+	for i := 0; i < len(token); i++ {
+		c := token[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }

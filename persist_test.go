@@ -23,7 +23,8 @@ func TestStateRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, bad, err := decodeState(data)
+	now := time.Date(2026, 1, 17, 0, 28, 0, 0, time.UTC) // the records' time
+	got, bad, err := decodeState(data, now)
 	if err != nil || len(bad) > 0 {
 		t.Fatalf("decodeState: %v, bad %v", err, bad)
 	}
@@ -56,13 +57,12 @@ func TestDecodeStateRefuses(t *testing.T) {
 		{blob: `{"version":1,"domains":{"a..test":{}}}`, bad: `invalid domain "a..test"`},
 		{blob: `{"version":1,"domains":{"a.test":{"failures":-1,"next_attempt":"2030-01-01T00:00:00Z"}}}`, bad: `"a.test" is inconsistent`},
 		{blob: `{"version":1,"domains":{"a.test":{"failures":2}}}`, bad: `"a.test" is inconsistent`},
-		{blob: `{"version":1,"domains":{"a.test":{"spends":[` + strings.Repeat(`{"authz":1},`, maxSpends) + `{"authz":1}]}}}`, bad: `"a.test" is inconsistent`},
 	} {
 		good := tt.blob
 		if tt.err == "" { // a valid entry beside the bad one
 			good = strings.Replace(good, `"domains":{`, `"domains":{"good.test":{"failures":1,"next_attempt":"2030-01-01T00:00:00Z"},`, 1)
 		}
-		recs, bad, err := decodeState([]byte(good))
+		recs, bad, err := decodeState([]byte(good), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 		if tt.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tt.err) || recs != nil || bad != nil {
 				t.Errorf("decodeState(%s) = %v, %v, %v; want only an error naming %q", good, recs, bad, err, tt.err)
@@ -72,6 +72,28 @@ func TestDecodeStateRefuses(t *testing.T) {
 		if err != nil || len(bad) != 1 || !strings.Contains(bad[0].Error(), tt.bad) || len(recs) != 1 || recs["good.test"].Failures != 1 {
 			t.Errorf("decodeState(%s) = %v, %v, %v; want good.test kept and one bad entry naming %q", good, recs, bad, err, tt.bad)
 		}
+	}
+}
+
+// TestDecodeStateBoundsRecords: whatever a store says, a decoded record
+// waits at most maxRetryAfter from now, dates nothing after now, and keeps
+// at most maxSpends spends, every authorization still counted.
+func TestDecodeStateBoundsRecords(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	spends := strings.Repeat(`{"at":"2025-12-31T23:59:00Z","authz":1},`, maxSpends) + `{"at":"2030-01-01T00:00:00Z","authz":1}`
+	blob := `{"version":1,"domains":{"a.test":{"failures":1,"last_error":"` + strings.Repeat("x", 2*maxLastError) + `",` +
+		`"last_failure":"9999-01-01T00:00:00Z","next_attempt":"9999-01-01T00:00:00Z","retry_after":"9999-01-01T00:00:00Z","spends":[` + spends + `]}}}`
+	recs, bad, err := decodeState([]byte(blob), now)
+	if err != nil || len(bad) > 0 {
+		t.Fatalf("decodeState: %v, %v", err, bad)
+	}
+	r := recs["a.test"]
+	limit := now.Add(maxRetryAfter)
+	if !r.NextAttempt.Equal(limit) || !r.RetryAfter.Equal(limit) || !r.LastFailure.Equal(now) || len(r.LastError) != maxLastError {
+		t.Errorf("record %+v not bounded from now", r)
+	}
+	if len(r.Spends) > maxSpends || r.spentSince(now.Add(-time.Hour), now) != maxSpends+1 || r.Spends[len(r.Spends)-1].At.After(now) {
+		t.Errorf("spends %+v, want at most %d, all %d authorizations counted, none after now", r.Spends, maxSpends, maxSpends+1)
 	}
 }
 
@@ -128,7 +150,7 @@ func TestSaveStateWritesWhatMatters(t *testing.T) {
 	m := newPureManager(t, clock, nil)
 	now := clock.now()
 	for name, set := range map[string]func(d *domain){
-		"failed.test":  func(d *domain) { d.fail.fail(now, "refused", 1, 1, 4, m.cfg.Backoff, time.Time{}, 0) },
+		"failed.test":  func(d *domain) { d.fail.fail(now, "refused", 1, 4, m.cfg.Backoff, time.Time{}, 0) },
 		"valid.test":   func(d *domain) { d.notAfter = now.Add(time.Hour) },
 		"expired.test": func(d *domain) { d.notAfter = now },
 		"spent.test":   func(d *domain) { d.fail.Spends = []spend{{At: now.Add(-time.Minute), Authz: 1}} },
@@ -141,13 +163,13 @@ func TestSaveStateWritesWhatMatters(t *testing.T) {
 		set(d)
 	}
 	m.saveState()
-	recs := persisted(t, m.cache)
+	recs := persistedAt(t, m.cache, now)
 	var names []string
 	for n := range recs {
 		names = append(names, n)
 	}
 	spent := recs["spent.test"]
-	if len(recs) != 3 || recs["failed.test"].Failures != 1 || spent.spentSince(now.Add(-time.Hour)) != 1 {
+	if len(recs) != 3 || recs["failed.test"].Failures != 1 || spent.spentSince(now.Add(-time.Hour), now) != 1 {
 		t.Errorf("persisted %v, want failed.test, spent.test and valid.test", recs)
 	}
 	if _, ok := recs["valid.test"]; !ok {
@@ -258,6 +280,21 @@ func fuzzCheckRecord(t *testing.T, name string, r failureRecord) {
 	if r.Failures < 0 || len(r.Spends) > maxSpends || (r.Failures > 0 && r.NextAttempt.IsZero()) {
 		t.Errorf("decoded an inconsistent record for %q: %+v", name, r)
 	}
+	// Nothing in a store can push a wait past maxRetryAfter from now, or
+	// date a failure or a spend after now.
+	limit := fuzzNow.Add(maxRetryAfter)
+	if r.NextAttempt.After(limit) || r.RetryAfter.After(limit) || r.LastFailure.After(fuzzNow) {
+		t.Errorf("decoded a record for %q beyond the bounds: %+v", name, r)
+	}
+	for i, s := range r.Spends {
+		if s.Authz < 1 || s.Authz > maxSpendAuthz || s.At.After(fuzzNow) || !s.At.After(fuzzNow.Add(-budgetWindow)) ||
+			i > 0 && s.At.Before(r.Spends[i-1].At) {
+			t.Errorf("decoded a record for %q with spend %d out of bounds or order: %+v", name, i, r.Spends)
+		}
+	}
+	if len(r.LastError) > maxLastError {
+		t.Errorf("decoded a record for %q with a LastError of %d bytes", name, len(r.LastError))
+	}
 }
 
 // fuzzSameRecords reports whether a and b hold the same records; times
@@ -274,7 +311,7 @@ func fuzzSameRecords(a, b map[string]failureRecord) bool {
 			return false
 		}
 		for i := range x.Spends {
-			if !x.Spends[i].At.Equal(y.Spends[i].At) || x.Spends[i].Authz != y.Spends[i].Authz {
+			if !x.Spends[i].At.Equal(y.Spends[i].At) || x.Spends[i].Authz != y.Spends[i].Authz || x.Spends[i].ID != y.Spends[i].ID {
 				return false
 			}
 		}
@@ -308,7 +345,7 @@ func FuzzDecodeState(f *testing.F) {
 	f.Add([]byte(`{"version":2,"domains":{}}`))
 	f.Add([]byte(`{"version":"1","domains":{}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		recs, bad, err := decodeState(data)
+		recs, bad, err := decodeState(data, fuzzNow)
 		var st struct {
 			Version int                        `json:"version"`
 			Domains map[string]json.RawMessage `json:"domains"`
@@ -338,7 +375,7 @@ func FuzzDecodeState(f *testing.F) {
 		if err != nil {
 			t.Fatalf("encodeState of decoded records: %v", err)
 		}
-		recs2, bad2, err := decodeState(again)
+		recs2, bad2, err := decodeState(again, fuzzNow)
 		if err != nil || len(bad2) > 0 {
 			t.Fatalf("decodeState of re-encoded records: %v, bad %v", err, bad2)
 		}
@@ -353,4 +390,82 @@ func FuzzDecodeState(f *testing.F) {
 			t.Fatalf("second encoding differs (%v):\n%s\n%s", err, again, third)
 		}
 	})
+}
+
+// TestUnreadableStateLosesNothing: while the persisted records cannot be
+// read, no order is made and nothing is written over them; once they can,
+// they bind. A record whose HostPolicy check errors is kept as it is.
+func TestUnreadableStateLosesNothing(t *testing.T) {
+	const (
+		limited = "limited.test"
+		other   = "other.test"
+	)
+	e := newEnv(t, envOptions{names: []string{keptName, limited, other}, hsBound: faultHSTimeout + faultHSMargin,
+		config: func(c *Config) { c.HandshakeTimeout = faultHSTimeout }})
+	now := time.Now()
+	want := failureRecord{Failures: 1, LastError: "rate limited", LastFailure: now.Add(-time.Minute),
+		NextAttempt: now.Add(72 * time.Hour), RetryAfter: now.Add(72 * time.Hour),
+		Spends: []spend{{At: now.Add(-10 * time.Minute), Authz: 2}}}
+	data, err := encodeState(map[string]failureRecord{limited: want})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cache.Put(context.Background(), stateKey, data); err != nil {
+		t.Fatal(err)
+	}
+	var failing atomic.Bool // reads of the records fail
+	failing.Store(true)
+	fc := &blockingCache{Cache: e.cache, block: func(key string) error {
+		if key == stateKey && failing.Load() {
+			return errors.New("store unavailable")
+		}
+		return nil
+	}}
+	m := e.start(t, func(c *Config) {
+		c.Autocert.Cache = fc
+		c.hooks.cacheRetry = time.Hour // read again only when Retry asks
+	})
+	if err := m.Provision(context.Background(), other); !errors.Is(err, ErrBackoff) {
+		t.Errorf("Provision with the records unread = %v, want ErrBackoff", err)
+	}
+	if n := e.Proxy.Counts(other).Orders; n != 0 {
+		t.Errorf("%d orders while the records were unread", n)
+	}
+	if rec := persisted(t, e.cache)[limited]; !rec.RetryAfter.Equal(want.RetryAfter) {
+		t.Fatalf("the unread record was overwritten: %+v", rec)
+	}
+
+	failing.Store(false)
+	m.Retry(other) // reads them again
+	if st := m.Status(limited); st.Failures != 1 || !st.NextAttempt.Equal(want.RetryAfter) {
+		t.Errorf("Status once read = %+v, want the persisted failure until %v", st, want.RetryAfter)
+	}
+	if err := m.Provision(context.Background(), limited); !errors.Is(err, ErrBackoff) {
+		t.Errorf("Provision of the rate-limited domain = %v, want ErrBackoff", err)
+	}
+	if err := m.Provision(context.Background(), other); err != nil {
+		t.Fatalf("Provision once the records are read: %v", err)
+	}
+	if rec := persisted(t, e.cache)[limited]; !rec.RetryAfter.Equal(want.RetryAfter) {
+		t.Errorf("after a save, the record is %+v", rec)
+	}
+	closeWithin(t, m, time.Second)
+
+	// A HostPolicy that errors on the name when New runs: its record stays.
+	const third = "third.test"
+	e.DNS.SetA(third, "127.0.0.1")
+	m2 := e.start(t, func(c *Config) {
+		c.Autocert.HostPolicy = func(_ context.Context, host string) error {
+			if host == third || host == keptName {
+				return nil
+			}
+			return errors.New("policy backend unavailable")
+		}
+	})
+	if err := m2.Provision(context.Background(), third); err != nil {
+		t.Fatalf("Provision %s: %v", third, err)
+	}
+	if rec := persisted(t, e.cache)[limited]; !rec.RetryAfter.Equal(want.RetryAfter) {
+		t.Errorf("with its HostPolicy check failing, the record became %+v", rec)
+	}
 }

@@ -35,13 +35,15 @@ func (m *Manager) Provision(ctx context.Context, domain string) error {
 // the next handshake or Provision makes a real new attempt at once, even
 // within autocert's own one-minute failed state. It keeps the CA's
 // Retry-After, the failed-authorization budget, the HostPolicy and the
-// DNS pre-check (whose cached answers it drops). Retry on a domain
-// certmgr does not know does nothing.
+// DNS pre-check (whose cached answers it drops). If the persisted failure
+// records could not be read so far, it reads them again first. Retry on a
+// domain certmgr does not know does nothing.
 func (m *Manager) Retry(domain string) {
 	name, err := normalize(domain)
 	if err != nil {
 		return
 	}
+	m.rereadState()
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[name]

@@ -28,7 +28,7 @@ func TestRetryClearsBackoffOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.stateMu.Lock()
-	d.fail.fail(now, "refused", 1, 1, 4, m.cfg.Backoff, time.Time{}, 0)
+	d.fail.fail(now, "refused", 1, 4, m.cfg.Backoff, time.Time{}, 0)
 	d.dnsErr, d.dnsNext, d.localNext = ErrDNSNotReady, now.Add(time.Minute), now.Add(time.Minute)
 	d.am, d.loadedAt = m.base, [2]time.Time{now, now}
 	m.stateMu.Unlock()
@@ -37,7 +37,7 @@ func TestRetryClearsBackoffOnly(t *testing.T) {
 	if !d.fail.NextAttempt.Equal(now) || !d.dnsNext.IsZero() || !d.localNext.IsZero() || d.am != nil || (d.loadedAt != [2]time.Time{}) || d.fail.Failures != 1 {
 		t.Errorf("after Retry: %+v", d)
 	}
-	d.fail.fail(now, "rate limited", 0, 1, 4, m.cfg.Backoff, now.Add(time.Hour), 0)
+	d.fail.fail(now, "rate limited", 1, 4, m.cfg.Backoff, now.Add(time.Hour), 0)
 	m.stateMu.Unlock()
 	m.Retry("a.test")
 	if st := m.Status("a.test"); !st.NextAttempt.Equal(now.Add(time.Hour)) {

@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -40,12 +41,24 @@ func (m *Manager) validationConfig(hello *tls.ClientHelloInfo) (*tls.Config, err
 }
 
 // tokenCert answers a TLS-ALPN-01 validation hello.
+// A name that is not one a certificate can carry, or that the HostPolicy
+// refuses, is refused before any Cache call: a remote client can send
+// any name, and a Cache error for it would be logged.
 func (m *Manager) tokenCert(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	am := m.base
-	if name, err := normalize(hello.ServerName); err == nil {
-		am = m.autocertOf(name)
+	name, err := normalize(hello.ServerName)
+	if err != nil {
+		return nil, err
 	}
-	c, err := am.GetCertificate(hello)
+	ctx := hello.Context()
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.timeout)
+	defer cancel()
+	if err := m.hostPolicy(ctx, name); err != nil {
+		return nil, err
+	}
+	c, err := m.autocertOf(name).GetCertificate(hello)
 	if err != nil {
 		return nil, fmt.Errorf("certmgr: TLS-ALPN-01 validation of %q: %w", hello.ServerName, err)
 	}

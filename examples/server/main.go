@@ -33,7 +33,11 @@
 // root certificate to a PEM file for clients to trust.
 //
 // The status page names domains, addresses and errors: it answers only
-// clients on loopback addresses, unless -status-public is given.
+// clients on loopback addresses, unless -status-public is given. It tells
+// them by the connection's remote address: behind a reverse proxy or TCP
+// forwarder on the same host every client comes from loopback, so there
+// turn the page off (-status=false) or keep the proxy from forwarding
+// /certmgr/status.
 package main
 
 import (
@@ -123,7 +127,7 @@ func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
 	fs.StringVar(&o.httpsAddr, "https-addr", ":443", "HTTPS listen address")
 	fs.StringVar(&o.httpAddr, "http-addr", ":80", "HTTP listen address (HTTP-01 and redirects)")
 	fs.BoolVar(&o.status, "status", true, "serve the status page at "+statusPath)
-	fs.BoolVar(&o.statusPublic, "status-public", false, "serve the status page to every client, not only to loopback ones")
+	fs.BoolVar(&o.statusPublic, "status-public", false, "serve the status page to every client, not only to loopback ones (told by the remote address: behind a proxy on the same host, every client is on loopback)")
 	fs.BoolVar(&o.pebble, "pebble", false, "run against an embedded Pebble CA on loopback")
 	fs.StringVar(&o.rootOut, "pebble-root-out", "", "with -pebble, write Pebble's root certificate to this PEM file")
 	if err := fs.Parse(args); err != nil {
