@@ -91,6 +91,15 @@
 // cannot be stopped, and validations in progress finish on their own;
 // goroutine leak checks must ignore goroutines in Pebble's packages.
 //
+// # Replicas on one store
+//
+// CoordinatorConformance checks any implementation of certmgr's
+// Coordinator, the interface through which replicas on one shared store
+// coordinate, against its contract. MemoryStore is such a store in
+// memory, with replicas that can be lost or cut off, for tests of code
+// that coordinates replicas; the etcd implementation is in the module
+// github.com/certmgr/certmgr/etcdcache.
+//
 // # Test helpers
 //
 // Start and StartDNS are NewServer and NewDNSServer for tests: they fail
