@@ -11,47 +11,49 @@ import (
 	"github.com/miekg/dns"
 	"golang.org/x/crypto/acme/autocert"
 
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // benchCache returns a cache holding a Pebble-issued ECDSA certificate
-// for name, and the environment that issued it.
-func benchCache(b *testing.B, name string) (autocert.Cache, *pebbletest.Env) {
+// for name, and the CA that issued it.
+func benchCache(b *testing.B, name string) (autocert.Cache, *certmgrtest.Server) {
 	b.Helper()
-	env := pebbletest.Start(b, pebbletest.Options{})
-	env.DNS.SetA(name, "127.0.0.1")
+	ca := certmgrtest.Start(b, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
 	cache := autocert.DirCache(b.TempDir())
 	m, err := New(Config{
-		Autocert: &autocert.Manager{Cache: cache, Client: env.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Autocert: &autocert.Manager{Cache: cache, Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	env.ServeTLS(b, m.TLSConfig(), nil)
+	if err := ca.ServeTLS(m.TLSConfig(), nil); err != nil {
+		b.Fatal(err)
+	}
 	if err := m.Provision(context.Background(), name); err != nil {
 		b.Fatal(err)
 	}
-	return cache, env
+	return cache, ca
 }
 
 // benchManagers returns certmgr and bare autocert, both serving name's
-// cached certificate. certmgr's DNS pre-check is on, against env.DNS.
-func benchManagers(b *testing.B, name string) (*Manager, *autocert.Manager, *pebbletest.Env) {
-	cache, env := benchCache(b, name)
+// cached certificate. certmgr's DNS pre-check is on, against ca.DNS.
+func benchManagers(b *testing.B, name string) (*Manager, *autocert.Manager, *certmgrtest.Server) {
+	cache, ca := benchCache(b, name)
 	policy := autocert.HostWhitelist(name)
-	bare := &autocert.Manager{Cache: cache, Prompt: autocert.AcceptTOS, HostPolicy: policy, Client: env.NewClient()}
+	bare := &autocert.Manager{Cache: cache, Prompt: autocert.AcceptTOS, HostPolicy: policy, Client: ca.NewClient()}
 	m, err := New(Config{
-		Autocert: &autocert.Manager{Cache: cache, HostPolicy: policy, Client: env.NewClient()},
+		Autocert: &autocert.Manager{Cache: cache, HostPolicy: policy, Client: ca.NewClient()},
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-		DNS:      DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Resolvers: []string{env.DNS.Addr()}},
+		DNS:      DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}, Resolvers: []string{ca.DNS.Addr()}},
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { m.Close() })
-	return m, bare, env
+	return m, bare, ca
 }
 
 // A modern browser's hello: TLS 1.3 and 1.2, ECDSA offered.
@@ -70,7 +72,7 @@ func benchHello(name string) *tls.ClientHelloInfo {
 // beside bare autocert, and the DNS queries the pre-check costs there.
 func BenchmarkGetCertificateCached(b *testing.B) {
 	const name = "bench.test"
-	m, bare, env := benchManagers(b, name)
+	m, bare, ca := benchManagers(b, name)
 	hello := benchHello(name)
 	for _, tt := range []struct {
 		name string
@@ -79,7 +81,7 @@ func BenchmarkGetCertificateCached(b *testing.B) {
 		if c, err := tt.get(hello); err != nil || IsFallback(c) { // loads from the cache
 			b.Fatalf("%s: %v", tt.name, err)
 		}
-		queries := env.DNS.Queries(name, dns.TypeA) + env.DNS.Queries(name, dns.TypeAAAA)
+		queries := ca.DNS.Queries(name, dns.TypeA) + ca.DNS.Queries(name, dns.TypeAAAA)
 		b.Run(tt.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
@@ -87,7 +89,7 @@ func BenchmarkGetCertificateCached(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			n := env.DNS.Queries(name, dns.TypeA) + env.DNS.Queries(name, dns.TypeAAAA) - queries
+			n := ca.DNS.Queries(name, dns.TypeA) + ca.DNS.Queries(name, dns.TypeAAAA) - queries
 			b.ReportMetric(float64(n)/float64(b.N), "dns-queries/op")
 		})
 	}
@@ -96,10 +98,10 @@ func BenchmarkGetCertificateCached(b *testing.B) {
 // GetCertificate for a domain in backoff: the fallback, at once.
 func BenchmarkGetCertificateBackoff(b *testing.B) {
 	const name = "backoff.test"
-	env := pebbletest.Start(b, pebbletest.Options{})
-	env.DNS.SetA(name, "127.0.0.3") // nothing answers the VA there
+	ca := certmgrtest.Start(b, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.3") // nothing answers the VA there
 	m, err := New(Config{
-		Autocert: &autocert.Manager{Client: env.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Autocert: &autocert.Manager{Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
 		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
@@ -126,8 +128,8 @@ func BenchmarkGetCertificateBackoff(b *testing.B) {
 // serve the ECDSA certificate.
 func BenchmarkHandshake(b *testing.B) {
 	const name = "bench.test"
-	m, bare, env := benchManagers(b, name)
-	client := &tls.Config{ServerName: name, RootCAs: env.Roots}
+	m, bare, ca := benchManagers(b, name)
+	client := &tls.Config{ServerName: name, RootCAs: ca.Roots}
 	for _, tt := range []struct {
 		name string
 		conf *tls.Config

@@ -11,19 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/certmgr/certmgr/internal/dnstest"
 	"github.com/miekg/dns"
-)
 
-func startDNS(t *testing.T) *dnstest.Server {
-	t.Helper()
-	s, err := dnstest.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
+	"github.com/certmgr/certmgr/certmgrtest"
+)
 
 func testDNSCheck(resolvers ...string) DNSCheck {
 	return DNSCheck{
@@ -32,12 +23,15 @@ func testDNSCheck(resolvers ...string) DNSCheck {
 	}
 }
 
+// TestCheckDNS: what CheckDNS finds ready or not, and why, against a DNS
+// server on loopback: addresses, CNAME chains, resolver failures, server
+// fallback, truncation and CAA.
 func TestCheckDNS(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	addr := s.Addr()
 
 	// A second server, silent for every name used, and a dead address.
-	silent := startDNS(t)
+	silent := certmgrtest.StartDNS(t)
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -60,7 +54,7 @@ func TestCheckDNS(t *testing.T) {
 	s.SetA("c11.test", "127.0.0.1")
 	s.SetCNAME("dangling.test", "elsewhere.test")
 	s.SetRcode("servfail.test", dns.RcodeServerFailure)
-	s.SetCAA("noaddr.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"})
+	s.SetCAA("noaddr.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"})
 	s.SetA("silent.test", "127.0.0.1")
 	s.SetSilent("silent.test", true)
 	s.SetA("tc.test", "127.0.0.1")
@@ -68,11 +62,11 @@ func TestCheckDNS(t *testing.T) {
 	for _, name := range []string{"caa.test", "sub.parent.test", "nobody.test", "critical.test", "wild.test"} {
 		s.SetA(name, "127.0.0.1")
 	}
-	s.SetCAA("caa.test", dnstest.CAA{Tag: "issue", Value: "ca.example.net"})
-	s.SetCAA("parent.test", dnstest.CAA{Tag: "issue", Value: " Pebble.Test ; account=1"}, dnstest.CAA{Tag: "iodef", Value: "mailto:x@parent.test"})
-	s.SetCAA("nobody.test", dnstest.CAA{Tag: "issue", Value: ";"})
-	s.SetCAA("critical.test", dnstest.CAA{Tag: "issue", Value: "pebble.test"}, dnstest.CAA{Flag: 128, Tag: "tbs", Value: "x"})
-	s.SetCAA("wild.test", dnstest.CAA{Tag: "issuewild", Value: "ca.example.net"})
+	s.SetCAA("caa.test", certmgrtest.CAA{Tag: "issue", Value: "ca.example.net"})
+	s.SetCAA("parent.test", certmgrtest.CAA{Tag: "issue", Value: " Pebble.Test ; account=1"}, certmgrtest.CAA{Tag: "iodef", Value: "mailto:x@parent.test"})
+	s.SetCAA("nobody.test", certmgrtest.CAA{Tag: "issue", Value: ";"})
+	s.SetCAA("critical.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"}, certmgrtest.CAA{Flag: 128, Tag: "tbs", Value: "x"})
+	s.SetCAA("wild.test", certmgrtest.CAA{Tag: "issuewild", Value: "ca.example.net"})
 	silent.SetSilent("fallback.test", true)
 	s.SetA("fallback.test", "127.0.0.1")
 
@@ -137,8 +131,10 @@ func TestCheckDNS(t *testing.T) {
 	}
 }
 
+// TestCheckDNSInvalid: invalid names and options, and a done context, are
+// errors other than ErrDNSNotReady.
 func TestCheckDNSInvalid(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	s.SetA("a.test", "127.0.0.1")
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
@@ -165,26 +161,10 @@ func TestCheckDNSInvalid(t *testing.T) {
 	}
 }
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
+// TestDNSCheckerCache: floods of checks cost one query per name and type
+// per cache interval, on the checker's clock; failures are cached too.
 func TestDNSCheckerCache(t *testing.T) {
-	s := startDNS(t)
+	s := certmgrtest.StartDNS(t)
 	s.SetA("a.test", "127.0.0.1")
 	s.SetRcode("servfail.test", dns.RcodeServerFailure)
 	clock := &fakeClock{t: time.Unix(1e9, 0)}
@@ -233,6 +213,8 @@ func TestDNSCheckerCache(t *testing.T) {
 	queries(2)
 }
 
+// TestDNSCheckerCacheBound: a full cache drops its expired entries or,
+// with none, its oldest.
 func TestDNSCheckerCacheBound(t *testing.T) {
 	clock := &fakeClock{t: time.Unix(1e9, 0)}
 	c := newDNSChecker(testDNSCheck("127.0.0.1:1"), time.Minute, clock.now)
@@ -255,5 +237,211 @@ func TestDNSCheckerCacheBound(t *testing.T) {
 	c.store(key(-2), &dnsCacheEntry{err: errors.New("x")})
 	if n := len(c.cache); n != maxDNSCacheEntries-6 || c.cached(key(8)) == nil {
 		t.Fatalf("after expiry: %d entries, want %d", n, maxDNSCacheEntries-6)
+	}
+}
+
+// TestPreCheckWaitsForDNS: a foreign A record stops the attempt before any
+// order; once DNS points at the cluster, the recheck lets Provision through.
+func TestPreCheckWaitsForDNS(t *testing.T) {
+	const name = "migrating.test"
+	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
+	m := e.start(t, func(c *Config) { c.DNSRecheck = Backoff{Steps: []time.Duration{200 * time.Millisecond}, Jitter: -1} })
+	e.DNS.SetA(name, "127.0.0.2")
+	err := m.Provision(context.Background(), name)
+	if !errors.Is(err, ErrDNSNotReady) || !strings.Contains(err.Error(), "127.0.0.2") {
+		t.Fatalf("Provision = %v, want ErrDNSNotReady naming 127.0.0.2", err)
+	}
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
+		t.Errorf("%d orders before DNS was ready", n)
+	}
+	if st := m.Status(name); st.State != StateWaitingDNS || st.NextAttempt.IsZero() || !errors.Is(st.LastError, ErrDNSNotReady) {
+		t.Errorf("Status = %+v, want waiting-dns with a recheck time", st)
+	}
+	if !strings.Contains(e.logs.String(), "DNS not ready") {
+		t.Error("not logged")
+	}
+	e.DNS.SetA(name, "127.0.0.1")
+	waitFor(t, 10*time.Second, "Provision after the recheck", func() bool {
+		err := m.Provision(context.Background(), name)
+		if err != nil && !errors.Is(err, ErrDNSNotReady) {
+			t.Fatalf("Provision = %v", err)
+		}
+		return err == nil
+	})
+	if c := e.Proxy.Counts(name); c.Orders != 1 {
+		t.Errorf("proxy counted %+v, want 1 order", c)
+	}
+	if st := m.Status(name); st.State != StateValid {
+		t.Errorf("Status = %+v, want valid", st)
+	}
+}
+
+// TestPreCheckRecords: AAAA records count too, and CAA must authorise the
+// CA; Domains then lists each name with its state.
+func TestPreCheckRecords(t *testing.T) {
+	e := newEnv(t, envOptions{cache: memoryCache, names: []string{"stale-aaaa.test", "good-aaaa.test", "caa-other.test", "www.caa-parent.test"},
+		dnsCheck: true, pebble: certmgrtest.Options{IPv6: true}})
+	m := e.start(t, func(c *Config) { c.DNS.CAAIdentities = []string{"pebble.test"} })
+	e.DNS.SetA("stale-aaaa.test", "127.0.0.1")
+	e.DNS.SetAAAA("stale-aaaa.test", "2001:db8::1")
+	e.DNS.SetA("good-aaaa.test", "127.0.0.1")
+	e.DNS.SetAAAA("good-aaaa.test", "::1")
+	e.DNS.SetA("caa-other.test", "127.0.0.1")
+	e.DNS.SetCAA("caa-other.test", certmgrtest.CAA{Tag: "issue", Value: "ca.example.net"})
+	e.DNS.SetA("www.caa-parent.test", "127.0.0.1")
+	e.DNS.SetCAA("caa-parent.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"})
+
+	for _, tt := range []struct {
+		name, want string // want: "" to pass, else what the error names
+	}{
+		{"stale-aaaa.test", "2001:db8::1"},
+		{"good-aaaa.test", ""},
+		{"caa-other.test", "ca.example.net"},
+		{"www.caa-parent.test", ""},
+	} {
+		err := m.Provision(context.Background(), tt.name)
+		switch {
+		case tt.want == "" && err != nil:
+			t.Errorf("Provision(%s) = %v, want success", tt.name, err)
+		case tt.want != "" && (!errors.Is(err, ErrDNSNotReady) || !strings.Contains(err.Error(), tt.want)):
+			t.Errorf("Provision(%s) = %v, want ErrDNSNotReady naming %s", tt.name, err, tt.want)
+		}
+		wantOrders := 0
+		if tt.want == "" {
+			wantOrders = 1
+		}
+		if n := e.Proxy.Counts(tt.name).Orders; n != wantOrders {
+			t.Errorf("%s: %d orders, want %d", tt.name, n, wantOrders)
+		}
+	}
+	var got []string
+	for _, s := range m.Domains() {
+		got = append(got, s.Domain+"="+s.State.String())
+	}
+	if want := "[caa-other.test=waiting-dns good-aaaa.test=valid stale-aaaa.test=waiting-dns www.caa-parent.test=valid]"; fmt.Sprint(got) != want {
+		t.Errorf("Domains() = %v, want %s", got, want)
+	}
+}
+
+// TestPreCheckHandshakeFlood: 1,000 handshakes for a name whose DNS is
+// wrong make no order, all get the fallback promptly, and cost at most 2
+// queries per record type.
+func TestPreCheckHandshakeFlood(t *testing.T) {
+	const name = "wrong.test"
+	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
+	e.start(t, func(c *Config) { c.DNS.CAAIdentities = []string{"pebble.test"} })
+	e.DNS.SetA(name, "127.0.0.2")
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		slowest time.Duration
+		bad     []error
+	)
+	sem := make(chan struct{}, 32)
+	for range 1000 {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			start := time.Now()
+			leaf, err := e.dial(t, name, insecure)
+			mu.Lock()
+			defer mu.Unlock()
+			slowest = max(slowest, time.Since(start))
+			if err == nil && !isFallbackLeaf(leaf) {
+				err = fmt.Errorf("got %v", leaf.Subject)
+			}
+			if err != nil {
+				bad = append(bad, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if len(bad) > 0 {
+		t.Fatalf("%d handshakes without the fallback, first: %v", len(bad), bad[0])
+	}
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
+		t.Errorf("%d orders", n)
+	}
+	for _, q := range []uint16{dns.TypeA, dns.TypeAAAA, dns.TypeCAA} {
+		if n := e.DNS.Queries(name, q); n > 2 {
+			t.Errorf("%d %s queries, want at most 2", n, dns.TypeToString[q])
+		}
+	}
+	if slowest > 2*time.Second {
+		t.Errorf("slowest handshake took %v", slowest)
+	}
+	t.Logf("slowest of 1000 handshakes: %v; queries A=%d AAAA=%d", slowest, e.DNS.Queries(name, dns.TypeA), e.DNS.Queries(name, dns.TypeAAAA))
+}
+
+// TestPreCheckResolverFailures: resolver failures are "not ready" too.
+func TestPreCheckResolverFailures(t *testing.T) {
+	names := []string{"nx.test", "servfail.test", "noaddr.test", "silent.test"}
+	e := newEnv(t, envOptions{cache: memoryCache, names: names, dnsCheck: true})
+	m := e.start(t, nil)
+	e.DNS.SetRcode("nx.test", dns.RcodeNameError)
+	e.DNS.SetRcode("servfail.test", dns.RcodeServerFailure)
+	e.DNS.SetA("noaddr.test")                                                        // no A record ...
+	e.DNS.SetCAA("noaddr.test", certmgrtest.CAA{Tag: "issue", Value: "pebble.test"}) // exists, no A/AAAA
+	e.DNS.SetA("silent.test", "127.0.0.1")
+	e.DNS.SetSilent("silent.test", true)
+	for _, name := range names {
+		start := time.Now()
+		err := m.Provision(context.Background(), name)
+		if !errors.Is(err, ErrDNSNotReady) {
+			t.Errorf("Provision(%s) = %v, want ErrDNSNotReady", name, err)
+		}
+		if took := time.Since(start); took > 20*time.Second {
+			t.Errorf("Provision(%s) took %v", name, took)
+		}
+		leaf, err := e.dial(t, name, insecure)
+		if err != nil || !isFallbackLeaf(leaf) {
+			t.Errorf("handshake(%s): %v, %v; want the fallback", name, leaf, err)
+		}
+		if st := m.Status(name); st.State != StateWaitingDNS {
+			t.Errorf("Status(%s) = %+v, want waiting-dns", name, st)
+		}
+		if !strings.Contains(e.logs.String(), "domain="+name) {
+			t.Errorf("%s: not logged", name)
+		}
+	}
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
+		t.Errorf("%d orders", n)
+	}
+}
+
+// TestCAAParametersChecked: an issue record's accounturi and
+// validationmethods (RFC 8657) must allow this client, as far as it knows
+// its account and methods.
+func TestCAAParametersChecked(t *testing.T) {
+	s := certmgrtest.StartDNS(t)
+	s.SetA("a.test", "127.0.0.1")
+	const account = "https://ca.test/acct/1"
+	tests := []struct {
+		value   string
+		account string // the client's, "" while unknown
+		ready   bool
+	}{
+		{"ca.test", account, true},
+		{"ca.test; validationmethods=tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01,tls-alpn-01", account, true},
+		{"ca.test; validationmethods=http-01", account, false},
+		{"ca.test; validationmethods=dns-01", "", false},
+		{"ca.test; accounturi=" + account, account, true},
+		{"ca.test; accounturi=https://ca.test/acct/2", account, false},
+		{"ca.test; accounturi=https://ca.test/acct/2", "", true},
+		{"ca.test; accounturi=" + account + "; validationmethods=http-01", account, false},
+		{"other.ca; accounturi=" + account, account, false},
+	}
+	for _, tt := range tests {
+		s.SetCAA("a.test", certmgrtest.CAA{Tag: "issue", Value: tt.value})
+		c := newDNSChecker(DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+			Resolvers: []string{s.Addr()}, CAAIdentities: []string{"ca.test"}}, 0, time.Now)
+		c.methods = func() []string { return []string{"tls-alpn-01"} }
+		c.account = func() string { return tt.account }
+		err := c.check(context.Background(), "a.test")
+		if ready := err == nil; ready != tt.ready {
+			t.Errorf("CAA %q with account %q: %v, want ready %v", tt.value, tt.account, err, tt.ready)
+		}
 	}
 }

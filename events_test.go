@@ -2,18 +2,17 @@ package certmgr
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/acme/autocert"
-
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // eventLog collects OnEvent's events.
@@ -70,50 +69,110 @@ func logLines(logs *syncBuffer, domain string) []string {
 	return out
 }
 
-// Acceptance 1 and 2 (operability): the log and OnEvent tell a full
-// story, one line per event: DNS not ready, DNS ready, a failed attempt
-// (with the CA's detail verbatim), backing off, a flood of handshakes in
-// backoff (next to silent), the operator's Retry, the certificate
-// obtained, renewed by autocert's timer, and loaded from the cache after a
-// restart.
+// TestEventKinds: each kind's message, and the level it is logged at.
+func TestEventKinds(t *testing.T) {
+	for _, tt := range []struct {
+		kind  EventKind
+		msg   string
+		level slog.Level
+	}{
+		{EventObtained, "certificate obtained", slog.LevelInfo},
+		{EventRenewed, "certificate renewed", slog.LevelInfo},
+		{EventLoaded, "certificate loaded from cache", slog.LevelDebug},
+		{EventFailed, "certificate attempt failed", slog.LevelWarn},
+		{EventBackoff, "backing off", slog.LevelInfo},
+		{EventRateLimited, "rate limited by CA", slog.LevelWarn},
+		{EventDNSNotReady, "DNS not ready", slog.LevelInfo},
+		{EventDNSReady, "DNS ready", slog.LevelInfo},
+		{EventFallback, "fallback certificate served", slog.LevelDebug},
+		{EventCacheError, "cache error", slog.LevelError},
+		{EventRetry, "retry requested", slog.LevelInfo},
+		{EventTableFull, "domain table full", slog.LevelWarn},
+		{EventOrderBudget, "order budget spent", slog.LevelWarn},
+		{EventKind(0), "EventKind(0)", slog.LevelInfo},
+		{EventKind(99), "EventKind(99)", slog.LevelInfo},
+	} {
+		if got := tt.kind.String(); got != tt.msg {
+			t.Errorf("%d.String() = %q, want %q", int(tt.kind), got, tt.msg)
+		}
+		if got := tt.kind.level(); got != tt.level {
+			t.Errorf("%v: level %v, want %v", tt.kind, got, tt.level)
+		}
+	}
+}
+
+// TestEventString: an event is one line, its message then its set fields.
+func TestEventString(t *testing.T) {
+	at := time.Date(2026, 1, 17, 0, 27, 45, 0, time.UTC)
+	for _, tt := range []struct {
+		e    Event
+		want string
+	}{
+		{Event{Kind: EventRetry, Time: at, Domain: "a.test"}, "retry requested domain=a.test"},
+		{Event{Kind: EventObtained, Time: at, Domain: "a.test", Path: PathHandshake, Challenge: "tls-alpn-01", Attempt: 2,
+			Duration: 1500 * time.Millisecond, NotAfter: at},
+			"certificate obtained domain=a.test path=handshake challenge=tls-alpn-01 attempt=2 duration=1.5s not_after=2026-01-17 00:27:45 +0000 UTC"},
+		{Event{Kind: EventBackoff, Domain: "a.test", Path: PathRenewal, NextAttempt: at, Err: errors.New("refused")},
+			"backing off domain=a.test path=renewal next_attempt=2026-01-17 00:27:45 +0000 UTC error=refused"},
+	} {
+		if got := tt.e.String(); got != tt.want {
+			t.Errorf("String() =\n%s\nwant\n%s", got, tt.want)
+		}
+	}
+}
+
+// TestEmitLogsAndCalls: emit logs each event, at its level with its
+// fields, and hands it to OnEvent, in order.
+func TestEmitLogsAndCalls(t *testing.T) {
+	logs := &syncBuffer{}
+	var got []EventKind
+	m := newPureManager(t, newFakeClock(), func(c *Config) {
+		c.Logger = newTestLogger(logs)
+		c.OnEvent = func(e Event) { got = append(got, e.Kind) }
+	})
+	m.emit(Event{Kind: EventFailed, Domain: "a.test", Err: errors.New("refused")}, Event{Kind: EventFallback, Domain: "a.test"})
+	if fmt.Sprint(got) != fmt.Sprint([]EventKind{EventFailed, EventFallback}) {
+		t.Errorf("OnEvent saw %v", got)
+	}
+	lines := logLines(logs, "a.test")
+	if len(lines) != 2 || !strings.Contains(lines[0], `level=WARN msg="certificate attempt failed" domain=a.test error=refused`) ||
+		!strings.Contains(lines[1], `level=DEBUG msg="fallback certificate served" domain=a.test`) {
+		t.Errorf("logged:\n%s", strings.Join(lines, "\n"))
+	}
+}
+
+// TestEventStory: the log and OnEvent tell a full story, one line per
+// event: DNS not ready, DNS ready, a failed attempt (with the CA's detail
+// verbatim), backing off, a flood of handshakes in backoff (next to
+// silent), the operator's Retry, the certificate obtained, renewed by
+// autocert's timer, and loaded from the cache after a restart.
 func TestEventStory(t *testing.T) {
 	const name = "story.test"
-	dir := t.TempDir()
 	var events eventLog
-	checkLeaks(t)
-	env := pebbletest.Start(t, pebbletest.Options{CertValidity: 30 * time.Second})
-	logs := &syncBuffer{}
-	cfg := Config{
-		Autocert: &autocert.Manager{Cache: autocert.DirCache(dir), Client: env.NewClient(),
-			HostPolicy: autocert.HostWhitelist(name), RenewBefore: 28 * time.Second},
-		Logger:     newTestLogger(logs),
-		OnEvent:    events.add,
-		DNS:        DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.3")}, Resolvers: []string{env.DNS.Addr()}},
-		DNSRecheck: Backoff{Steps: []time.Duration{50 * time.Millisecond}, Jitter: -1},
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: 30 * time.Second}})
+	logs := e.logs
+	config := func(c *Config) {
+		c.Autocert.RenewBefore = 28 * time.Second
+		c.OnEvent = events.add
+		c.DNS = DNSCheck{KnownIPs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.3")}, Resolvers: []string{e.DNS.Addr()}}
+		c.DNSRecheck = Backoff{Steps: []time.Duration{50 * time.Millisecond}, Jitter: -1}
 	}
-	m, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	env.ServeTLS(t, m.TLSConfig(), nil)
+	m := e.start(t, config)
 	defer func() {
-		if t.Failed() || testing.Verbose() {
+		if testing.Verbose() && !t.Failed() {
 			t.Logf("log:\n%s", logs)
 		}
 	}()
 	hs := func() {
 		t.Helper()
-		if _, err := (&testEnv{Env: env}).handshake(t, name, insecure); err != nil {
-			t.Fatal(err)
-		}
+		e.handshake(t, name, insecure)
 	}
 
 	// DNS points elsewhere: no attempt.
-	env.DNS.SetA(name, "127.0.0.2")
+	e.DNS.SetA(name, "127.0.0.2")
 	hs()
 	// DNS now right for the pre-check, but nothing answers the VA there.
-	env.DNS.SetA(name, "127.0.0.3")
+	e.DNS.SetA(name, "127.0.0.3")
 	waitFor(t, 5*time.Second, "the DNS recheck and the failed attempt", func() bool {
 		hs()
 		return events.count(EventFailed) == 1
@@ -128,13 +187,13 @@ func TestEventStory(t *testing.T) {
 	if n := len(logLines(logs, name)) - before; n > 10 {
 		t.Errorf("1000 handshakes in backoff logged %d lines", n)
 	}
-	ordersBefore := env.Proxy.Counts(name).Orders
+	ordersBefore := e.Proxy.Counts(name).Orders
 	// The operator fixes DNS and retries.
-	env.DNS.SetA(name, "127.0.0.1")
+	e.DNS.SetA(name, "127.0.0.1")
 	m.Retry(name)
 	hs()
 	waitFor(t, 5*time.Second, "the certificate", func() bool { return m.Status(name).State == StateValid })
-	if n := env.Proxy.Counts(name).Orders - ordersBefore; n != 1 {
+	if n := e.Proxy.Counts(name).Orders - ordersBefore; n != 1 {
 		t.Errorf("Retry then a handshake made %d orders, want 1", n)
 	}
 	// autocert's timer renews the 30 s certificate within seconds.
@@ -144,11 +203,7 @@ func TestEventStory(t *testing.T) {
 	waitFor(t, 10*time.Second, "the next renewal to be refused", func() bool { return m.refusedOrders.Load() >= 1 })
 	m.Close()
 	// A restart loads the certificate from the cache at first use.
-	m2, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m2.Close()
+	m2 := e.start(t, config)
 	if c, err := m2.GetCertificate(helloFor(name)); err != nil || IsFallback(c) {
 		t.Fatalf("after restart: %v, %v", c, err)
 	}
@@ -218,53 +273,39 @@ func TestEventStory(t *testing.T) {
 	}
 }
 
-// helloFor is a modern client's hello for name.
-func helloFor(name string) *tls.ClientHelloInfo {
-	return &tls.ClientHelloInfo{ServerName: name, SupportedVersions: []uint16{tls.VersionTLS13}}
-}
-
-// Acceptance 3 (operability): Retry during the CA's Retry-After changes
-// nothing.
-func TestRetryKeepsRetryAfter(t *testing.T) {
-	const name = "retry-after.test"
-	e := startEnv(t, pebbletest.Options{}, Config{}, name)
-	e.Proxy.AddRule(pebbletest.Rule{Class: pebbletest.ClassNewOrder, Identifier: name, Status: 429, RetryAfter: "3600"})
-	e.ServeTLS(t, e.m.TLSConfig(), nil)
-	if err := e.m.Provision(context.Background(), name); err == nil {
-		t.Fatal("Provision succeeded through a 429")
-	}
-	e.m.Retry(name)
-	if err := e.m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
-		t.Errorf("Provision after Retry = %v, want ErrBackoff (the CA's Retry-After)", err)
-	}
-	c, err := e.m.GetCertificate(helloFor(name))
-	if err != nil || !IsFallback(c) {
-		t.Errorf("handshake after Retry: %v, %v; want the fallback", c, err)
-	}
-	if n := e.Proxy.Requests(pebbletest.ClassNewOrder); n != 1 {
-		t.Errorf("%d new-order requests, want 1", n)
-	}
-	if st := e.m.Status(name); time.Until(st.NextAttempt) < 3590*time.Second {
-		t.Errorf("Status after Retry = %+v, want NextAttempt an hour ahead", st)
-	}
-}
-
-// TestDomainsSorted: Domains lists every known domain, sorted, and never a
-// refused one.
-func TestDomainsSorted(t *testing.T) {
-	e := startEnv(t, pebbletest.Options{}, Config{}, "b.test", "a.test", "c.test")
-	e.ServeTLS(t, e.m.TLSConfig(), nil)
-	for _, n := range []string{"c.test", "a.test", "b.test"} {
-		if err := e.m.Provision(context.Background(), n); err != nil {
-			t.Fatal(err)
+// TestOnEventMayReenter: OnEvent may call the Manager back, even from a
+// cache error reported while the failure cache is being written.
+func TestOnEventMayReenter(t *testing.T) {
+	const name = "reenter.test"
+	var (
+		mp     atomic.Pointer[Manager]
+		called atomic.Bool
+	)
+	e := newEnv(t, envOptions{names: []string{name}, cache: newFaultCache})
+	m := e.start(t, func(c *Config) {
+		c.OnEvent = func(ev Event) {
+			if ev.Kind == EventCacheError && called.CompareAndSwap(false, true) {
+				if mm := mp.Load(); mm != nil {
+					mm.Retry(name)
+					mm.Domains()
+				}
+			}
 		}
+	})
+	mp.Store(m)
+	e.DNS.SetA(name, "127.0.0.3") // the attempt fails: its record is written
+	e.cache.(*faultCache).failPut.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- m.Provision(context.Background(), name) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Provision succeeded; validation should fail")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Provision did not return: OnEvent deadlocked")
 	}
-	e.m.GetCertificate(helloFor("refused.test"))
-	var got []string
-	for _, s := range e.m.Domains() {
-		got = append(got, s.Domain+"="+s.State.String())
-	}
-	if want := "[a.test=valid b.test=valid c.test=valid]"; fmt.Sprint(got) != want {
-		t.Errorf("Domains() = %v, want %s", got, want)
+	if !called.Load() {
+		t.Fatal("OnEvent saw no cache error; the test did not test anything")
 	}
 }

@@ -13,8 +13,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/internal/dnstest"
-	"github.com/certmgr/certmgr/internal/pebbletest"
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // A server that built its own tls.Config asks certmgr for one instead.
@@ -39,17 +38,17 @@ func Example() {
 // embedded ACME CA, one domain gets its certificate and another, whose
 // validation fails, backs off.
 func ExampleManager_Status() {
-	env, err := pebbletest.New(pebbletest.Options{})
+	ca, err := certmgrtest.NewServer(certmgrtest.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer env.Close()
-	env.DNS.SetA("good.example.test", "127.0.0.1") // where the CA finds this server
-	env.DNS.SetA("bad.example.test", "127.0.0.3")  // where nothing answers
+	defer ca.Close()
+	ca.DNS.SetA("good.example.test", "127.0.0.1") // where the CA finds this server
+	ca.DNS.SetA("bad.example.test", "127.0.0.3")  // where nothing answers
 
 	m, err := certmgr.New(certmgr.Config{
 		Autocert: &autocert.Manager{
-			Client:     env.NewClient(),
+			Client:     ca.NewClient(),
 			HostPolicy: autocert.HostWhitelist("good.example.test", "bad.example.test"),
 		},
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
@@ -59,7 +58,7 @@ func ExampleManager_Status() {
 	}
 	defer m.Close()
 	srv := &http.Server{TLSConfig: m.TLSConfig()}
-	go srv.ServeTLS(env.TLSListener, "", "")
+	go srv.ServeTLS(ca.TLSListener, "", "")
 	defer srv.Close()
 
 	for _, name := range []string{"good.example.test", "bad.example.test"} {
@@ -82,7 +81,7 @@ func ExampleManager_Status() {
 // CheckDNS is the pre-check certmgr runs before every ACME attempt, for
 // operators' pre-flight tooling. Here it asks an in-process DNS server.
 func ExampleCheckDNS() {
-	srv, err := dnstest.Start()
+	srv, err := certmgrtest.NewDNSServer()
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -1,0 +1,186 @@
+package certmgr
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"testing"
+	"time"
+)
+
+// TestServeKeepsTheLaterIssued: serve replaces a certificate only with one
+// issued later, whatever their lifetimes; the domain's expiry is the
+// served one's; an expired certificate is not served.
+func TestServeKeepsTheLaterIssued(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	now := clock.now()
+	key := ecKey(t)
+	older := selfSigned(t, "a.test", key, "older", now.Add(-2*time.Hour), now.Add(90*24*time.Hour))
+	newer := selfSigned(t, "a.test", key, "newer", now.Add(-time.Hour), now.Add(2*time.Hour))
+	if _, err := m.domainFor("a.test"); err != nil {
+		t.Fatal(err)
+	}
+	k := certKey{domain: "a.test"}
+	m.serve(k, newer)
+	m.serve(k, older)
+	if c := m.servedCert(k); c != newer {
+		t.Errorf("served %v, want the later issued", c.Leaf.Subject)
+	}
+	if st := m.Status("a.test"); !st.NotAfter.Equal(newer.Leaf.NotAfter) {
+		t.Errorf("Status.NotAfter = %v, want the served certificate's (%v)", st.NotAfter, newer.Leaf.NotAfter)
+	}
+	if c := m.servedCert(certKey{domain: "a.test", rsa: true}); c != nil {
+		t.Error("an ECDSA certificate served for the RSA key")
+	}
+	clock.advance(3 * time.Hour)
+	if c := m.servedCert(k); c != nil {
+		t.Error("an expired certificate served")
+	}
+}
+
+// TestAnswerNow: the hot path answers at once with a valid certificate,
+// or with the fallback of a domain that waits once its Cache was read, and
+// leaves everything else to the full path.
+func TestAnswerNow(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	now := clock.now()
+	valid := selfSigned(t, "valid.test", ecKey(t), "test", now.Add(-time.Hour), now.Add(time.Hour))
+	for name, set := range map[string]func(d *domain){
+		"valid.test":   func(d *domain) {},
+		"backoff.test": func(d *domain) { d.fail = failureRecord{Failures: 1, NextAttempt: now.Add(time.Minute)} },
+		"unread.test":  func(d *domain) { d.fail = failureRecord{Failures: 1, NextAttempt: now.Add(time.Minute)} },
+		"due.test":     func(d *domain) { d.fail = failureRecord{Failures: 1, NextAttempt: now} },
+		"obtaining.test": func(d *domain) {
+			d.fail = failureRecord{Failures: 1, NextAttempt: now.Add(time.Minute)}
+			d.attempt = &attempt{}
+		},
+	} {
+		d, err := m.domainFor(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.stateMu.Lock()
+		set(d)
+		if name != "unread.test" {
+			d.loadedAt = [2]time.Time{now, now}
+		}
+		m.stateMu.Unlock()
+	}
+	m.serve(certKey{domain: "valid.test"}, valid)
+	for name, want := range map[string]string{
+		"valid.test": "valid", "backoff.test": "fallback",
+		"unread.test": "", "due.test": "", "obtaining.test": "", "unknown.test": "", "VALID.test": "",
+	} {
+		c := m.answerNow(certKey{domain: name})
+		got := ""
+		switch {
+		case c == valid:
+			got = "valid"
+		case IsFallback(c):
+			got = "fallback"
+		case c != nil:
+			got = "another certificate"
+		}
+		if got != want {
+			t.Errorf("answerNow(%s) = %q, want %q", name, got, want)
+		}
+	}
+	// The Cache is read again every cacheRetry while the domain waits.
+	clock.advance(30 * time.Second)
+	if c := m.answerNow(certKey{domain: "backoff.test"}); c != nil {
+		t.Error("answerNow answered a domain whose Cache read is stale")
+	}
+}
+
+// TestFallbackPrefersValidRSA: a handshake that cannot have an ECDSA
+// certificate gets the domain's valid RSA one (every client takes it)
+// rather than the fallback; the fallback is logged once per change of the
+// domain's state.
+func TestFallbackPrefersValidRSA(t *testing.T) {
+	clock := newFakeClock()
+	var fallbacks int
+	m := newPureManager(t, clock, func(c *Config) {
+		c.OnEvent = func(e Event) {
+			if e.Kind == EventFallback {
+				fallbacks++
+			}
+		}
+	})
+	now := clock.now()
+	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rsaCert := selfSigned(t, "a.test", rsaKey, "test", now.Add(-time.Hour), now.Add(time.Hour))
+	if _, err := m.domainFor("a.test"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := m.fallback(certKey{domain: "a.test"}); err != nil || !IsFallback(c) {
+		t.Fatalf("fallback without an RSA certificate = %v, %v; want the fallback", c, err)
+	}
+	m.fallback(certKey{domain: "a.test", rsa: true})
+	if fallbacks != 1 {
+		t.Errorf("%d fallback events, want 1 per change of state", fallbacks)
+	}
+	m.serve(certKey{domain: "a.test", rsa: true}, rsaCert)
+	if c, err := m.fallback(certKey{domain: "a.test"}); err != nil || c != rsaCert {
+		t.Errorf("fallback with a valid RSA certificate = %v, %v; want it", c, err)
+	}
+}
+
+// TestCacheRereadWhileWaiting: while a domain backs off, a certificate
+// another process puts in the shared Cache is served within cacheRetry.
+func TestCacheRereadWhileWaiting(t *testing.T) {
+	const name = "shared.test"
+	e := newEnv(t, envOptions{names: []string{name}})
+	m := e.start(t, func(c *Config) { c.hooks.cacheRetry = 50 * time.Millisecond })
+	e.DNS.SetA(name, "127.0.0.3")
+	if err := m.Provision(context.Background(), name); err == nil {
+		t.Fatal("Provision succeeded; validation should fail")
+	}
+	// Another replica, whose validation works, obtains the certificate.
+	e.DNS.SetA(name, "127.0.0.1")
+	other := e.start(t, nil)
+	other.Retry(name) // it shares the backoff too, through the Cache
+	if err := other.Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	other.Close()
+	e.cur.Store(m)
+	if st := m.Status(name); st.State != StateBackoff {
+		t.Fatalf("Status = %+v, want still backing off", st)
+	}
+	waitFor(t, 5*time.Second, "the shared certificate", func() bool {
+		c, err := m.GetCertificate(helloFor(name))
+		return err == nil && !IsFallback(c)
+	})
+	if st := m.Status(name); st.State != StateValid {
+		t.Errorf("Status = %+v, want valid", st)
+	}
+}
+
+// rsaOnly is a TLS 1.2 client that cannot verify ECDSA.
+var rsaOnly = &tls.Config{MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256}}
+
+// TestRSAInsteadOfFallback: a domain with a valid RSA certificate whose
+// ECDSA attempt fails serves the RSA certificate to modern clients, not
+// the fallback.
+func TestRSAInsteadOfFallback(t *testing.T) {
+	const name = "rsa.test"
+	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
+	e.start(t, func(c *Config) { c.HandshakeTimeout = 5 * time.Second })
+	leaf := e.handshake(t, name, rsaOnly)
+	if _, ok := leaf.PublicKey.(*rsa.PublicKey); !ok {
+		t.Fatalf("an RSA-only client got a %T key", leaf.PublicKey)
+	}
+	e.DNS.SetA(name, "127.0.0.3")
+	e.Proxy.ExpireAuthorizations(name)
+	for range 2 { // the failed ECDSA attempt, then the backoff
+		if got := e.handshake(t, name, &tls.Config{MinVersion: tls.VersionTLS13}); !got.Equal(leaf) {
+			t.Errorf("a TLS 1.3 client got %v, want the valid RSA certificate", got.Subject)
+		}
+	}
+}
