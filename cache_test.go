@@ -221,12 +221,16 @@ func TestNewerWriteWinsOverRetry(t *testing.T) {
 	}
 	put := make(chan error, 1)
 	go func() { put <- c.Put(context.Background(), "a.test", v2) }()
-	// The newer write may reach the store now (a defect) or wait for the
-	// retry in progress: wait a while for the former.
-	select {
-	case <-inner.writing:
-	case <-time.After(500 * time.Millisecond):
+	// The newer write either reaches the store now (the defect) or queues
+	// behind the retry in progress, on its key's lock: wait for one.
+	queued := func() bool {
+		c.writersMu.Lock()
+		defer c.writersMu.Unlock()
+		return c.writers["a.test"] != nil && c.writers["a.test"].users == 2
 	}
+	waitFor(t, 10*time.Second, "the newer write to reach the store or queue", func() bool {
+		return len(inner.writing) > 0 || queued()
+	})
 	close(inner.release)
 	<-flushed
 	if err := <-put; err != nil {
