@@ -159,7 +159,7 @@ const closeTimeout = 5 * time.Second
 // revokes its lease, waiting at most 5 seconds for etcd (the lease
 // expires by itself otherwise, and Close reports the error). It ends the
 // Cache's watches and waits for their calls of f to return, so f must
-// not call Close. Lock fails after Close, but the other methods keep
+// not call Close. Lock and Watch fail after Close; the other methods keep
 // working as long as the client does. Close may be called more than
 // once.
 //

@@ -13,11 +13,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/crypto/acme/autocert"
+)
+
+var (
+	_ certmgr.Coordinator     = (*Cache)(nil)
+	_ certmgrtest.Coordinator = (*Cache)(nil)
+	_ autocert.Cache          = (*Cache)(nil)
 )
 
 // testTTL is the lease TTL of the tests' Caches: as short as etcd allows
@@ -636,6 +643,9 @@ func TestNoGoroutinesLeft(t *testing.T) {
 		}
 		if _, _, err := a.PutIf(ctx, "k", []byte("v"), 0, "l2"); err != nil {
 			t.Fatal(err)
+		}
+		if n := len(ours()); n <= before {
+			t.Fatalf("%d goroutines of the Caches and clients while open, %d before: the check sees none", n, before)
 		}
 	}()
 	var left []string
