@@ -387,15 +387,15 @@ func (s *conformance) lockExcludes(ctx context.Context, a, b Coordinator) {
 	}
 
 	// A waiter that gave up leaves nothing that blocks the next Lock:
-	// b holds, a gives up, b unlocks, a (then b) must get it.
+	// b holds, a gives up, b unlocks, b (then a) must get it.
 	s.refused(ctx, a, name, "another replica")
 	r.unlock()
 	if !isClosed(r.lost) {
 		s.fatalf("unlock did not close lost")
 	}
-	_, unlock := s.lock(ctx, a, name)
+	_, unlock := s.lock(ctx, b, name)
 	unlock()
-	_, unlock = s.lock(ctx, b, name)
+	_, unlock = s.lock(ctx, a, name)
 	unlock()
 }
 

@@ -86,7 +86,9 @@ type Cache struct {
 	closed bool             // Close was called
 	sess   *session         // the current session, or nil
 	names  map[string]*slot // the lock names this process holds or is trying to get
-	stale  []clientv3.LeaseID
+	// stale are leases given up whose revoke failed: they are revoked
+	// when the next is granted, and at Close.
+	stale []clientv3.LeaseID
 }
 
 // session is a lease of this Cache and the locks held under it.
