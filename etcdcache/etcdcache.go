@@ -153,8 +153,8 @@ func New(client *clientv3.Client, opts Options) (*Cache, error) {
 	}, nil
 }
 
-// closeTimeout bounds how long Close and the give-up of a lost lease wait
-// for etcd to revoke a lease.
+// closeTimeout bounds how long Close waits for etcd to revoke its
+// leases.
 const closeTimeout = 5 * time.Second
 
 // Close releases the Cache's locks, closing their lost channels, and
@@ -186,16 +186,16 @@ func (c *Cache) Close() error {
 	c.stale = nil
 	c.mu.Unlock()
 
+	ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
+	defer cancel()
 	var err error
 	if s != nil {
 		s.cancel() // no more keep-alives
-		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
 		if _, rerr := c.client.Revoke(ctx, s.s.Lease()); rerr != nil {
 			err = fmt.Errorf("etcdcache: revoke lease: %w", rerr)
 		}
-		cancel()
 	}
-	c.revoke(stale, closeTimeout)
+	c.revoke(ctx, stale)
 	c.cancel()
 	c.wg.Wait()
 	return err
@@ -203,12 +203,7 @@ func (c *Cache) Close() error {
 
 // revoke revokes leases that were given up, for their lock entries to
 // go at once; errors do not matter, the leases expire anyway.
-func (c *Cache) revoke(leases []clientv3.LeaseID, timeout time.Duration) {
-	if len(leases) == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
+func (c *Cache) revoke(ctx context.Context, leases []clientv3.LeaseID) {
 	for _, id := range leases {
 		c.client.Revoke(ctx, id)
 	}
@@ -277,7 +272,7 @@ func (c *Cache) session(ctx context.Context) (*session, error) {
 	}
 	if err != nil {
 		cancel()
-		c.revoke([]clientv3.LeaseID{grant.ID}, closeTimeout)
+		c.revoke(ctx, []clientv3.LeaseID{grant.ID})
 		return nil, fmt.Errorf("etcdcache: keep lease alive: %w", err)
 	}
 	ttl := time.Duration(grant.TTL) * time.Second
@@ -288,14 +283,14 @@ func (c *Cache) session(ctx context.Context) (*session, error) {
 	if !c.goLocked(func() { c.monitor(s, acks, deadline) }) {
 		c.mu.Unlock()
 		cancel()
-		c.revoke([]clientv3.LeaseID{grant.ID}, closeTimeout)
+		c.revoke(ctx, []clientv3.LeaseID{grant.ID})
 		return nil, errClosed
 	}
 	c.sess = s
 	stale := c.stale
 	c.stale = nil
 	c.mu.Unlock()
-	c.revoke(stale, closeTimeout)
+	c.revoke(ctx, stale) // etcd answered just now
 	return s, nil
 }
 

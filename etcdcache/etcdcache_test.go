@@ -366,6 +366,48 @@ func TestClose(t *testing.T) {
 	}
 }
 
+// TestCloseUnreachable closes a Cache that holds a lock while etcd is
+// unreachable: Close gives up on the revoke within its bound and says
+// so, and nothing is left once the client is closed.
+func TestCloseUnreachable(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	before := len(ours())
+	p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.addr()}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(cli, Options{Prefix: "/unreachable/", LeaseTTL: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lost, _, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cut()
+	start := time.Now()
+	err = c.Close()
+	if d := time.Since(start); err == nil || d > closeTimeout+time.Second {
+		t.Fatalf("Close with etcd unreachable: %v after %v; want an error within %v", err, d, closeTimeout)
+	}
+	t.Logf("Close: %v", err)
+	select {
+	case <-lost:
+	default:
+		t.Fatal("Close did not close lost")
+	}
+	cli.Close()
+	var left []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if left = ours(); len(left) <= before {
+			return
+		}
+	}
+	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
+}
+
 // TestRestart stops etcd under a Cache that holds a lock and watches,
 // and starts it again on the same data and URLs: the lock is lost within
 // the TTL, Locks fail meanwhile with their ctx's error, and afterwards
@@ -575,7 +617,7 @@ func TestSameProcess(t *testing.T) {
 	unlock()
 }
 
-// ours lists the goroutines of this package and of the etcd client.
+// ours lists the goroutines of Caches and of etcd clients.
 func ours() []string {
 	buf := make([]byte, 1<<20)
 	for {
@@ -588,7 +630,7 @@ func ours() []string {
 	}
 	var found []string
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "etcdcache.") && !strings.Contains(g, "etcdcache.TestNoGoroutines") ||
+		if strings.Contains(g, "etcdcache.(*Cache)") ||
 			strings.Contains(g, "go.etcd.io/etcd/client/v3") && !strings.Contains(g, "etcd/server/v3") {
 			found = append(found, g)
 		}
