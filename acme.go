@@ -196,7 +196,7 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 	switch {
 	case newOrder:
 		ob.order = true
-		o.track(owner, append(r.Authorizations, r.Finalize, res.Header.Get("Location")))
+		o.track(owner, true, append(r.Authorizations, r.Finalize, res.Header.Get("Location")))
 		return ob
 	case r.Token != "" && r.Type != "":
 		// A challenge: the client accepting it, or polling it.
@@ -206,7 +206,7 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 		}
 		return ob
 	case r.Challenges == nil:
-		o.track(owner, []string{r.Certificate}) // an order: its certificate, once issued
+		o.track(owner, false, []string{r.Certificate}) // an order: its certificate, once issued
 		return observation{}
 	}
 	// An authorization.
@@ -214,7 +214,7 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 	for _, c := range r.Challenges {
 		urls = append(urls, c.URL)
 	}
-	o.track(owner, urls)
+	o.track(owner, false, urls)
 	switch r.Status {
 	case "valid":
 		ob.authzValid = true
@@ -231,10 +231,15 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 	return ob
 }
 
-// track remembers URLs of owner's order.
-func (o *acmeObserver) track(owner tracked, urls []string) {
+// track remembers URLs of owner's order: those of a new order, and more
+// of an order it tracks already. An answer that comes after its attempt
+// ended (forget) tracks nothing.
+func (o *acmeObserver) track(owner tracked, newOrder bool, urls []string) {
 	o.urlsMu.Lock()
 	defer o.urlsMu.Unlock()
+	if !newOrder && len(o.byName[owner.domain]) == 0 {
+		return
+	}
 	for _, u := range urls {
 		if _, ok := o.urls[u]; !ok && u != "" {
 			o.urls[u] = owner

@@ -94,6 +94,7 @@ func TestObserverReadsResponses(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			o := newACMEObserver(nil)
 			owner := tracked{domain: "a.test", reservation: "r1"}
+			o.track(owner, true, []string{"https://ca/order/0"}) // the order in flight
 			want := tt.want
 			if want != (observation{}) || tt.name == "bad nonce" {
 				want.reservation = "r1"
@@ -116,8 +117,8 @@ func TestObserverReadsResponses(t *testing.T) {
 func TestObserverCountsEachFailedAuthorizationOnce(t *testing.T) {
 	o := newACMEObserver(nil)
 	a, b := tracked{domain: "a.test"}, tracked{domain: "b.test"}
-	o.track(a, []string{"https://ca/authz/1"})
-	o.track(b, []string{"https://ca/authz/1", "https://ca/authz/2"}) // the first is a.test's
+	o.track(a, true, []string{"https://ca/authz/1"})
+	o.track(b, true, []string{"https://ca/authz/1", "https://ca/authz/2"}) // the first is a.test's
 	if !o.firstFailure("https://ca/authz/1") || o.firstFailure("https://ca/authz/1") {
 		t.Error("an authorization's failure was not counted exactly once")
 	}
@@ -428,4 +429,42 @@ func FuzzParseRetryAfter(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestObserverForgetsEndedAttempts: an answer that arrives after its
+// attempt ended (autocert's detached requests, or a poll in flight at
+// the end) tracks nothing: the maps hold attempts in flight only, not
+// every domain that ever ordered.
+func TestObserverForgetsEndedAttempts(t *testing.T) {
+	var o *acmeObserver
+	o = newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/new-order" {
+			return acmeResponse(201, http.Header{"Location": {"https://ca/order/1"}},
+				`{"status":"pending","authorizations":["https://ca/authz/1"],"finalize":"https://ca/finalize/1"}`), nil
+		}
+		o.forget("a.test") // the attempt ends while this request is out
+		return acmeResponse(200, nil, `{"status":"pending","challenges":[{"url":"https://ca/chall/1"}]}`), nil
+	}))
+	o.life = context.Background()
+	o.timeout = time.Minute
+	o.closed = func() bool { return false }
+	o.admit = func(*http.Request, string) (string, error) { return "r1", nil }
+	o.report = func(string, observation) {}
+	post := func(path string, body []byte) {
+		req, _ := http.NewRequest("POST", "https://ca"+path, strings.NewReader(string(body)))
+		if _, err := o.RoundTrip(req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	post("/new-order", jws(`{"identifiers":[{"type":"dns","value":"a.test"}]}`))
+	if got := o.owner("https://ca/finalize/1"); got.domain != "a.test" {
+		t.Fatalf("the order's finalize URL is not tracked: %+v", got)
+	}
+	post("/authz/1", jws(""))
+	o.urlsMu.Lock()
+	left := len(o.urls) + len(o.byName) + len(o.failed)
+	o.urlsMu.Unlock()
+	if left != 0 {
+		t.Errorf("%d entries tracked after the attempt ended", left)
+	}
 }
