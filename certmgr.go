@@ -380,11 +380,7 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 			return c, nil
 		}
 	}
-	parent := hello.Context()
-	if parent == nil {
-		parent = context.Background()
-	}
-	ctx, cancel := context.WithTimeout(parent, m.timeout)
+	ctx, cancel := m.handshakeContext(hello)
 	defer cancel()
 	if err := m.hostPolicy(ctx, name); err != nil {
 		return nil, err
@@ -393,6 +389,16 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 		return cert, nil
 	}
 	return m.fallback(k)
+}
+
+// handshakeContext returns the context of hello's handshake, ended after
+// HandshakeTimeout.
+func (m *Manager) handshakeContext(hello *tls.ClientHelloInfo) (context.Context, context.CancelFunc) {
+	parent := hello.Context()
+	if parent == nil {
+		parent = context.Background()
+	}
+	return context.WithTimeout(parent, m.timeout)
 }
 
 // hostPolicy runs the user's HostPolicy, if any.

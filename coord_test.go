@@ -4,21 +4,33 @@ import (
 	"context"
 	"testing"
 
+	"github.com/certmgr/certmgr/certmgrtest"
 	"golang.org/x/crypto/acme/autocert"
+)
+
+// certmgrtest's in-memory store implements Coordinator, and so does its
+// copy of the interface: the two declare the same methods.
+var (
+	_ Coordinator             = (*certmgrtest.MemoryReplica)(nil)
+	_ Coordinator             = certmgrtest.Coordinator(nil)
+	_ certmgrtest.Coordinator = Coordinator(nil)
 )
 
 // coordCache is a memory Cache that is also a Coordinator; its methods
 // are never called here.
 type coordCache struct{ memCache }
 
-func (*coordCache) Lock(context.Context, string) (<-chan struct{}, func(), error) {
-	return nil, func() {}, nil
+func (*coordCache) Lock(context.Context, string) (string, <-chan struct{}, func(), error) {
+	return "", nil, func() {}, nil
 }
 func (*coordCache) GetRevision(context.Context, string) ([]byte, int64, error) { return nil, 0, nil }
 func (*coordCache) PutIf(context.Context, string, []byte, int64, string) (int64, bool, error) {
 	return 0, false, nil
 }
-func (*coordCache) Watch(context.Context, string, func(string, []byte)) error { return nil }
+func (*coordCache) DeleteIf(context.Context, string, int64, string) (bool, error) { return false, nil }
+func (*coordCache) Watch(context.Context, string, int64, func(string, []byte, int64)) error {
+	return nil
+}
 
 // wrapCache wraps a Cache and says so with Unwrap.
 type wrapCache struct {

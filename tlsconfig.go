@@ -1,7 +1,6 @@
 package certmgr
 
 import (
-	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -49,11 +48,7 @@ func (m *Manager) tokenCert(hello *tls.ClientHelloInfo) (*tls.Certificate, error
 	if err != nil {
 		return nil, err
 	}
-	ctx := hello.Context()
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	ctx, cancel := context.WithTimeout(ctx, m.timeout)
+	ctx, cancel := m.handshakeContext(hello)
 	defer cancel()
 	if err := m.hostPolicy(ctx, name); err != nil {
 		return nil, err

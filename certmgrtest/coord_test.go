@@ -19,12 +19,12 @@ func TestMemoryStoreDisconnect(t *testing.T) {
 	defer cancel()
 	s := NewMemoryStore()
 	a, b := s.Open(), s.Open()
-	lost, _, err := a.Lock(ctx, "l")
+	_, lost, _, err := a.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := make(chan event, 10)
-	if err := a.Watch(ctx, "k", func(key string, value []byte) { got <- event{key, string(value), value == nil} }); err != nil {
+	if err := a.Watch(ctx, "k", 0, func(key string, value []byte, rev int64) { got <- event{key, string(value), value == nil, rev} }); err != nil {
 		t.Fatal(err)
 	}
 	a.Disconnect()
@@ -38,7 +38,7 @@ func TestMemoryStoreDisconnect(t *testing.T) {
 	if _, err := a.Get(short, "k"); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Get while disconnected: %v, want context.DeadlineExceeded", err)
 	}
-	if _, unlock, err := b.Lock(ctx, "l"); err != nil {
+	if _, _, unlock, err := b.Lock(ctx, "l"); err != nil {
 		t.Fatal(err)
 	} else {
 		unlock()
@@ -54,8 +54,8 @@ func TestMemoryStoreDisconnect(t *testing.T) {
 	a.Reconnect()
 	select {
 	case e := <-got:
-		if e != (event{"k", "v", false}) {
-			t.Fatalf("watch reported %v, want k=v", e)
+		if e != (event{"k", "v", false, 1}) {
+			t.Fatalf("watch reported %v, want k=v@1", e)
 		}
 	case <-ctx.Done():
 		t.Fatal("watch reported nothing after Reconnect")
@@ -66,9 +66,56 @@ func TestMemoryStoreDisconnect(t *testing.T) {
 	if _, err := a.Get(ctx, "missing"); !errors.Is(err, autocert.ErrCacheMiss) {
 		t.Fatalf("Get of a missing key: %v", err)
 	}
-	_, unlock, err := a.Lock(ctx, "l")
+	_, _, unlock, err := a.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
 	unlock()
+}
+
+// TestMemoryStoreCompact: a Watch from a revision that Compact dropped
+// reports the current value of each key written since, not the deletes,
+// and goes on with the later writes.
+func TestMemoryStoreCompact(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	s := NewMemoryStore()
+	r := s.Open()
+	put := func(key, value string) {
+		t.Helper()
+		if err := r.Put(ctx, key, []byte(value)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("w/a", "1")                                 // 1
+	put("w/old", "1")                               // 2
+	put("w/a", "2")                                 // 3
+	put("w/gone", "1")                              // 4
+	put("x", "1")                                   // 5
+	put("w/b", "1")                                 // 6
+	if err := r.Delete(ctx, "w/gone"); err != nil { // 7
+		t.Fatal(err)
+	}
+	put("w/a", "3") // 8
+	s.Compact()
+	got := make(chan event, 10)
+	f := func(key string, value []byte, rev int64) { got <- event{key, string(value), value == nil, rev} }
+	if err := r.Watch(ctx, "w/", 2, f); err != nil {
+		t.Fatal(err)
+	}
+	put("w/later", "1") // 9
+	want := []event{{"w/b", "1", false, 6}, {"w/a", "3", false, 8}, {"w/later", "1", false, 9}}
+	for _, w := range want {
+		select {
+		case e := <-got:
+			if e != w {
+				t.Fatalf("watch reported %v, want %v", e, w)
+			}
+		case <-ctx.Done():
+			t.Fatalf("watch did not report %v", w)
+		}
+	}
+	if err := r.Watch(ctx, "w/", -1, f); err == nil {
+		t.Fatal("Watch from revision -1 succeeded")
+	}
 }

@@ -1,6 +1,7 @@
 package certmgrtest
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -19,15 +20,20 @@ import (
 // Revisions are those of the whole store, as etcd's: every write and
 // every delete of an existing key takes the next one. Values are copied
 // in and out. A lease ends only by MemoryReplica.Lose or Disconnect, at
-// once: the store has no clock.
+// once: the store has no clock. The store keeps every write, for Watch
+// to replay from any revision, until Compact.
 //
 // The zero value is not usable; use NewMemoryStore.
 type MemoryStore struct {
-	mu      sync.Mutex // guards the fields below and those of the replicas' locks
-	rev     int64      // the store's revision: that of its latest write
-	entries map[string]memoryEntry
-	locks   map[string]*memoryLock // by name; only while held or waited for
-	watches map[*memoryWatch]bool
+	mu        sync.Mutex // guards the fields below and those of the replicas' locks
+	rev       int64      // the store's revision: that of its latest write
+	entries   map[string]memoryEntry
+	history   []memoryEvent // the writes after revision compacted, in order
+	compacted int64
+	locks     map[string]*memoryLock // by name; only while held or waited for
+	holds     map[string]*memoryHold // the current holds, by fence
+	fences    uint64                 // holds so far, to number their fences
+	watches   map[*memoryWatch]bool
 }
 
 // memoryEntry is a key's value and the revision that wrote it.
@@ -44,9 +50,10 @@ type memoryLock struct {
 
 // memoryHold is a Lock that got the lock.
 type memoryHold struct {
-	r    *MemoryReplica
-	name string
-	lost chan struct{} // closed when released, by unlock or loss
+	r     *MemoryReplica
+	name  string
+	fence string        // unique to this hold
+	lost  chan struct{} // closed when released, by unlock or loss
 }
 
 // memoryWaiter is a Lock waiting for the lock. Its ready is closed when
@@ -63,8 +70,28 @@ func NewMemoryStore() *MemoryStore {
 	return &MemoryStore{
 		entries: make(map[string]memoryEntry),
 		locks:   make(map[string]*memoryLock),
+		holds:   make(map[string]*memoryHold),
 		watches: make(map[*memoryWatch]bool),
 	}
+}
+
+// Compact drops the store's history of writes, as etcd's compaction
+// does: a Watch from an earlier revision then reports the current value
+// of each key written since, and not the deletes.
+func (s *MemoryStore) Compact() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.history = nil
+	s.compacted = s.rev
+}
+
+// holdLocked makes r the holder of the lock name, with a new fence.
+func (s *MemoryStore) holdLocked(r *MemoryReplica, name string) *memoryHold {
+	s.fences++
+	h := &memoryHold{r: r, name: name, fence: fmt.Sprintf("memory-%d/%s", s.fences, name), lost: make(chan struct{})}
+	s.locks[name].holder = h
+	s.holds[h.fence] = h
+	return h
 }
 
 // Open returns a new replica's handle on the store, with a lease of its
@@ -163,24 +190,25 @@ func (s *MemoryStore) releaseLocked(name string, h *memoryHold) {
 	}
 	close(h.lost)
 	l.holder = nil
+	delete(s.holds, h.fence)
 	if len(l.waiters) == 0 {
 		delete(s.locks, name)
 		return
 	}
 	w := l.waiters[0]
 	l.waiters = l.waiters[1:]
-	w.hold = &memoryHold{r: w.r, name: name, lost: make(chan struct{})}
-	l.holder = w.hold
+	w.hold = s.holdLocked(w.r, name)
 	close(w.ready)
 }
 
 // Lock implements Coordinator: waiters get the lock in the order they
-// asked for it.
-func (r *MemoryReplica) Lock(ctx context.Context, name string) (lost <-chan struct{}, unlock func(), err error) {
+// asked for it. A fence names the lock and counts the holds of the
+// store.
+func (r *MemoryReplica) Lock(ctx context.Context, name string) (fence string, lost <-chan struct{}, unlock func(), err error) {
 	s := r.s
 	for {
 		if err := r.reach(ctx); err != nil {
-			return nil, nil, err
+			return "", nil, nil, err
 		}
 		s.mu.Lock()
 		if r.cut != nil { // disconnected meanwhile
@@ -194,8 +222,7 @@ func (r *MemoryReplica) Lock(ctx context.Context, name string) (lost <-chan stru
 		}
 		var h *memoryHold
 		if l.holder == nil {
-			h = &memoryHold{r: r, name: name, lost: make(chan struct{})}
-			l.holder = h
+			h = s.holdLocked(r, name)
 			s.mu.Unlock()
 		} else {
 			w := &memoryWaiter{r: r, ready: make(chan struct{})}
@@ -214,7 +241,7 @@ func (r *MemoryReplica) Lock(ctx context.Context, name string) (lost <-chan stru
 					l.waiters = slices.DeleteFunc(l.waiters, func(x *memoryWaiter) bool { return x == w })
 				}
 				s.mu.Unlock()
-				return nil, nil, ctx.Err()
+				return "", nil, nil, ctx.Err()
 			}
 			if w.hold == nil {
 				continue
@@ -226,14 +253,18 @@ func (r *MemoryReplica) Lock(ctx context.Context, name string) (lost <-chan stru
 			defer s.mu.Unlock()
 			s.releaseLocked(name, h)
 		}
-		return h.lost, unlock, nil
+		return h.fence, h.lost, unlock, nil
 	}
 }
 
-// holdsLocked reports whether r holds the lock name.
-func (r *MemoryReplica) holdsLocked(name string) bool {
-	l := r.s.locks[name]
-	return l != nil && l.holder != nil && l.holder.r == r
+// fencedLocked reports whether fence is empty or names a current hold of
+// r.
+func (r *MemoryReplica) fencedLocked(fence string) bool {
+	if fence == "" {
+		return true
+	}
+	h := r.s.holds[fence]
+	return h != nil && h.r == r
 }
 
 // GetRevision implements Coordinator.
@@ -257,13 +288,28 @@ func (r *MemoryReplica) PutIf(ctx context.Context, key string, value []byte, rev
 	}
 	r.s.mu.Lock()
 	defer r.s.mu.Unlock()
-	if r.s.entries[key].rev != rev || fence != "" && !r.holdsLocked(fence) {
+	if r.s.entries[key].rev != rev || !r.fencedLocked(fence) {
 		return 0, false, nil
 	}
 	if value == nil {
 		value = []byte{}
 	}
 	return r.s.putLocked(key, value), true, nil
+}
+
+// DeleteIf implements Coordinator.
+func (r *MemoryReplica) DeleteIf(ctx context.Context, key string, rev int64, fence string) (ok bool, err error) {
+	if err := r.reach(ctx); err != nil {
+		return false, err
+	}
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	e, exists := r.s.entries[key]
+	if !exists || e.rev != rev || !r.fencedLocked(fence) {
+		return false, nil
+	}
+	r.s.putLocked(key, nil)
+	return true, nil
 }
 
 // putLocked writes key, or deletes it if value is nil, and reports the
@@ -279,13 +325,12 @@ func (s *MemoryStore) putLocked(key string, value []byte) int64 {
 		}
 		s.entries[key] = memoryEntry{value, s.rev}
 	}
+	e := memoryEvent{key, value, s.rev}
+	s.history = append(s.history, e)
 	for w := range s.watches {
 		if strings.HasPrefix(key, w.prefix) {
-			w.queue = append(w.queue, memoryEvent{key, value})
-			select {
-			case w.wake <- struct{}{}:
-			default:
-			}
+			w.queue = append(w.queue, e)
+			w.signal()
 		}
 	}
 	return s.rev
@@ -332,21 +377,55 @@ type memoryWatch struct {
 	queue  []memoryEvent // guarded by the store's mu
 }
 
-// memoryEvent is a write, or with a nil value a delete.
+func (w *memoryWatch) signal() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// memoryEvent is a write, or with a nil value a delete, and its
+// revision.
 type memoryEvent struct {
 	key   string
 	value []byte
+	rev   int64
 }
 
 // Watch implements Coordinator, with one goroutine per call that ends
-// when ctx ends.
-func (r *MemoryReplica) Watch(ctx context.Context, prefix string, f func(key string, value []byte)) error {
+// when ctx ends. After Compact, a Watch from an earlier revision reports
+// the current value of each key written since.
+func (r *MemoryReplica) Watch(ctx context.Context, prefix string, fromRev int64, f func(key string, value []byte, rev int64)) error {
+	if fromRev < 0 {
+		return fmt.Errorf("certmgrtest: Watch from revision %d", fromRev)
+	}
 	if err := r.reach(ctx); err != nil {
 		return err
 	}
 	w := &memoryWatch{prefix: prefix, wake: make(chan struct{}, 1)}
 	s := r.s
 	s.mu.Lock()
+	if fromRev == 0 {
+		fromRev = s.rev
+	}
+	if fromRev < s.compacted {
+		for key, e := range s.entries {
+			if e.rev > fromRev && strings.HasPrefix(key, prefix) {
+				w.queue = append(w.queue, memoryEvent{key, e.value, e.rev})
+			}
+		}
+		slices.SortFunc(w.queue, func(a, b memoryEvent) int { return cmp.Compare(a.rev, b.rev) })
+	} else {
+		i, _ := slices.BinarySearchFunc(s.history, fromRev+1, func(e memoryEvent, rev int64) int { return cmp.Compare(e.rev, rev) })
+		for _, e := range s.history[i:] {
+			if strings.HasPrefix(e.key, prefix) {
+				w.queue = append(w.queue, e)
+			}
+		}
+	}
+	if len(w.queue) > 0 {
+		w.signal()
+	}
 	s.watches[w] = true
 	s.mu.Unlock()
 	go func() {
@@ -369,7 +448,7 @@ func (r *MemoryReplica) Watch(ctx context.Context, prefix string, f func(key str
 				if r.reach(ctx) != nil {
 					return
 				}
-				f(e.key, slices.Clone(e.value))
+				f(e.key, slices.Clone(e.value), e.rev)
 			}
 		}
 	}()

@@ -13,12 +13,23 @@
 // ranges of keys, and needs read and write permission on P only:
 //
 //   - P+"cache/"+key holds the value of key, for autocert.Cache's Get,
-//     Put and Delete and for Coordinator's GetRevision, PutIf and Watch
-//     alike. A key's revision is its etcd ModRevision.
+//     Put and Delete and for Coordinator's GetRevision, PutIf, DeleteIf
+//     and Watch alike. A key's revision is its etcd ModRevision.
 //   - P+"locks/"+name+"/"+lease is a replica's entry for the lock name:
 //     that of concurrency.Mutex (the key of etcdctl lock), attached to
 //     the replica's lease, so that the lock is held by the oldest entry
 //     and ends with the lease.
+//
+// # Fences
+//
+// The fence that Lock returns names the hold by its entry's key and
+// create revision, as key+"@"+revision: the next hold of the same name
+// has another create revision, if not another lease. A fenced PutIf or
+// DeleteIf checks, in the same etcd transaction as the write, that the
+// entry with that key still has that create revision, as
+// concurrency.Mutex.IsOwner does; and, before it asks etcd, that the
+// hold has not ended in this Cache (by unlock, loss or Close). A fence
+// is valid only in the Cache whose Lock returned it.
 //
 // # Leases
 //
@@ -33,10 +44,17 @@
 // grants a new one: after an outage of the store, the same Cache resumes
 // without a restart.
 //
+// That deadline is on this process's clock, and the best it can know:
+// etcd gives the lock to another replica if the lease is revoked (say
+// with etcdctl lease revoke) or this process is paused past the deadline
+// before it closes lost. Fenced writes are safe either way.
+//
 // Goroutines of one process that share a Cache share its lease; a Cache
 // therefore lets one Lock of a name at a time proceed to etcd, and a
 // second Lock of the same name waits for the first's unlock, as one on
-// another replica does.
+// another replica does. unlock ends the hold in the Cache at once and
+// deletes its entry in etcd in the background; the next Lock of the name
+// in this process waits for that delete.
 package etcdcache
 
 import (
@@ -86,6 +104,7 @@ type Cache struct {
 	closed bool             // Close was called
 	sess   *session         // the current session, or nil
 	names  map[string]*slot // the lock names this process holds or is trying to get
+	holds  map[string]*hold // the current holds, by fence
 	// stale are leases given up whose revoke failed: they are revoked
 	// when the next is granted, and at Close.
 	stale []clientv3.LeaseID
@@ -108,18 +127,24 @@ type session struct {
 type slot struct {
 	name  string
 	free  chan struct{}
-	freed bool  // free is closed
-	hold  *hold // while the lock is held
+	freed bool // free is closed
 }
 
 // hold is a lock that this process holds.
 type hold struct {
-	slot     *slot
-	sess     *session
-	mutex    *concurrency.Mutex
-	owner    clientv3.Cmp  // true in etcd while the lock is held
-	lost     chan struct{} // closed when released
-	released bool          // by unlock, loss or Close
+	slot      *slot
+	sess      *session
+	mutex     *concurrency.Mutex
+	key       string        // the lock's entry in etcd
+	createRev int64         // the entry's create revision: the hold's in etcd while it is held
+	fence     string        // key and createRev
+	lost      chan struct{} // closed when released
+	released  bool          // by unlock, loss or Close
+}
+
+// owner is true in etcd while h is the hold of its lock.
+func (h *hold) owner() clientv3.Cmp {
+	return clientv3.Compare(clientv3.CreateRevision(h.key), "=", h.createRev)
 }
 
 var errClosed = errors.New("etcdcache: Cache closed")
@@ -150,6 +175,7 @@ func New(client *clientv3.Client, opts Options) (*Cache, error) {
 		cancel:     cancel,
 		sessionSem: make(chan struct{}, 1),
 		names:      make(map[string]*slot),
+		holds:      make(map[string]*hold),
 	}, nil
 }
 
@@ -365,7 +391,7 @@ func (c *Cache) releaseLocked(h *hold) bool {
 	h.released = true
 	close(h.lost)
 	delete(h.sess.holds, h)
-	h.slot.hold = nil
+	delete(c.holds, h.fence)
 	return true
 }
 
@@ -417,14 +443,14 @@ type lockResult struct {
 // holds the lock name, or ctx ends. Waiters on all replicas get the lock
 // in the order they asked etcd for it. The lock ends at unlock, at Close
 // or when the Cache's lease is lost, and then lost is closed (see the
-// package documentation).
-func (c *Cache) Lock(ctx context.Context, name string) (lost <-chan struct{}, unlock func(), err error) {
+// package documentation). The fence names the lock's entry in etcd.
+func (c *Cache) Lock(ctx context.Context, name string) (fence string, lost <-chan struct{}, unlock func(), err error) {
 	if err := ctx.Err(); err != nil {
-		return nil, nil, err
+		return "", nil, nil, err
 	}
 	sl, err := c.claim(ctx, name)
 	if err != nil {
-		return nil, nil, err
+		return "", nil, nil, err
 	}
 	// The attempt runs in a goroutine of its own, which may outlive
 	// this call: concurrency.Mutex.Lock can wait for etcd after ctx
@@ -435,13 +461,13 @@ func (c *Cache) Lock(ctx context.Context, name string) (lost <-chan struct{}, un
 	select {
 	case r := <-got:
 		if r.err != nil {
-			return nil, nil, r.err
+			return "", nil, nil, r.err
 		}
 		h := r.h
-		return h.lost, func() { c.unlock(h) }, nil
+		return h.fence, h.lost, func() { c.unlock(h) }, nil
 	case <-ctx.Done():
 		close(gaveUp)
-		return nil, nil, ctx.Err()
+		return "", nil, nil, ctx.Err()
 	}
 }
 
@@ -509,9 +535,12 @@ func (c *Cache) lockIn(ctx context.Context, s *session, sl *slot) (*hold, error)
 		c.mu.Lock()
 		closed := c.closed
 		if !s.ended && !closed {
-			h := &hold{slot: sl, sess: s, mutex: m, owner: m.IsOwner(), lost: make(chan struct{})}
+			owner := m.IsOwner()
+			h := &hold{slot: sl, sess: s, mutex: m, key: m.Key(), createRev: owner.GetCompare().GetCreateRevision(),
+				lost: make(chan struct{})}
+			h.fence = fmt.Sprintf("%s@%d", h.key, h.createRev)
 			s.holds[h] = true
-			sl.hold = h
+			c.holds[h.fence] = h
 			c.mu.Unlock()
 			return h, nil
 		}
@@ -570,23 +599,32 @@ func nonNil(b []byte) []byte {
 	return b
 }
 
+// conditions returns the comparisons of a write of the etcd key k at
+// revision rev, fenced by fence; false if the fence names no current hold
+// of this Cache.
+func (c *Cache) conditions(k string, rev int64, fence string) ([]clientv3.Cmp, bool) {
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}
+	if fence == "" {
+		return cmps, true
+	}
+	c.mu.Lock()
+	h := c.holds[fence]
+	c.mu.Unlock()
+	if h == nil {
+		return nil, false // not held (any more), or not this Cache's
+	}
+	return append(cmps, h.owner()), true
+}
+
 // PutIf implements certmgr.Coordinator, in one etcd transaction that
 // compares key's ModRevision with rev and, with a fence, checks that the
-// lock's entry of this Cache is still the one Lock created.
+// lock's entry that the fence names is still the one Lock created (see
+// the package documentation).
 func (c *Cache) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (newRev int64, ok bool, err error) {
 	k := c.key(key)
-	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)}
-	if fence != "" {
-		c.mu.Lock()
-		var h *hold
-		if sl := c.names[fence]; sl != nil {
-			h = sl.hold
-		}
-		c.mu.Unlock()
-		if h == nil {
-			return 0, false, nil // not held, or lost
-		}
-		cmps = append(cmps, h.owner)
+	cmps, ok := c.conditions(k, rev, fence)
+	if !ok {
+		return 0, false, nil
 	}
 	resp, err := c.client.Txn(ctx).If(cmps...).Then(clientv3.OpPut(k, string(value))).Commit()
 	if err != nil {
@@ -596,6 +634,24 @@ func (c *Cache) PutIf(ctx context.Context, key string, value []byte, rev int64, 
 		return 0, false, nil
 	}
 	return resp.Header.Revision, true, nil
+}
+
+// DeleteIf implements certmgr.Coordinator, in one etcd transaction with
+// the comparisons of PutIf.
+func (c *Cache) DeleteIf(ctx context.Context, key string, rev int64, fence string) (ok bool, err error) {
+	if rev <= 0 { // a missing key's ModRevision is 0: never deleted
+		return false, nil
+	}
+	k := c.key(key)
+	cmps, ok := c.conditions(k, rev, fence)
+	if !ok {
+		return false, nil
+	}
+	resp, err := c.client.Txn(ctx).If(cmps...).Then(clientv3.OpDelete(k)).Commit()
+	if err != nil {
+		return false, fmt.Errorf("etcdcache: delete %q: %w", key, err)
+	}
+	return resp.Succeeded, nil
 }
 
 // Get implements autocert.Cache.
@@ -621,42 +677,51 @@ func (c *Cache) Delete(ctx context.Context, key string) error {
 }
 
 // Watch implements certmgr.Coordinator with an etcd watch of the keys
-// under prefix, from the revision current when it is called: every
-// write after that is reported. It runs until ctx ends, the Cache is
-// closed or the client is, in one goroutine per call.
+// under prefix, from the revision after fromRev, or with fromRev 0 after
+// the revision current when it is called (which it then asks etcd for).
+// Revisions are etcd's: a write's ModRevision, and a delete's revision.
+// It runs until ctx ends, the Cache is closed or the client is, in one
+// goroutine per call.
 //
 // When its etcd watch fails (a lost leader, an error), Watch watches
 // again from the revision after the last it reported, so nothing is
-// skipped. If etcd compacted that revision meanwhile, Watch reports the
-// current value of each key written since (a delete meanwhile is then
-// not reported) and goes on from there.
-func (c *Cache) Watch(ctx context.Context, prefix string, f func(key string, value []byte)) error {
-	// Any read gives the current revision.
-	resp, err := c.client.Get(ctx, c.key(prefix), clientv3.WithCountOnly())
-	if err != nil {
-		return fmt.Errorf("etcdcache: watch %q: %w", prefix, err)
+// skipped. If etcd compacted that revision (or fromRev) meanwhile, Watch
+// reports the current value of each key written since, with its
+// ModRevision (a delete meanwhile is then not reported), and goes on
+// from there.
+func (c *Cache) Watch(ctx context.Context, prefix string, fromRev int64, f func(key string, value []byte, rev int64)) error {
+	if fromRev < 0 {
+		return fmt.Errorf("etcdcache: watch %q from revision %d", prefix, fromRev)
+	}
+	if fromRev == 0 {
+		// Any read gives the current revision.
+		resp, err := c.client.Get(ctx, c.key(prefix), clientv3.WithCountOnly())
+		if err != nil {
+			return fmt.Errorf("etcdcache: watch %q: %w", prefix, err)
+		}
+		fromRev = resp.Header.Revision
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.goLocked(func() { c.watch(ctx, prefix, resp.Header.Revision+1, f) }) {
+	if !c.goLocked(func() { c.watch(ctx, prefix, fromRev+1, f) }) {
 		return errClosed
 	}
 	return nil
 }
 
 // watch runs Watch's etcd watches from revision next on.
-func (c *Cache) watch(ctx context.Context, prefix string, next int64, f func(key string, value []byte)) {
+func (c *Cache) watch(ctx context.Context, prefix string, next int64, f func(key string, value []byte, rev int64)) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(c.ctx, cancel)()
 	defer context.AfterFunc(c.client.Ctx(), cancel)()
 	ctx = clientv3.WithRequireLeader(ctx)
 	full := c.key(prefix)
-	report := func(kv []byte, value []byte) bool {
+	report := func(kv []byte, value []byte, rev int64) bool {
 		if ctx.Err() != nil {
 			return false
 		}
-		f(strings.TrimPrefix(string(kv), c.prefix+"cache/"), value)
+		f(strings.TrimPrefix(string(kv), c.prefix+"cache/"), value, rev)
 		return true
 	}
 	pause := 50 * time.Millisecond
@@ -681,7 +746,7 @@ func (c *Cache) watch(ctx context.Context, prefix string, next int64, f func(key
 				if ev.Type == clientv3.EventTypeDelete {
 					value = nil
 				}
-				if !report(ev.Kv.Key, value) {
+				if !report(ev.Kv.Key, value, ev.Kv.ModRevision) {
 					wcancel()
 					return
 				}
@@ -701,7 +766,7 @@ func (c *Cache) watch(ctx context.Context, prefix string, next int64, f func(key
 // resync reports the current value of every key under full written at
 // revision next or later, oldest first, and returns the revision to
 // watch from.
-func (c *Cache) resync(ctx context.Context, full string, next int64, report func(key, value []byte) bool) (int64, bool) {
+func (c *Cache) resync(ctx context.Context, full string, next int64, report func(key, value []byte, rev int64) bool) (int64, bool) {
 	resp, err := c.client.Get(ctx, full, clientv3.WithPrefix(), clientv3.WithMinModRev(next))
 	if err != nil {
 		return next, false
@@ -709,7 +774,7 @@ func (c *Cache) resync(ctx context.Context, full string, next int64, report func
 	kvs := resp.Kvs
 	sort.SliceStable(kvs, func(i, j int) bool { return kvs[i].ModRevision < kvs[j].ModRevision })
 	for _, kv := range kvs {
-		if !report(kv.Key, nonNil(kv.Value)) {
+		if !report(kv.Key, nonNil(kv.Value), kv.ModRevision) {
 			return next, false
 		}
 	}

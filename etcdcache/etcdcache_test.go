@@ -144,15 +144,19 @@ func testContext(t *testing.T) context.Context {
 // TestConformance runs certmgrtest's suite with replicas on clients of
 // their own, each through a TCP proxy. A replica is lost when its proxy
 // cuts it off: its client can no longer reach etcd, and its lease
-// expires a TTL after its last keep-alive, as in a partition or a crash.
-// (Closing the client is not a loss: the Cache may still revoke the
-// lease as the client closes.)
+// expires a TTL after its last keep-alive, as in a partition. (Closing
+// the client is not a loss: the Cache may still revoke the lease as the
+// client closes.) The partition heals once etcd has expired the lease,
+// as the suite asks: the same Cache then gets locks with a new lease.
 func TestConformance(t *testing.T) {
 	srv := startEtcd(t)
+	direct := srv.client(t)
 	var (
 		mu      sync.Mutex // guards proxies
 		proxies = make(map[*Cache]*proxy)
+		healing sync.WaitGroup
 	)
+	t.Cleanup(healing.Wait)
 	open := func() certmgrtest.Coordinator {
 		p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
 		c := newCache(t, clientOf(t, "http://"+p.addr()), "/conformance/")
@@ -162,12 +166,30 @@ func TestConformance(t *testing.T) {
 		return c
 	}
 	lose := func(c certmgrtest.Coordinator) {
+		cache := c.(*Cache)
 		mu.Lock()
-		p := proxies[c.(*Cache)]
+		p := proxies[cache]
 		mu.Unlock()
+		cache.mu.Lock()
+		sess := cache.sess
+		cache.mu.Unlock()
+		if sess == nil {
+			t.Fatal("lose: the Cache has no lease")
+		}
+		lease := sess.s.Lease()
 		p.cut()
-		// Let the lost Cache close at once in the cleanup.
-		t.Cleanup(p.heal)
+		cut := time.Now()
+		healing.Go(func() {
+			defer p.heal()
+			for t.Context().Err() == nil {
+				resp, err := direct.TimeToLive(t.Context(), lease)
+				if err == nil && resp.TTL == -1 {
+					t.Logf("lose: etcd expired the lease %v after the cut; healed", time.Since(cut).Round(time.Millisecond))
+					return
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		})
 	}
 	start := time.Now()
 	certmgrtest.CoordinatorConformance(t, open, lose)
@@ -303,14 +325,17 @@ func TestCache(t *testing.T) {
 		t.Fatalf("Delete of a missing key: %v", err)
 	}
 
-	// The locks' keys.
-	_, unlock, err := c.Lock(ctx, "example.com")
+	// The locks' keys, and the fence that names one.
+	fence, _, unlock, err := c.Lock(ctx, "example.com")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp, err = cli.Get(ctx, "/a/locks/example.com/", clientv3.WithPrefix())
 	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
 		t.Fatalf("the lock's etcd key: %v, %v", resp, err)
+	}
+	if kv := resp.Kvs[0]; fence != fmt.Sprintf("%s@%d", kv.Key, kv.CreateRevision) {
+		t.Fatalf("fence %q, want the lock's key %s @ its create revision %d", fence, kv.Key, kv.CreateRevision)
 	}
 	unlock()
 
@@ -337,7 +362,7 @@ func TestClose(t *testing.T) {
 	srv := startEtcd(t)
 	cli := srv.client(t)
 	c := newCache(t, cli, "/close/")
-	lost, _, err := c.Lock(ctx, "l")
+	_, lost, _, err := c.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,14 +374,14 @@ func TestClose(t *testing.T) {
 	default:
 		t.Fatal("Close did not close lost")
 	}
-	if _, _, err := c.Lock(ctx, "l"); err == nil {
+	if _, _, _, err := c.Lock(ctx, "l"); err == nil {
 		t.Fatal("Lock after Close succeeded")
 	}
 	// The lease is revoked: another Cache gets the lock at once.
 	d := newCache(t, cli, "/close/")
 	short, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
-	_, unlock, err := d.Lock(short, "l")
+	_, _, unlock, err := d.Lock(short, "l")
 	if err != nil {
 		t.Fatalf("Lock after the holder's Close: %v", err)
 	}
@@ -382,7 +407,7 @@ func TestCloseUnreachable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lost, _, err := c.Lock(ctx, "l")
+	_, lost, _, err := c.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -425,7 +450,7 @@ func TestRestart(t *testing.T) {
 		mu     sync.Mutex // guards events
 		events []string
 	)
-	if err := c.Watch(ctx, "w/", func(key string, value []byte) {
+	if err := c.Watch(ctx, "w/", 0, func(key string, value []byte, _ int64) {
 		mu.Lock()
 		events = append(events, fmt.Sprintf("%s=%s", key, value))
 		mu.Unlock()
@@ -435,12 +460,12 @@ func TestRestart(t *testing.T) {
 	if err := c.Put(ctx, "w/before", []byte("1")); err != nil {
 		t.Fatal(err)
 	}
-	lost, unlock, err := c.Lock(ctx, "l")
+	fence, lost, unlock, err := c.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unlock()
-	rev, ok, err := c.PutIf(ctx, "rec", []byte("1"), 0, "l")
+	rev, ok, err := c.PutIf(ctx, "rec", []byte("1"), 0, fence)
 	if err != nil || !ok {
 		t.Fatalf("fenced PutIf: %v, %v", ok, err)
 	}
@@ -456,12 +481,12 @@ func TestRestart(t *testing.T) {
 	case <-time.After(testTTL):
 		t.Fatalf("lost not closed within the TTL, %v, of etcd's stop", testTTL)
 	}
-	if _, ok, _ := c.PutIf(ctx, "rec", []byte("2"), rev, "l"); ok {
+	if _, ok, _ := c.PutIf(ctx, "rec", []byte("2"), rev, fence); ok {
 		t.Fatal("a fenced PutIf succeeded after the lock was lost")
 	}
 	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancel()
-	if _, _, err := c.Lock(short, "l"); !errors.Is(err, context.DeadlineExceeded) {
+	if _, _, _, err := c.Lock(short, "l"); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Lock while etcd is down: %v, want context.DeadlineExceeded", err)
 	}
 
@@ -469,13 +494,16 @@ func TestRestart(t *testing.T) {
 	p.heal()
 	restarted := time.Now()
 	t.Logf("etcd restarted in %v", restarted.Sub(stopped).Round(time.Millisecond))
-	lost2, unlock2, err := c.Lock(ctx, "l")
+	fence2, lost2, unlock2, err := c.Lock(ctx, "l")
 	if err != nil {
 		t.Fatalf("Lock after etcd's restart: %v", err)
 	}
 	defer unlock2()
 	t.Logf("Lock %v after etcd's restart", time.Since(restarted).Round(time.Millisecond))
-	if _, ok, err := c.PutIf(ctx, "rec", []byte("2"), rev, "l"); err != nil || !ok {
+	if _, ok, err := c.PutIf(ctx, "rec", []byte("2"), rev, fence); err != nil || ok {
+		t.Fatalf("PutIf fenced by the lost hold, after the restart: %v, %v; want false", ok, err)
+	}
+	if _, ok, err := c.PutIf(ctx, "rec", []byte("2"), rev, fence2); err != nil || !ok {
 		t.Fatalf("fenced PutIf after the restart: %v, %v", ok, err)
 	}
 	if err := c.Put(ctx, "w/after", []byte("2")); err != nil {
@@ -583,7 +611,7 @@ func TestSameProcess(t *testing.T) {
 	for range 20 {
 		wg.Go(func() {
 			for range 3 {
-				_, unlock, err := c.Lock(ctx, "l")
+				_, _, unlock, err := c.Lock(ctx, "l")
 				if err != nil {
 					t.Error(err)
 					return
@@ -610,7 +638,7 @@ func TestSameProcess(t *testing.T) {
 	if most != 1 {
 		t.Fatalf("%d goroutines held the lock at once", most)
 	}
-	_, unlock, err := c.Lock(ctx, "l")
+	_, _, unlock, err := c.Lock(ctx, "l")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -662,17 +690,17 @@ func TestNoGoroutinesLeft(t *testing.T) {
 			caches[i] = c
 		}
 		a, b := caches[0], caches[1]
-		if err := a.Watch(ctx, "", func(string, []byte) {}); err != nil {
+		if err := a.Watch(ctx, "", 0, func(string, []byte, int64) {}); err != nil {
 			t.Fatal(err)
 		}
-		_, unlock, err := a.Lock(ctx, "l")
+		_, _, unlock, err := a.Lock(ctx, "l")
 		if err != nil {
 			t.Fatal(err)
 		}
 		// A Lock that waits (on b) and one that gives up (on a), an
 		// unlock, and a lock left to Close.
 		time.AfterFunc(100*time.Millisecond, unlock)
-		_, unlockB, err := b.Lock(ctx, "l")
+		_, _, unlockB, err := b.Lock(ctx, "l")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -680,10 +708,11 @@ func TestNoGoroutinesLeft(t *testing.T) {
 		defer cancel()
 		a.Lock(short, "l")
 		unlockB()
-		if _, _, err := a.Lock(ctx, "l2"); err != nil {
+		fence, _, _, err := a.Lock(ctx, "l2")
+		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := a.PutIf(ctx, "k", []byte("v"), 0, "l2"); err != nil {
+		if _, _, err := a.PutIf(ctx, "k", []byte("v"), 0, fence); err != nil {
 			t.Fatal(err)
 		}
 		if n := len(ours()); n <= before {
