@@ -564,3 +564,47 @@ func TestGracefulRestartsSpendAtMostTheBudget(t *testing.T) {
 		t.Errorf("persisted %+v, want the %d failed validations counted", rec, c.ChallengeResponses)
 	}
 }
+
+// TestOrdersInsideAnAttemptKeepTheBudget: an order made while an attempt
+// is in flight (its own second order, or autocert's renewal of the other
+// key type) passes only if the budget holds one more authorization, and
+// a failure the CA reports after the attempt ended still counts: the
+// order's reservation was stored before it went out.
+func TestOrdersInsideAnAttemptKeepTheBudget(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	d, err := m.domainFor("a.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+	a := &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
+	m.stateMu.Lock()
+	d.attempt = a
+	m.inFlight++
+	m.stateMu.Unlock()
+	var ids []string
+	for i := range 5 {
+		id, err := m.admitOrder(req, "a.test")
+		if i < 4 && err != nil {
+			t.Fatalf("order %d inside the attempt: %v", i+1, err)
+		}
+		if i == 4 && !errors.Is(err, ErrBackoff) {
+			t.Fatalf("a 5th order in the hour: %v, want ErrBackoff", err)
+		}
+		if err == nil {
+			ids = append(ids, id)
+		}
+	}
+	m.observed("a.test", observation{reservation: ids[0], authzValid: true}) // settled: spends nothing
+	m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
+	m.observed("a.test", observation{reservation: ids[1], authzFailed: true}) // after the end: still counts
+	rec := failureOf(m, "a.test")
+	if got := rec.spentSince(clock.now().Add(-budgetWindow), clock.now()); got != 3 {
+		t.Errorf("%d authorizations counted, want 3: two reserved, one failed after the end", got)
+	}
+	stored := persistedAt(t, m.cache, clock.now())["a.test"]
+	if got := stored.spentSince(clock.now().Add(-budgetWindow), clock.now()); got != 3 {
+		t.Errorf("persisted %+v, want the same 3", stored)
+	}
+}
