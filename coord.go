@@ -18,7 +18,8 @@ import (
 // records in that one store.
 //
 // Revisions are those of the whole store, as etcd's: every write and
-// every delete takes a revision greater than all before it, so that the
+// every delete takes a revision greater than all before it (writes that
+// the store makes in one transaction, if any, share one), so that the
 // revisions of one key, and those that Watch reports, only grow.
 //
 // The methods use only the standard library's types, so that a backend

@@ -96,8 +96,9 @@
 // CoordinatorConformance checks any implementation of certmgr's
 // Coordinator, the interface through which replicas on one shared store
 // coordinate, against its contract. MemoryStore is such a store in
-// memory, with replicas that can be lost or cut off, for tests of code
-// that coordinates replicas; the etcd implementation is in the module
+// memory, with replicas that can be lost or cut off and a history that
+// can be compacted, for tests of code that coordinates replicas; the
+// etcd implementation is in the module
 // github.com/certmgr/certmgr/etcdcache.
 //
 // # Test helpers

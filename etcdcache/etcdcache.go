@@ -66,6 +66,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"golang.org/x/crypto/acme/autocert"
@@ -217,7 +218,8 @@ func (c *Cache) Close() error {
 	var err error
 	if s != nil {
 		s.cancel() // no more keep-alives
-		if _, rerr := c.client.Revoke(ctx, s.s.Lease()); rerr != nil {
+		_, rerr := c.client.Revoke(ctx, s.s.Lease())
+		if rerr != nil && !errors.Is(rerr, rpctypes.ErrLeaseNotFound) { // revoked, or expired, already
 			err = fmt.Errorf("etcdcache: revoke lease: %w", rerr)
 		}
 	}
@@ -352,7 +354,7 @@ loop:
 		ctx, cancel := context.WithTimeout(c.ctx, s.ttl)
 		_, err := c.client.Revoke(ctx, s.s.Lease())
 		cancel()
-		if err != nil {
+		if err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			c.mu.Lock()
 			c.stale = append(c.stale, s.s.Lease())
 			c.mu.Unlock()

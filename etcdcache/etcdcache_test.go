@@ -529,8 +529,9 @@ func TestRestart(t *testing.T) {
 	}
 }
 
-// TestWatchCompacted compacts the revision a watch would resume from,
-// by cutting the watch off while it is behind.
+// TestWatchCompacted watches from a revision that etcd compacted: Watch
+// reports the current value of each key written since, with its
+// revision, and then the later writes.
 func TestWatchCompacted(t *testing.T) {
 	ctx := testContext(t)
 	srv := startEtcd(t)
@@ -540,24 +541,24 @@ func TestWatchCompacted(t *testing.T) {
 		mu     sync.Mutex // guards events
 		events []string
 	)
-	// The watch starts at the revision current now...
+	// The watch starts from the revision current now...
 	resp, err := cli.Get(ctx, "x")
 	if err != nil {
 		t.Fatal(err)
 	}
-	next := resp.Header.Revision + 1
+	from := resp.Header.Revision
 	for i := range 3 {
-		if err := c.Put(ctx, "w/k", fmt.Appendf(nil, "%d", i)); err != nil {
+		if err := c.Put(ctx, "w/k", fmt.Appendf(nil, "%d", i)); err != nil { // from+1..3
 			t.Fatal(err)
 		}
 	}
-	if err := c.Put(ctx, "w/gone", []byte("x")); err != nil {
+	if err := c.Put(ctx, "w/gone", []byte("x")); err != nil { // from+4
 		t.Fatal(err)
 	}
-	if err := c.Delete(ctx, "w/gone"); err != nil {
+	if err := c.Delete(ctx, "w/gone"); err != nil { // from+5
 		t.Fatal(err)
 	}
-	last, err := cli.Put(ctx, "/compact/cache/w/other", "o")
+	last, err := cli.Put(ctx, "/compact/cache/w/other", "o") // from+6
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -565,23 +566,19 @@ func TestWatchCompacted(t *testing.T) {
 	if _, err := cli.Compact(ctx, last.Header.Revision); err != nil {
 		t.Fatal(err)
 	}
-	wctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	c.mu.Lock()
-	c.goLocked(func() {
-		c.watch(wctx, "w/", next, func(key string, value []byte) {
-			mu.Lock()
-			events = append(events, fmt.Sprintf("%s=%s", key, value))
-			mu.Unlock()
-		})
-	})
-	c.mu.Unlock()
-	if err := c.Put(ctx, "w/later", []byte("l")); err != nil {
+	if err := c.Watch(ctx, "w/", from, func(key string, value []byte, rev int64) {
+		mu.Lock()
+		events = append(events, fmt.Sprintf("%s=%s@%d", key, value, rev-from))
+		mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(ctx, "w/later", []byte("l")); err != nil { // from+7
 		t.Fatal(err)
 	}
 	// The current values of the keys written since, then the later
 	// writes; the deleted key is not reported.
-	want := "w/k=2 w/other=o w/later=l"
+	want := "w/k=2@3 w/other=o@6 w/later=l@7"
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		mu.Lock()
 		got := strings.Join(events, " ")
@@ -590,9 +587,117 @@ func TestWatchCompacted(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("watch reported %q, want %q", got, want)
+			t.Fatalf("watch reported %q, want %q (revisions after %d)", got, want, from)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestFenceInTxn checks that etcd itself refuses a write fenced by a
+// stale hold, were the Cache to let it through: one of an earlier hold
+// of the same name with the same lease (the same key, an earlier create
+// revision), and one whose lease was revoked behind the Cache's back,
+// after which another Cache takes the lock before this one may notice.
+func TestFenceInTxn(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	cli := srv.client(t)
+	c := newCache(t, cli, "/txn/")
+	other := newCache(t, srv.client(t), "/txn/")
+
+	fence1, _, unlock, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	stale := c.holds[fence1]
+	c.mu.Unlock()
+	unlock()
+	fence2, lost2, unlock, err := c.Lock(ctx, "l")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	h2 := c.holds[fence2]
+	c.mu.Unlock()
+	if fence2 == fence1 || h2.key != stale.key {
+		t.Fatalf("fences %q then %q: want the same key with another create revision", fence1, fence2)
+	}
+	// Only the transaction can refuse now.
+	c.mu.Lock()
+	c.holds[fence1] = stale
+	c.mu.Unlock()
+	if _, ok, err := c.PutIf(ctx, "k", []byte("x"), 0, fence1); err != nil || ok {
+		t.Fatalf("PutIf fenced by an earlier hold of the same key: %v, %v; want false", ok, err)
+	}
+	rev, ok, err := c.PutIf(ctx, "k", []byte("v"), 0, fence2)
+	if err != nil || !ok {
+		t.Fatalf("PutIf fenced by the current hold: %v, %v", ok, err)
+	}
+	if ok, err := c.DeleteIf(ctx, "k", rev, fence1); err != nil || ok {
+		t.Fatalf("DeleteIf fenced by an earlier hold of the same key: %v, %v; want false", ok, err)
+	}
+	c.mu.Lock()
+	delete(c.holds, fence1)
+	c.mu.Unlock()
+
+	// An operator revokes the lease: another Cache gets the lock, while
+	// the fenced writes of this one fail, whether or not it noticed.
+	if _, err := cli.Revoke(ctx, h2.sess.s.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	c.holds[fence2] = h2 // as if not noticed yet
+	c.mu.Unlock()
+	if _, ok, err := c.PutIf(ctx, "k", []byte("x"), rev, fence2); err != nil || ok {
+		t.Fatalf("PutIf fenced by a revoked hold: %v, %v; want false", ok, err)
+	}
+	short, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	fence3, _, unlock3, err := other.Lock(short, "l")
+	if err != nil {
+		t.Fatalf("Lock after the holder's lease was revoked: %v", err)
+	}
+	defer unlock3()
+	if _, ok, err := c.PutIf(ctx, "k", []byte("x"), rev, fence2); err != nil || ok {
+		t.Fatalf("PutIf fenced by a revoked hold, with another holder: %v, %v; want false", ok, err)
+	}
+	if _, ok, err := other.PutIf(ctx, "k", []byte("o"), rev, fence3); err != nil || !ok {
+		t.Fatalf("PutIf of the new holder: %v, %v", ok, err)
+	}
+	if _, ok, err := other.PutIf(ctx, "k", []byte("o"), rev, fence2); err != nil || ok {
+		t.Fatalf("PutIf with another Cache's fence: %v, %v; want false", ok, err)
+	}
+	// The Cache notices the revoke at its next keep-alive.
+	select {
+	case <-lost2:
+	case <-time.After(testTTL):
+		t.Fatalf("lost not closed within %v of the revoke", testTTL)
+	}
+	unlock()
+}
+
+// TestCloseRevoked closes a Cache whose lease was revoked behind its
+// back: the lease is gone, as Close wants, and Close does not fail.
+func TestCloseRevoked(t *testing.T) {
+	ctx := testContext(t)
+	srv := startEtcd(t)
+	cli := srv.client(t)
+	c, err := New(cli, Options{Prefix: "/revoked/", LeaseTTL: testTTL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := c.Lock(ctx, "l"); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	lease := c.sess.s.Lease()
+	c.mu.Unlock()
+	if _, err := cli.Revoke(ctx, lease); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("Close after the lease was revoked: %v", err)
 	}
 }
 
