@@ -89,8 +89,8 @@ type Coordinator interface {
 	// compacted its history), Watch reports instead the current value of
 	// every key under prefix written after fromRev, with its revision,
 	// oldest first, and goes on from there: a key deleted in that gap is
-	// then not reported. The same holds when Watch resumes after losing
-	// the store for a while.
+	// then not reported. This may also happen when Watch resumes after
+	// it lost the store for a while, if the store compacted meanwhile.
 	//
 	// Watch returns once it watches, or an error if it cannot. Calls of
 	// f are not concurrent; f must not block for long. fromRev must not
