@@ -86,6 +86,13 @@ func (m *Manager) readAccountKey(ctx context.Context) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.cache.Put(ctx, accountKeyName, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}))
-	return key, nil
+	data, err = m.storeAccountKey(ctx, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}))
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(data)
+	if block == nil || !strings.Contains(block.Type, "PRIVATE") {
+		return nil, errors.New("certmgr: invalid account key in cache")
+	}
+	return parsePrivateKey(block.Bytes)
 }

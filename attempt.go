@@ -32,7 +32,9 @@ type attempt struct {
 	cert *tls.Certificate
 	err  error
 
-	timer *time.Timer // a renewal's deadline; nil for other attempts
+	timer  *time.Timer     // a renewal's deadline; nil for other attempts
+	lost   <-chan struct{} // closed if the domain's cluster lock is lost; nil without one
+	unlock func()          // releases the domain's cluster lock; nil without one
 
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
 	orders      int
@@ -170,6 +172,12 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 			return
 		}
 	}
+	// One replica at a time: the others wait here, and then find the
+	// certificate in the store.
+	if err := m.lockDomain(m.ctx, d, a); err != nil {
+		m.finish(d, a, nil, err)
+		return
+	}
 	c, err := m.fetch(d, k)
 	m.finish(d, a, c, err)
 }
@@ -245,6 +253,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if a.timer != nil {
 		a.timer.Stop()
 	}
+	unlock := a.unlock
 	// What failed for certmgr's own reasons is local; an authorization the
 	// CA failed, or its rate limit, is not, even at Close.
 	var cacheErr *cacheError
@@ -254,8 +263,11 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	switch {
 	case err == nil:
 		kind := EventObtained
-		if a.path == PathRenewal {
+		switch {
+		case a.path == PathRenewal:
 			kind = EventRenewed
+		case a.orders == 0:
+			kind = EventLoaded // autocert found it in the Cache: another replica's, say
 		}
 		d.fail.succeed(now)
 		d.lastErr = nil
@@ -308,6 +320,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	a.cert, a.err = cert, err
 	persist := err == nil || !local
 	m.stateMu.Unlock()
+	if unlock != nil {
+		unlock()
+	}
 	m.obs.forget(d.name)
 	if cert != nil {
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
@@ -361,6 +376,21 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 			return "", err
 		}
 	}
+	if renewal != nil && m.coord != nil {
+		// A replica that holds the lock renews for all; one that renewed
+		// already stored the certificate.
+		ctx, cancel := context.WithTimeout(req.Context(), lockTimeoutRenewal)
+		err := m.lockDomain(ctx, d, renewal)
+		cancel()
+		if err == nil && m.renewedElsewhere(req.Context(), name) {
+			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
+		}
+		if err != nil {
+			m.refused(err)
+			m.finish(d, renewal, nil, err)
+			return "", err
+		}
+	}
 	id := m.reservationID()
 	m.stateMu.Lock()
 	if m.domains[name] != d {
@@ -381,6 +411,30 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	return id, nil
 }
 
+// renewedElsewhere reports whether the store holds a certificate for name
+// issued after the one served, and serves it.
+func (m *Manager) renewedElsewhere(ctx context.Context, name string) bool {
+	found := false
+	for _, rsa := range []bool{false, true} {
+		k := certKey{domain: name, rsa: rsa}
+		ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+		data, err := m.cache.Get(ctx, k.cacheKey())
+		cancel()
+		if err != nil {
+			continue
+		}
+		c, err := parseCert(k, data, m.now())
+		if err != nil {
+			continue
+		}
+		if old := m.servedCert(k); old == nil || c.Leaf.NotBefore.After(old.Leaf.NotBefore) {
+			m.serve(k, c)
+			found = true
+		}
+	}
+	return found
+}
+
 // orderGateLocked returns why d (the domain of name, or nil) may not
 // order now, or nil.
 func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now time.Time) error {
@@ -391,6 +445,8 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
 	case d.loading > 0:
 		return errLoading
+	case d.attempt != nil && lockLostLocked(d.attempt):
+		return errLockLost
 	case d.attempt != nil:
 		return nil // an order of the attempt in flight; orderBudgetLocked decides
 	}

@@ -171,6 +171,7 @@ type Manager struct {
 	client    *acme.Client // the user's client settings, for newAutocert
 	obs       *acmeObserver
 	dns       *dnsChecker // nil when DNS.KnownIPs is empty
+	coord     Coordinator // the Cache's, if it is one: replicas act as one
 	fallbacks *fallbackStore
 	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
 	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
@@ -286,6 +287,7 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m.fallbacks = fb
 	m.cache = newCertCache(cfg.Autocert.Cache)
+	m.coord = coordinatorOf(cfg.Autocert.Cache)
 	m.cache.onPut = m.certStored
 	m.cache.onError = m.cacheFailed
 
@@ -307,6 +309,14 @@ func New(cfg Config) (*Manager, error) {
 		NextProtos:     []string{acme.ALPNProto},
 	}
 	m.loadKnownDomains()
+	if m.coord != nil {
+		m.log.Info("attempts coordinated", "by", "the Cache, a Coordinator: one replica orders for all")
+		if err := m.watchCertificates(); err != nil {
+			m.cacheFailed("watch", "", err)
+		}
+	} else {
+		m.log.Info("attempts not coordinated", "why", "the Cache is no Coordinator: replicas on it decide alone")
+	}
 
 	m.wg.Add(1)
 	go func() {

@@ -1,0 +1,148 @@
+package certmgr
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/certmgrtest"
+)
+
+// replicas is a cluster of Managers on one in-memory store, served on
+// the test CA's one TLS listener in turn, as a round-robin load balancer
+// would: the CA's validation connections reach any of them.
+type replicas struct {
+	ca    *certmgrtest.Server
+	store *certmgrtest.MemoryStore
+	ms    []*Manager
+	next  atomic.Uint64
+}
+
+// startReplicas starts n Managers allowing names on one store, concurrently.
+func startReplicas(t *testing.T, n int, names ...string) *replicas {
+	t.Helper()
+	checkLeaks(t)
+	r := &replicas{ca: certmgrtest.Start(t, certmgrtest.Options{}), store: certmgrtest.NewMemoryStore()}
+	for _, name := range names {
+		r.ca.DNS.SetA(name, "127.0.0.1")
+	}
+	r.ms = make([]*Manager, n)
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Go(func() {
+			r.ms[i], errs[i] = New(Config{
+				Autocert: &autocert.Manager{Cache: r.store.Open(), Client: r.ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
+				Logger:   newTestLogger(&syncBuffer{}),
+			})
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("replica %d: %v", i, err)
+		}
+		t.Cleanup(func() { r.ms[i].Close() })
+	}
+	if err := r.ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return r.ms[r.next.Add(1)%uint64(n)].TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestReplicasOrderOnce: a burst of handshakes for a fresh name on every
+// replica makes one order; the validation reaches replicas that did not
+// order; every replica serves the one certificate, through the store's
+// watch, without a handshake of its own.
+func TestReplicasOrderOnce(t *testing.T) {
+	const name = "cluster.test"
+	r := startReplicas(t, 3, name)
+	var wg sync.WaitGroup
+	for i := range 60 {
+		wg.Go(func() {
+			c, err := r.ms[i%3].GetCertificate(&tls.ClientHelloInfo{ServerName: name,
+				SupportedVersions: []uint16{tls.VersionTLS13}})
+			if err != nil {
+				t.Errorf("handshake %d: %v", i, err)
+			} else if c == nil {
+				t.Errorf("handshake %d: no certificate", i)
+			}
+		})
+	}
+	wg.Wait()
+	if n := r.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders for a burst on 3 replicas, want 1", n)
+	}
+	var serial string
+	waitFor(t, 10*time.Second, "every replica to serve the certificate", func() bool {
+		serials := map[string]bool{}
+		for _, m := range r.ms {
+			c := m.servedCert(certKey{domain: name})
+			if c == nil {
+				return false
+			}
+			serials[c.Leaf.SerialNumber.String()] = true
+			serial = c.Leaf.SerialNumber.String()
+		}
+		return len(serials) == 1
+	})
+	for i := range 3 {
+		cs, err := r.ca.Handshake(context.Background(), name) // round robin: each replica once
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := cs.PeerCertificates[0].SerialNumber.String(); got != serial {
+			t.Errorf("handshake %d got serial %s, want %s", i, got, serial)
+		}
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders in all, want 1", n)
+	}
+}
+
+// TestReplicasWatchServesAtOnce: a certificate one replica obtains is
+// served by the others within a second, without a Cache read of theirs.
+func TestReplicasWatchServesAtOnce(t *testing.T) {
+	const name = "watch.test"
+	r := startReplicas(t, 3, name)
+	if err := r.ms[0].Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	waitFor(t, time.Second, "the other replicas to serve it", func() bool {
+		return r.ms[1].servedCert(certKey{domain: name}) != nil && r.ms[2].servedCert(certKey{domain: name}) != nil
+	})
+	t.Logf("served everywhere %v after Provision returned", time.Since(start))
+}
+
+// TestReplicasShareOneAccount: replicas starting together make one ACME
+// account key between them.
+func TestReplicasShareOneAccount(t *testing.T) {
+	r := startReplicas(t, 3)
+	keys := make([]crypto.PublicKey, 3)
+	var wg sync.WaitGroup
+	for i, m := range r.ms {
+		wg.Go(func() {
+			k, err := m.accountKey(context.Background())
+			if err != nil {
+				t.Errorf("replica %d: %v", i, err)
+				return
+			}
+			keys[i] = k.Public()
+		})
+	}
+	wg.Wait()
+	for i := 1; i < 3; i++ {
+		if pub, ok := keys[i].(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(keys[0]) {
+			t.Errorf("replica %d has another account key", i)
+		}
+	}
+}
