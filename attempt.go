@@ -445,7 +445,10 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
 	case d.loading > 0:
 		return errLoading
-	case d.attempt != nil && lockLostLocked(d.attempt):
+	case d.attempt != nil && (lockLostLocked(d.attempt) || m.coord != nil && d.attempt.lost == nil):
+		// With a Coordinator, an attempt orders only while it holds its
+		// domain's lock: an order while it waits for the lock is a renewal
+		// by autocert's timer, and another replica may be ordering.
 		return errLockLost
 	case d.attempt != nil:
 		return nil // an order of the attempt in flight; orderBudgetLocked decides

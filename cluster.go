@@ -21,8 +21,9 @@ import (
 // for its domain's lock: a replica that holds it renews for all.
 const lockTimeoutRenewal = 2 * time.Second
 
-// errLockLost refuses an order once its attempt lost the domain's lock.
-var errLockLost = errors.New("certmgr: the domain's cluster lock was lost")
+// errLockLost refuses an order of an attempt that does not hold its
+// domain's cluster lock: it has not taken it yet, or lost it.
+var errLockLost = errors.New("certmgr: the domain's cluster lock is not held")
 
 // lockName is the name of the cluster lock of domain name.
 func lockName(name string) string { return "domain/" + name }

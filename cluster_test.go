@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto"
 	"crypto/tls"
+	"errors"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -144,5 +146,40 @@ func TestReplicasShareOneAccount(t *testing.T) {
 		if pub, ok := keys[i].(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(keys[0]) {
 			t.Errorf("replica %d has another account key", i)
 		}
+	}
+}
+
+// TestReplicaOrdersOnlyUnderItsLock: while another replica holds the
+// domain's lock, an attempt here waits and orders nothing, and an order
+// that comes meanwhile (autocert's renewal timer) is refused.
+func TestReplicaOrdersOnlyUnderItsLock(t *testing.T) {
+	const name = "locked.test"
+	r := startReplicas(t, 2, name)
+	other := r.store.Open() // a third replica, that holds the lock
+	_, _, unlock, err := other.Lock(context.Background(), lockName(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := r.ms[0]
+	provisioned := make(chan error, 1)
+	go func() { provisioned <- m.Provision(context.Background(), name) }()
+	waitFor(t, 5*time.Second, "the attempt", func() bool { return m.Status(name).State == StateObtaining })
+	m.stateMu.Lock()
+	am := m.domains[name].am
+	m.stateMu.Unlock()
+	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+	req = req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
+	if _, err := m.admitOrder(req, name); !errors.Is(err, errLockLost) {
+		t.Errorf("an order while the attempt waits for the lock: %v, want errLockLost", err)
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Errorf("%d orders while another replica held the lock", n)
+	}
+	unlock()
+	if err := <-provisioned; err != nil {
+		t.Fatalf("Provision once the lock was free: %v", err)
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders, want 1", n)
 	}
 }
