@@ -30,17 +30,20 @@ func lockName(name string) string { return "domain/" + name }
 
 // lockDomain takes d's cluster lock for attempt a, waiting at most until
 // ctx ends, and records it in a; finish releases it. Without a
-// Coordinator it does nothing. An error is local: the store, not the CA,
-// failed.
+// Coordinator it does nothing. An error is local: Close, ctx's end
+// (another replica held the lock), or the store's failure.
 func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 	if m.coord == nil {
 		return nil
 	}
 	_, lost, unlock, err := m.coord.Lock(ctx, lockName(d.name))
-	if err != nil {
-		if m.ctx.Err() != nil {
-			return errClosed
-		}
+	switch {
+	case err == nil:
+	case m.ctx.Err() != nil:
+		return errClosed
+	case ctx.Err() != nil:
+		return fmt.Errorf("%w: %s: another replica holds its lock", ErrBackoff, d.name)
+	default:
 		return &cacheError{op: "lock", key: lockName(d.name), err: err}
 	}
 	m.stateMu.Lock()

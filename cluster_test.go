@@ -183,3 +183,38 @@ func TestReplicaOrdersOnlyUnderItsLock(t *testing.T) {
 		t.Errorf("%d orders, want 1", n)
 	}
 }
+
+// TestRenewalWaitsForTheLockBriefly: autocert's renewal timer on a
+// replica whose domain's lock another replica holds orders nothing, and
+// that is no failure of the store: the domain can attempt again at once.
+func TestRenewalWaitsForTheLockBriefly(t *testing.T) {
+	const name = "renewing.test"
+	r := startReplicas(t, 1, name)
+	m := r.ms[0]
+	d, err := m.domainFor(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am, err := m.autocertFor(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := r.store.Open()
+	_, _, unlock, err := other.Lock(context.Background(), lockName(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+	req = req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
+	if _, err := m.admitOrder(req, name); !errors.Is(err, ErrBackoff) {
+		t.Errorf("a renewal while another replica holds the lock: %v, want ErrBackoff", err)
+	}
+	m.stateMu.Lock()
+	gate := m.gateLocked(d)
+	inFlight := d.attempt
+	m.stateMu.Unlock()
+	if gate != nil || inFlight != nil {
+		t.Errorf("after the refused renewal: gate %v, attempt %v; want the domain free to attempt", gate, inFlight)
+	}
+}
