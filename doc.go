@@ -51,4 +51,18 @@
 //
 // A server that builds its own tls.Config around GetCertificate must add
 // acme.ALPNProto to NextProtos itself.
+//
+// # Replicas
+//
+// Replicas whose Cache is a Coordinator (such as the one of the module
+// github.com/certmgr/certmgr/etcdcache) take a lock per domain around
+// every attempt, so that one of them orders and the others find the
+// certificate in the store, and serve each other's certificates as soon
+// as the store reports them. Backoff and the failed-authorization budget
+// are still kept per replica.
+//
+// # Tests
+//
+// Package certmgrtest runs Let's Encrypt's test CA and a DNS server in
+// process, on loopback, for a user's own tests.
 package certmgr
