@@ -126,12 +126,25 @@ func TestReplicasWatchServesAtOnce(t *testing.T) {
 }
 
 // TestReplicasShareOneAccount: replicas starting together make one ACME
-// account key between them.
+// account key between them, even when each of them reads it missing.
 func TestReplicasShareOneAccount(t *testing.T) {
-	r := startReplicas(t, 3)
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	store := certmgrtest.NewMemoryStore()
+	var readers sync.WaitGroup
+	readers.Add(3)
+	ms := make([]*Manager, 3)
+	for i := range ms {
+		cache := &barrierReplica{MemoryReplica: store.Open(), readers: &readers}
+		m, err := New(Config{Autocert: &autocert.Manager{Cache: cache, Client: ca.NewClient()}, Logger: newTestLogger(&syncBuffer{})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
 	keys := make([]crypto.PublicKey, 3)
 	var wg sync.WaitGroup
-	for i, m := range r.ms {
+	for i, m := range ms {
 		wg.Go(func() {
 			k, err := m.accountKey(context.Background())
 			if err != nil {
@@ -147,6 +160,26 @@ func TestReplicasShareOneAccount(t *testing.T) {
 			t.Errorf("replica %d has another account key", i)
 		}
 	}
+}
+
+// barrierReplica is a replica whose first read of the account key returns
+// only once every replica's has begun: all of them find it missing.
+type barrierReplica struct {
+	*certmgrtest.MemoryReplica
+	readers *sync.WaitGroup
+	once    sync.Once
+}
+
+func (r *barrierReplica) Get(ctx context.Context, key string) ([]byte, error) {
+	if key == accountKeyName {
+		data, err := r.MemoryReplica.Get(ctx, key)
+		r.once.Do(func() {
+			r.readers.Done()
+			r.readers.Wait()
+		})
+		return data, err
+	}
+	return r.MemoryReplica.Get(ctx, key)
 }
 
 // TestReplicaOrdersOnlyUnderItsLock: while another replica holds the
