@@ -33,6 +33,7 @@ type attempt struct {
 	err  error
 
 	timer  *time.Timer     // a renewal's deadline; nil for other attempts
+	fence  string          // the hold of the domain's cluster lock; "" without one
 	lost   <-chan struct{} // closed if the domain's cluster lock is lost; nil without one
 	unlock func()          // releases the domain's cluster lock; nil without one
 
@@ -178,6 +179,19 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 		m.finish(d, a, nil, err)
 		return
 	}
+	if m.coord != nil {
+		// The replica before may have failed: its record binds here too.
+		err := m.refreshRecord(m.ctx, d)
+		if err == nil {
+			m.stateMu.Lock()
+			err = m.gateLocked(d)
+			m.stateMu.Unlock()
+		}
+		if err != nil {
+			m.finish(d, a, nil, err)
+			return
+		}
+	}
 	c, err := m.fetch(d, k)
 	m.finish(d, a, c, err)
 }
@@ -254,6 +268,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		a.timer.Stop()
 	}
 	unlock := a.unlock
+	var storeOp func(*failureRecord) // the same change, to the cluster's record
 	// What failed for certmgr's own reasons is local; an authorization the
 	// CA failed, or its rate limit, is not, even at Close.
 	var cacheErr *cacheError
@@ -270,6 +285,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 			kind = EventLoaded // autocert found it in the Cache: another replica's, say
 		}
 		d.fail.succeed(now)
+		storeOp = func(r *failureRecord) { r.succeed(now) }
 		d.lastErr = nil
 		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
 		if a.path == PathRenewal {
@@ -302,7 +318,10 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 				a.rateLimited = true
 			}
 		}
-		d.fail.fail(now, err.Error(), m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, m.hooks.rand())
+		msg, rnd := err.Error(), m.hooks.rand()
+		d.fail.fail(now, msg, m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, rnd)
+		cost := m.cost()
+		storeOp = func(r *failureRecord) { r.fail(now, msg, cost, m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, rnd) }
 		d.lastErr = err
 		d.logged = false
 		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
@@ -328,6 +347,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
 	}
 	if persist {
+		if storeOp != nil {
+			m.storeRecord(d.name, storeOp)
+		}
 		m.saveState() // before waking the waiters: what they see is stored
 	}
 	m.emit(events...) // and logged
@@ -392,14 +414,35 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		}
 	}
 	id := m.reservationID()
+	fence := ""
 	m.stateMu.Lock()
 	if m.domains[name] != d {
 		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
 	} else if err = m.orderBudgetLocked(d, now); err == nil {
 		d.fail.reserve(now, id)
 		m.orders = append(m.orders, now)
+		if d.attempt != nil {
+			fence = d.attempt.fence
+		}
 	}
 	m.stateMu.Unlock()
+	if err == nil && m.coord != nil {
+		// The cluster's budget decides, and holds the reservation before
+		// the order goes out; without the store, no order.
+		err = m.updateRecord(req.Context(), name, fence, func(r *failureRecord) error {
+			if t := r.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
+				return fmt.Errorf("%w: %s: the cluster's failed-authorization budget is spent until %s",
+					ErrBackoff, name, t.UTC().Format(time.RFC3339))
+			}
+			r.reserve(now, id)
+			return nil
+		})
+		if err != nil {
+			m.stateMu.Lock()
+			d.fail.settle(id, false)
+			m.stateMu.Unlock()
+		}
+	}
 	if err != nil {
 		m.refused(err)
 		if renewal != nil {
@@ -531,6 +574,9 @@ func (m *Manager) observed(name string, ob observation) {
 		problem = a.problem
 	}
 	m.stateMu.Unlock()
+	if settled {
+		m.storeRecord(name, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
+	}
 	if end {
 		m.finish(d, a, nil, errors.New(problem))
 	} else if settled {

@@ -314,6 +314,9 @@ func New(cfg Config) (*Manager, error) {
 		if err := m.watchCertificates(); err != nil {
 			m.cacheFailed("watch", "", err)
 		}
+		if err := m.watchRecords(); err != nil {
+			m.cacheFailed("watch", recordPrefix, err)
+		}
 	} else {
 		m.log.Info("attempts not coordinated", "why", "the Cache is no Coordinator: replicas on it decide alone")
 	}

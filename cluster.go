@@ -2,9 +2,13 @@ package certmgr
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
+
+	"golang.org/x/crypto/acme/autocert"
 )
 
 // This file holds what a Manager does when its Cache is a Coordinator
@@ -14,8 +18,10 @@ import (
 // one stored as soon as the store's watch reports it; and the ACME
 // account key is made once for all.
 //
-// The failure records (backoff and budget) are not shared yet: each
-// replica keeps its own.
+// Each domain's failure record (backoff, the CA's Retry-After and the
+// budget with its reservations) is the cluster's: kept in the store under
+// recordPrefix, updated by compare-and-swap on the freshest record, and
+// watched, so that every replica gates on the same record.
 
 // lockTimeoutRenewal bounds how long a renewal by autocert's timer waits
 // for its domain's lock: a replica that holds it renews for all.
@@ -36,7 +42,7 @@ func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 	if m.coord == nil {
 		return nil
 	}
-	_, lost, unlock, err := m.coord.Lock(ctx, lockName(d.name))
+	fence, lost, unlock, err := m.coord.Lock(ctx, lockName(d.name))
 	switch {
 	case err == nil:
 	case m.ctx.Err() != nil:
@@ -52,9 +58,23 @@ func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 		unlock() // the attempt ended meanwhile
 		return errClosed
 	}
-	a.lost, a.unlock = lost, unlock
+	a.fence, a.lost, a.unlock = fence, lost, unlock
 	m.stateMu.Unlock()
 	return nil
+}
+
+// storeRecord applies f to name's record in the store, if there is a
+// Coordinator, with its own deadline: the outcome of an attempt is
+// stored even at Close. A failure is reported as a Cache error.
+func (m *Manager) storeRecord(name string, f func(*failureRecord)) {
+	if m.coord == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+	defer cancel()
+	if err := m.updateRecord(ctx, name, "", func(r *failureRecord) error { f(r); return nil }); err != nil {
+		m.cacheFailed("put", recordPrefix+name, err)
+	}
 }
 
 // lockLostLocked reports whether attempt a held a cluster lock and lost it.
@@ -113,4 +133,110 @@ func (m *Manager) storeAccountKey(ctx context.Context, data []byte) ([]byte, err
 		return nil, fmt.Errorf("certmgr: reading the account key another replica made: %w", err)
 	}
 	return theirs, nil
+}
+
+// recordPrefix starts the Cache key of a domain's failure record in a
+// cluster: "certmgr+record+" and the domain. No autocert key starts so.
+const recordPrefix = "certmgr+record+"
+
+// maxRecordRetries bounds the compare-and-swap rounds of one update.
+const maxRecordRetries = 16
+
+// errRecordConflict reports an update that lost every round to others.
+var errRecordConflict = errors.New("certmgr: the failure record kept changing")
+
+// updateRecord applies f to name's failure record as the store holds it
+// now, and writes the result if nobody wrote the record meanwhile (and,
+// with fence, only while that hold of the domain's lock is current),
+// trying again if somebody did. f may refuse with an error, which is
+// returned. On success the domain's record in memory, if there is one,
+// becomes the stored one. A store error is returned as it is.
+func (m *Manager) updateRecord(ctx context.Context, name, fence string, f func(*failureRecord) error) error {
+	key := recordPrefix + name
+	for range maxRecordRetries {
+		data, rev, err := m.coord.GetRevision(ctx, key)
+		var rec failureRecord
+		switch {
+		case errors.Is(err, autocert.ErrCacheMiss):
+			rev = 0
+		case err != nil:
+			return &cacheError{op: "get", key: key, err: err}
+		default:
+			rec = decodeRecord(data, m.now()) // a corrupt record is replaced
+		}
+		if err := f(&rec); err != nil {
+			return err
+		}
+		out, err := json.Marshal(persistedDomain(rec))
+		if err != nil {
+			return err
+		}
+		newRev, ok, err := m.coord.PutIf(ctx, key, out, rev, fence)
+		if err != nil {
+			return &cacheError{op: "put", key: key, err: err}
+		}
+		if ok {
+			m.recordSeen(name, rec, newRev)
+			return nil
+		}
+		// Somebody wrote it meanwhile, or the hold named by fence ended:
+		// read again; a lost hold fails every round.
+	}
+	return errRecordConflict
+}
+
+// decodeRecord decodes one stored failure record, bounded against now; a
+// record that cannot be decoded is an empty one.
+func decodeRecord(data []byte, now time.Time) failureRecord {
+	var p persistedDomain
+	if json.Unmarshal(data, &p) != nil || p.Failures < 0 {
+		return failureRecord{}
+	}
+	return boundRecord(failureRecord(p), now)
+}
+
+// recordSeen makes rec, at revision rev, name's record in memory, unless
+// a later one is there already. A name the table does not hold keeps its
+// record aside (dormant) until it is used.
+func (m *Manager) recordSeen(name string, rec failureRecord, rev int64) {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	d := m.domains[name]
+	if d == nil {
+		m.dormant[name] = rec
+		return
+	}
+	if rev > d.recRev {
+		d.fail, d.recRev = rec, rev
+	}
+}
+
+// watchRecords keeps every domain's record in memory the cluster's, from
+// New on; a record written before is read when its domain's lock is taken
+// (refreshRecord).
+func (m *Manager) watchRecords() error {
+	err := m.coord.Watch(m.ctx, recordPrefix, 0, func(key string, value []byte, rev int64) {
+		name := strings.TrimPrefix(key, recordPrefix)
+		if n, err := normalize(name); err != nil || n != name {
+			return
+		}
+		m.recordSeen(name, decodeRecord(value, m.now()), rev)
+	})
+	if err != nil {
+		return fmt.Errorf("certmgr: watching the failure records: %w", err)
+	}
+	return nil
+}
+
+// refreshRecord reads d's record from the store, once its lock is held.
+func (m *Manager) refreshRecord(ctx context.Context, d *domain) error {
+	data, rev, err := m.coord.GetRevision(ctx, recordPrefix+d.name)
+	switch {
+	case errors.Is(err, autocert.ErrCacheMiss):
+		return nil
+	case err != nil:
+		return &cacheError{op: "get", key: recordPrefix + d.name, err: err}
+	}
+	m.recordSeen(d.name, decodeRecord(data, m.now()), rev)
+	return nil
 }

@@ -251,3 +251,69 @@ func TestRenewalWaitsForTheLockBriefly(t *testing.T) {
 		t.Errorf("after the refused renewal: gate %v, attempt %v; want the domain free to attempt", gate, inFlight)
 	}
 }
+
+// TestReplicasShareOneFailureRecord: while validation fails, a burst on
+// every replica makes one attempt for the cluster, and every replica
+// then shows the same next attempt.
+func TestReplicasShareOneFailureRecord(t *testing.T) {
+	const name = "failing.test"
+	r := startReplicas(t, 3, name)
+	r.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	var wg sync.WaitGroup
+	for i := range 30 {
+		wg.Go(func() {
+			r.ms[i%3].GetCertificate(&tls.ClientHelloInfo{ServerName: name, SupportedVersions: []uint16{tls.VersionTLS13}})
+		})
+	}
+	wg.Wait()
+	waitFor(t, 10*time.Second, "every replica to show the failure", func() bool {
+		for _, m := range r.ms {
+			if st := m.Status(name); st.Failures != 1 || st.NextAttempt.IsZero() {
+				return false
+			}
+		}
+		return true
+	})
+	next := r.ms[0].Status(name).NextAttempt
+	for i, m := range r.ms {
+		if st := m.Status(name); !st.NextAttempt.Equal(next) {
+			t.Errorf("replica %d: NextAttempt %v, want the cluster's %v", i, st.NextAttempt, next)
+		}
+	}
+	if c := r.ca.Proxy.Counts(name); c.ChallengeResponses != 1 {
+		t.Errorf("%d validations for the cluster, want 1 (%+v)", c.ChallengeResponses, c)
+	}
+}
+
+// TestReplicasShareOneBudget: Retry on one replica, an attempt on the
+// next, in turn: the cluster spends at most 4 failed authorizations in
+// the hour, and then every replica refuses.
+func TestReplicasShareOneBudget(t *testing.T) {
+	const name = "budget.test"
+	r := startReplicas(t, 3, name)
+	r.ca.DNS.SetA(name, "127.0.0.3")
+	refused := 0
+	for i := range 6 {
+		m := r.ms[i%3]
+		r.ms[(i+2)%3].Retry(name) // the previous one's operator
+		waitFor(t, 5*time.Second, "the Retry to reach the replica", func() bool {
+			st := m.Status(name)
+			return st.NextAttempt.IsZero() || st.NextAttempt.Sub(time.Now()) > 30*time.Minute // free, or the budget binds
+		})
+		err := m.Provision(context.Background(), name)
+		switch {
+		case errors.Is(err, ErrBackoff):
+			refused++
+		case err == nil:
+			t.Fatal("Provision succeeded; validation should fail")
+		}
+	}
+	if c := r.ca.Proxy.Counts(name); c.ChallengeResponses > 4 || refused < 2 {
+		t.Errorf("%d validations, %d refusals over 6 attempts in turn, want at most 4 and the rest refused", c.ChallengeResponses, refused)
+	}
+	for i, m := range r.ms {
+		if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
+			t.Errorf("replica %d after the budget is spent: %v, want ErrBackoff", i, err)
+		}
+	}
+}

@@ -33,6 +33,7 @@ type domain struct {
 	dnsNext   time.Time         // next pre-check
 	localNext time.Time         // no attempt before this: the Cache could not be read
 	logged    bool              // a fallback was logged since the last change
+	recRev    int64             // the store's revision of fail, with a Coordinator; 0 if none seen
 }
 
 // domainFor returns the domain of name, creating it if needed. When

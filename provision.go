@@ -45,6 +45,9 @@ func (m *Manager) Retry(domain string) {
 	}
 	m.rereadState()
 	now := m.now()
+	// The cluster's record first, also if this replica has not seen the
+	// domain: every replica's next attempt may start.
+	m.storeRecord(name, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
 	m.stateMu.Lock()
 	d := m.domains[name]
 	if d == nil {
