@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -158,7 +159,9 @@ func (m *Manager) updateRecord(ctx context.Context, name, fence string, f func(*
 		var rec failureRecord
 		switch {
 		case errors.Is(err, autocert.ErrCacheMiss):
-			rev = 0
+			// The first record of the domain: it starts from what this
+			// replica knows, such as the single-process certmgr+state.
+			rev, rec = 0, m.localRecord(name)
 		case err != nil:
 			return &cacheError{op: "get", key: key, err: err}
 		default:
@@ -183,6 +186,19 @@ func (m *Manager) updateRecord(ctx context.Context, name, fence string, f func(*
 		// read again; a lost hold fails every round.
 	}
 	return errRecordConflict
+}
+
+// localRecord returns a copy of name's record in memory, if it was never
+// the store's, or an empty one.
+func (m *Manager) localRecord(name string) failureRecord {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil && d.recRev == 0 {
+		f := d.fail
+		f.Spends = slices.Clone(f.Spends)
+		return f
+	}
+	return failureRecord{}
 }
 
 // decodeRecord decodes one stored failure record, bounded against now; a

@@ -317,3 +317,47 @@ func TestReplicasShareOneBudget(t *testing.T) {
 		}
 	}
 }
+
+// TestReplicasTakeUpTheSingleProcessState: a store that holds the
+// single-process failure cache (certmgr+state) seeds the cluster's record
+// of a domain the first time it is written: a Retry-After there binds
+// every replica.
+func TestReplicasTakeUpTheSingleProcessState(t *testing.T) {
+	const name = "migrated.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	store := certmgrtest.NewMemoryStore()
+	until := time.Now().Add(72 * time.Hour).Truncate(time.Second)
+	data, err := encodeState(map[string]failureRecord{name: {Failures: 1, LastError: "rate limited",
+		LastFailure: time.Now().Add(-time.Minute), NextAttempt: until, RetryAfter: until}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Open().Put(context.Background(), stateKey, data); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*Manager, 2)
+	for i := range ms {
+		m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
+	ms[0].Retry(name) // writes the domain's first record: it keeps the CA's Retry-After
+	if _, _, err := store.Open().GetRevision(context.Background(), recordPrefix+name); err != nil {
+		t.Fatalf("no cluster record after Retry: %v", err)
+	}
+	for i, m := range ms {
+		if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
+			t.Errorf("replica %d: Provision = %v, want ErrBackoff until %v", i, err, until)
+		}
+		if st := m.Status(name); !st.NextAttempt.Equal(until) {
+			t.Errorf("replica %d: NextAttempt %v, want %v", i, st.NextAttempt, until)
+		}
+	}
+	if n := ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Errorf("%d orders", n)
+	}
+}
