@@ -361,3 +361,58 @@ func TestReplicasTakeUpTheSingleProcessState(t *testing.T) {
 		t.Errorf("%d orders", n)
 	}
 }
+
+// TestReplicaCutOffFromTheStore: a replica that cannot reach the store
+// orders nothing (it can read no certificate and take no lock), answers
+// every handshake within HandshakeTimeout and keeps serving what it has;
+// once the store is back, the name that waited gets one order at its
+// next handshakes.
+func TestReplicaCutOffFromTheStore(t *testing.T) {
+	const (
+		kept = "kept.test"
+		name = "waiting.test"
+	)
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(kept, "127.0.0.1")
+	ca.DNS.SetA(name, "127.0.0.1")
+	replica := certmgrtest.NewMemoryStore().Open()
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica, Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(kept, name)}, Logger: newTestLogger(&syncBuffer{}),
+		HandshakeTimeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := ca.ServeTLS(m.TLSConfig(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Provision(context.Background(), kept); err != nil {
+		t.Fatal(err)
+	}
+	replica.Disconnect()
+	hello := func(n string) *tls.ClientHelloInfo {
+		return &tls.ClientHelloInfo{ServerName: n, SupportedVersions: []uint16{tls.VersionTLS13}}
+	}
+	if c, err := m.GetCertificate(hello(kept)); err != nil || IsFallback(c) {
+		t.Errorf("the certificate in memory: %v, fallback %v", err, IsFallback(c))
+	}
+	start := time.Now()
+	c, err := m.GetCertificate(hello(name))
+	if err != nil || !IsFallback(c) {
+		t.Errorf("a new name with the store cut off: %v, want the fallback", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("the handshake took %v, want about HandshakeTimeout", took)
+	}
+	if n := ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Errorf("%d orders without the store", n)
+	}
+	replica.Reconnect()
+	waitFor(t, 10*time.Second, "the next handshakes to get the certificate", func() bool {
+		c, err := m.GetCertificate(hello(name))
+		return err == nil && !IsFallback(c)
+	})
+	if n := ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders once the store is back, want 1", n)
+	}
+}
