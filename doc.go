@@ -57,9 +57,9 @@
 // Replicas whose Cache is a Coordinator (such as the one of the module
 // github.com/certmgr/certmgr/etcdcache) take a lock per domain around
 // every attempt, so that one of them orders and the others find the
-// certificate in the store, and serve each other's certificates as soon
-// as the store reports them. Backoff and the failed-authorization budget
-// are still kept per replica.
+// certificate in the store, share one failure record per domain (backoff,
+// the CA's Retry-After and the failed-authorization budget), and serve
+// each other's certificates as soon as the store reports them.
 //
 // # Tests
 //
