@@ -91,3 +91,52 @@ func allValid(ms []*certmgr.Manager, name string) bool {
 	}
 	return true
 }
+
+// TestReplicasOnEtcdShareOneRecord: while validation fails, a burst on
+// three replicas on etcd makes one validation for the cluster, and every
+// replica shows the same next attempt.
+func TestReplicasOnEtcdShareOneRecord(t *testing.T) {
+	const name = "failing.test"
+	srv := startEtcd(t)
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	ms := make([]*certmgr.Manager, 3)
+	for i := range ms {
+		m, err := certmgr.New(certmgr.Config{
+			Autocert: &autocert.Manager{Cache: newCache(t, srv.client(t), "/failing/"), Client: ca.NewClient(),
+				HostPolicy: autocert.HostWhitelist(name)},
+			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
+	var wg sync.WaitGroup
+	for i := range 30 {
+		wg.Go(func() {
+			ms[i%3].GetCertificate(&tls.ClientHelloInfo{ServerName: name, SupportedVersions: []uint16{tls.VersionTLS13}})
+		})
+	}
+	wg.Wait()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		next := ms[0].Status(name).NextAttempt
+		same := !next.IsZero()
+		for _, m := range ms[1:] {
+			same = same && m.Status(name).NextAttempt.Equal(next)
+		}
+		if same {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replicas do not agree on the next attempt: %v, %v, %v",
+				ms[0].Status(name), ms[1].Status(name), ms[2].Status(name))
+		}
+		time.Sleep(10 * time.Millisecond) // polling with a deadline
+	}
+	if c := ca.Proxy.Counts(name); c.ChallengeResponses != 1 {
+		t.Errorf("%d validations for the cluster, want 1 (%+v)", c.ChallengeResponses, c)
+	}
+}
