@@ -416,3 +416,32 @@ func TestReplicaCutOffFromTheStore(t *testing.T) {
 		t.Errorf("%d orders once the store is back, want 1", n)
 	}
 }
+
+// TestReplicasObeyOneRateLimit: the CA's 429 with a Retry-After, met by
+// one replica, binds every replica, and Retry on any of them keeps it.
+func TestReplicasObeyOneRateLimit(t *testing.T) {
+	const name = "limited.test"
+	r := startReplicas(t, 3, name)
+	r.ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name,
+		Status: http.StatusTooManyRequests, RetryAfter: "3600", Detail: "too many new orders recently"})
+	if err := r.ms[0].Provision(context.Background(), name); err == nil {
+		t.Fatal("Provision succeeded against a 429")
+	}
+	r.ms[1].Retry(name) // the operator cannot override the CA
+	waitFor(t, 5*time.Second, "every replica to hold the CA's Retry-After", func() bool {
+		for _, m := range r.ms {
+			if time.Until(m.Status(name).NextAttempt) < 3590*time.Second {
+				return false
+			}
+		}
+		return true
+	})
+	for i, m := range r.ms {
+		if err := m.Provision(context.Background(), name); !errors.Is(err, ErrBackoff) {
+			t.Errorf("replica %d: Provision = %v, want ErrBackoff", i, err)
+		}
+	}
+	if n := r.ca.Proxy.Requests(certmgrtest.ClassNewOrder); n != 1 {
+		t.Errorf("%d new-order requests, want the one the CA refused", n)
+	}
+}

@@ -36,6 +36,12 @@ type domain struct {
 	recRev    int64             // the store's revision of fail, with a Coordinator; 0 if none seen
 }
 
+// recordOnly returns a domain that holds only the failure record f of
+// name, for Status of a name the table does not hold.
+func recordOnly(name string, f failureRecord) *domain {
+	return &domain{name: name, fail: f}
+}
+
 // domainFor returns the domain of name, creating it if needed. When
 // MaxDomains are tracked, it makes room by dropping the oldest idle
 // domain (see idleLocked), and fails when there is none among the first

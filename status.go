@@ -41,8 +41,10 @@ type Status struct {
 	NextAttempt time.Time // earliest start of the next ACME attempt; zero means now
 }
 
-// Status returns the status of domain. A name certmgr does not know (never
-// seen, refused by the HostPolicy, or not a valid name) is StateNone.
+// Status returns the status of domain. A name certmgr does not track
+// (never seen, refused by the HostPolicy, or not a valid name) is
+// StateNone, unless certmgr keeps a failure record of it (persisted, or
+// another replica's): then Status reports that record.
 func (m *Manager) Status(domain string) Status {
 	name, err := normalize(domain)
 	if err != nil {
@@ -53,7 +55,11 @@ func (m *Manager) Status(domain string) Status {
 	defer m.stateMu.Unlock()
 	d := m.domains[name]
 	if d == nil {
-		return Status{Domain: name}
+		f, ok := m.dormant[name]
+		if !ok {
+			return Status{Domain: name}
+		}
+		d = recordOnly(name, f)
 	}
 	return m.statusLocked(d, now)
 }
