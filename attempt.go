@@ -407,6 +407,14 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		if err == nil && m.renewedElsewhere(req.Context(), name) {
 			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
 		}
+		if err == nil {
+			// The cluster's record, as it is now, decides.
+			if err = m.refreshRecord(req.Context(), d); err == nil {
+				m.stateMu.Lock()
+				err = m.gateLocked(d)
+				m.stateMu.Unlock()
+			}
+		}
 		if err != nil {
 			m.refused(err)
 			m.finish(d, renewal, nil, err)
