@@ -556,3 +556,53 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 		t.Logf("http01=%v: %d failed authorizations in 48h for the cluster, at %v", http01, len(spends), offsets(spends, start))
 	}
 }
+
+// TestReplicaTakesOverALostLock: the replica ordering a domain loses its
+// lease mid-order (its finalization is held by the CA): it may order no
+// more, and another replica then takes the lock, orders, and gets the
+// certificate.
+func TestReplicaTakesOverALostLock(t *testing.T) {
+	const name = "takeover.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	replicas := []*certmgrtest.MemoryReplica{store.Open(), store.Open()}
+	ms := make([]*Manager, 2)
+	for i := range ms {
+		m, err := New(Config{Autocert: &autocert.Manager{Cache: replicas[i], Client: ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{})})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
+	var next atomic.Uint64
+	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return ms[next.Add(1)%2].TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassFinalize, Identifier: name, Hold: true, Times: 1})
+	first := make(chan error, 1)
+	go func() { first <- ms[0].Provision(context.Background(), name) }()
+	waitFor(t, 10*time.Second, "the first replica's held finalization", func() bool {
+		return ca.Proxy.Requests(certmgrtest.ClassFinalize) == 1
+	})
+	replicas[0].Lose() // a crash or partition: its lease ends
+	ms[0].stateMu.Lock()
+	a := ms[0].domains[name].attempt
+	refused := a != nil && lockLostLocked(a)
+	ms[0].stateMu.Unlock()
+	if !refused {
+		t.Error("the first replica's attempt does not know its lock is lost")
+	}
+	if err := ms[1].Provision(context.Background(), name); err != nil {
+		t.Fatalf("the second replica after the takeover: %v", err)
+	}
+	if n := ca.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want the lost one's and the survivor's", n)
+	}
+	ca.Proxy.Release()
+	<-first
+}
