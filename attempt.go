@@ -181,13 +181,7 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 	}
 	if m.coord != nil {
 		// The replica before may have failed: its record binds here too.
-		err := m.refreshRecord(m.ctx, d)
-		if err == nil {
-			m.stateMu.Lock()
-			err = m.gateLocked(d)
-			m.stateMu.Unlock()
-		}
-		if err != nil {
+		if err := m.gateOnRecord(m.ctx, d); err != nil {
 			m.finish(d, a, nil, err)
 			return
 		}
@@ -408,12 +402,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
 		}
 		if err == nil {
-			// The cluster's record, as it is now, decides.
-			if err = m.refreshRecord(req.Context(), d); err == nil {
-				m.stateMu.Lock()
-				err = m.gateLocked(d)
-				m.stateMu.Unlock()
-			}
+			err = m.gateOnRecord(req.Context(), d) // the cluster's record, as it is now, decides
 		}
 		if err != nil {
 			m.refused(err)

@@ -256,3 +256,14 @@ func (m *Manager) refreshRecord(ctx context.Context, d *domain) error {
 	m.recordSeen(d.name, decodeRecord(data, m.now()), rev)
 	return nil
 }
+
+// gateOnRecord reads d's record from the store, once its lock is held,
+// and returns why no attempt may start by it, or nil.
+func (m *Manager) gateOnRecord(ctx context.Context, d *domain) error {
+	if err := m.refreshRecord(ctx, d); err != nil {
+		return err
+	}
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	return m.gateLocked(d)
+}

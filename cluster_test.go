@@ -520,12 +520,7 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 				if gate == nil {
 					err := m.lockDomain(context.Background(), d, a)
 					if err == nil {
-						err = m.refreshRecord(context.Background(), d)
-					}
-					if err == nil {
-						m.stateMu.Lock()
-						err = m.gateLocked(d)
-						m.stateMu.Unlock()
+						err = m.gateOnRecord(context.Background(), d)
 					}
 					if err == nil {
 						for range cost {
