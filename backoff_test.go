@@ -1,16 +1,13 @@
 package certmgr
 
 import (
+	"context"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"testing"
 	"time"
-
-	"golang.org/x/crypto/acme/autocert"
 )
 
 // TestBackoffDelays: the default schedule's waits, with at most 10%
@@ -58,95 +55,117 @@ func TestBudgetFree(t *testing.T) {
 func TestScheduleKeepsBudget(t *testing.T) {
 	for _, http01 := range []bool{false, true} {
 		clock := newFakeClock()
-		rng := rand.New(rand.NewPCG(1, 2))
-		m, err := New(Config{
-			Autocert: &autocert.Manager{},
-			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
-			hooks:    testHooks{now: clock.now, rand: rng.Float64},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		m := newPureManager(t, clock, func(c *Config) { c.hooks.rand = rand.New(rand.NewPCG(1, 2)).Float64 })
 		m.http01.Store(http01)
-		const name = "sim.test"
-		d, err := m.domainFor(name)
+		spends := simulateFailures(t, clock, []*Manager{m})
+		checkBudget48h(t, fmt.Sprintf("http01=%v", http01), spends, newFakeClock().now())
+	}
+}
+
+// simName is the domain of simulateFailures.
+const simName = "sim.test"
+
+// simulateFailures runs 48 simulated hours of continuous failure on the
+// Managers ms, which share clock and take turns a minute each: autocert's
+// renewal timer and handshake attempts alternate, every authorization
+// fails. It returns the time of each failed authorization.
+func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time {
+	t.Helper()
+	ds := make([]*domain, len(ms))
+	for i, m := range ms {
+		d, err := m.domainFor(simName)
 		if err != nil {
 			t.Fatal(err)
 		}
-		start := clock.now()
-		var spends []time.Time // one per failed authorization
-		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
-		for i := 0; clock.now().Sub(start) < 48*time.Hour; i++ {
-			cost := 1
-			if http01 {
-				cost = 2
+		ds[i] = d
+	}
+	start := clock.now()
+	var spends []time.Time // one per failed authorization
+	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+	for i := 0; clock.now().Sub(start) < 48*time.Hour; i++ {
+		m, d := ms[i%len(ms)], ds[i%len(ms)]
+		// One order: admitted (its authorization reserved) or refused,
+		// then its authorization fails.
+		order := func() bool {
+			id, err := m.admitOrder(req, simName)
+			if err != nil {
+				return false
 			}
-			// One order: admitted (its authorization reserved) or refused,
-			// then its authorization fails.
-			order := func() bool {
-				id, err := m.admitOrder(req, name)
-				if err != nil {
-					return false
+			m.observed(simName, observation{reservation: id, order: true})
+			m.observed(simName, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
+			spends = append(spends, clock.now())
+			return true
+		}
+		orders := func() {
+			for range m.cost() {
+				if !order() {
+					break
 				}
-				m.observed(name, observation{reservation: id, order: true})
-				m.observed(name, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
-				spends = append(spends, clock.now())
-				return true
 			}
-			if i%2 == 0 {
-				// A renewal by autocert's timer: its orders are admitted or
-				// refused; it ends once every challenge type failed.
-				for range cost {
-					if !order() {
-						break
-					}
-				}
-				m.stateMu.Lock()
-				a := d.attempt
-				m.stateMu.Unlock()
-				if a != nil {
-					m.finish(d, a, nil, errors.New("acme/autocert: renewal failed"))
-				}
-			} else {
-				// A handshake: begin's gate, then a failed attempt.
-				m.stateMu.Lock()
-				gate := m.gateLocked(d)
-				var a *attempt
-				if gate == nil {
-					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
-					d.attempt = a
-					m.inFlight++
-				}
-				m.stateMu.Unlock()
-				if gate == nil {
-					for range cost {
-						if !order() {
-							break
-						}
-					}
-					m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
-				} else if !errors.Is(gate, ErrBackoff) {
+		}
+		if i%2 == 0 {
+			// A renewal by autocert's timer: its orders are admitted or
+			// refused; it ends once every challenge type failed.
+			orders()
+			m.stateMu.Lock()
+			a := d.attempt
+			m.stateMu.Unlock()
+			if a != nil {
+				m.finish(d, a, nil, errors.New("acme/autocert: renewal failed"))
+			}
+		} else {
+			// A handshake: begin's gate, the cluster's lock and record if
+			// there is one, then a failed attempt.
+			m.stateMu.Lock()
+			gate := m.gateLocked(d)
+			var a *attempt
+			if gate == nil {
+				a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
+				d.attempt = a
+				m.inFlight++
+			}
+			m.stateMu.Unlock()
+			if gate != nil {
+				if !errors.Is(gate, ErrBackoff) {
 					t.Fatalf("gate: %v", gate)
 				}
+				clock.advance(time.Minute)
+				continue
 			}
-			clock.advance(time.Minute)
-		}
-		if len(spends) < 4 {
-			t.Fatalf("http01=%v: only %d failed authorizations in 48h; the simulation did not run", http01, len(spends))
-		}
-		for _, s := range spends {
-			if n := countIn(spends, s, time.Hour); n > 4 {
-				t.Errorf("http01=%v: %d failed authorizations in the hour from %v", http01, n, s.Sub(start))
+			err := m.lockDomain(context.Background(), d, a)
+			if err == nil && m.coord != nil {
+				err = m.gateOnRecord(context.Background(), d)
 			}
-			if s.Sub(start) >= 24*time.Hour {
-				if n := countIn(spends, s, 24*time.Hour); n > 2 {
-					t.Errorf("http01=%v: %d failed authorizations in the day from %v", http01, n, s.Sub(start))
-				}
+			if err == nil {
+				orders()
+				err = errors.New("acme/autocert: missing certificate")
 			}
+			m.finish(d, a, nil, err)
 		}
-		t.Logf("http01=%v: %d failed authorizations in 48h, at %v", http01, len(spends), offsets(spends, start))
-		m.Close()
+		clock.advance(time.Minute)
 	}
+	return spends
+}
+
+// checkBudget48h fails t if spends, failed authorizations from start on,
+// are fewer than 4 (the simulation did not run), more than 4 in any
+// rolling hour, or more than 2 in any day after the first.
+func checkBudget48h(t *testing.T, what string, spends []time.Time, start time.Time) {
+	t.Helper()
+	if len(spends) < 4 {
+		t.Fatalf("%s: only %d failed authorizations in 48h; the simulation did not run", what, len(spends))
+	}
+	for _, s := range spends {
+		if n := countIn(spends, s, time.Hour); n > 4 {
+			t.Errorf("%s: %d failed authorizations in the hour from %v", what, n, s.Sub(start))
+		}
+		if s.Sub(start) >= 24*time.Hour {
+			if n := countIn(spends, s, 24*time.Hour); n > 2 {
+				t.Errorf("%s: %d failed authorizations in the day from %v", what, n, s.Sub(start))
+			}
+		}
+	}
+	t.Logf("%s: %d failed authorizations in 48h, at %v", what, len(spends), offsets(spends, start))
 }
 
 // countIn counts the times in [from, from+window).

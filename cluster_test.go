@@ -5,7 +5,7 @@ import (
 	"crypto"
 	"crypto/tls"
 	"errors"
-	"io"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -453,102 +453,20 @@ func TestReplicasObeyOneRateLimit(t *testing.T) {
 // autocert's renewals alike) spend at most 4 failed authorizations in
 // any rolling hour for the cluster, and at most 2 a day after the first.
 func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
-	const name = "sim.test"
 	for _, http01 := range []bool{false, true} {
 		clock := newFakeClock()
 		rng := rand.New(rand.NewPCG(1, 2))
 		store := certmgrtest.NewMemoryStore()
 		ms := make([]*Manager, 3)
-		ds := make([]*domain, 3)
 		for i := range ms {
-			m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open()}, Logger: newTestLogger(io.Discard),
-				hooks: testHooks{now: clock.now, rand: rng.Float64}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer m.Close()
-			m.http01.Store(http01)
-			if ds[i], err = m.domainFor(name); err != nil {
-				t.Fatal(err)
-			}
-			ms[i] = m
+			ms[i] = newPureManager(t, clock, func(c *Config) {
+				c.Autocert.Cache = store.Open()
+				c.hooks.rand = rng.Float64
+			})
+			ms[i].http01.Store(http01)
 		}
-		cost := 1
-		if http01 {
-			cost = 2
-		}
-		start := clock.now()
-		var spends []time.Time
-		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
-		for i := 0; clock.now().Sub(start) < 48*time.Hour; i++ {
-			m, d := ms[i%3], ds[i%3]
-			order := func() bool {
-				id, err := m.admitOrder(req, name)
-				if err != nil {
-					return false
-				}
-				m.observed(name, observation{reservation: id, order: true})
-				m.observed(name, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
-				spends = append(spends, clock.now())
-				return true
-			}
-			if i%2 == 0 {
-				// A renewal by autocert's timer on this replica.
-				for range cost {
-					if !order() {
-						break
-					}
-				}
-				m.stateMu.Lock()
-				a := d.attempt
-				m.stateMu.Unlock()
-				if a != nil {
-					m.finish(d, a, nil, errors.New("acme/autocert: renewal failed"))
-				}
-			} else {
-				// A handshake attempt: begin's gate, the lock, the
-				// cluster's record, then a failed attempt.
-				m.stateMu.Lock()
-				gate := m.gateLocked(d)
-				var a *attempt
-				if gate == nil {
-					a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
-					d.attempt = a
-					m.inFlight++
-				}
-				m.stateMu.Unlock()
-				if gate == nil {
-					err := m.lockDomain(context.Background(), d, a)
-					if err == nil {
-						err = m.gateOnRecord(context.Background(), d)
-					}
-					if err == nil {
-						for range cost {
-							if !order() {
-								break
-							}
-						}
-						err = errors.New("acme/autocert: missing certificate")
-					}
-					m.finish(d, a, nil, err)
-				}
-			}
-			clock.advance(time.Minute)
-		}
-		if len(spends) < 4 {
-			t.Fatalf("http01=%v: only %d failed authorizations in 48h; the simulation did not run", http01, len(spends))
-		}
-		for _, s := range spends {
-			if n := countIn(spends, s, time.Hour); n > 4 {
-				t.Errorf("http01=%v: %d failed authorizations in the hour from %v", http01, n, s.Sub(start))
-			}
-			if s.Sub(start) >= 24*time.Hour {
-				if n := countIn(spends, s, 24*time.Hour); n > 2 {
-					t.Errorf("http01=%v: %d failed authorizations in the day from %v", http01, n, s.Sub(start))
-				}
-			}
-		}
-		t.Logf("http01=%v: %d failed authorizations in 48h for the cluster, at %v", http01, len(spends), offsets(spends, start))
+		spends := simulateFailures(t, clock, ms)
+		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().now())
 	}
 }
 
