@@ -74,6 +74,11 @@ type Proxy struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 
+	// accountsMu serialises new-account requests: Pebble v2.10.3's WFE
+	// updates an existing account while answering another request for it
+	// (a data race when two clients register one key at once).
+	accountsMu sync.Mutex
+
 	stateMu  sync.Mutex // guards the fields below
 	rules    []*ruleState
 	release  chan struct{} // closed by Release
@@ -207,7 +212,13 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	rec := httptest.NewRecorder()
+	if class == ClassNewAccount {
+		p.accountsMu.Lock()
+	}
 	p.wfe.ServeHTTP(rec, r)
+	if class == ClassNewAccount {
+		p.accountsMu.Unlock()
+	}
 	p.observe(class, r.URL.Path, idents, len(payload) > 0, rec)
 
 	if p.settle && r.Method == http.MethodPost && rec.Code == http.StatusOK {
