@@ -33,6 +33,7 @@ type acmeObserver struct {
 	life    context.Context // ends at Close: requests in flight are cut
 	timeout time.Duration   // bounds each request, its body included
 	admit   func(req *http.Request, domain string) (reservation string, err error)
+	proceed func(domain string) error // whether an order already made may go on
 	report  func(domain string, ob observation)
 	account func(uri string) // the account's URI, from the CA's answer to a new-account request
 	closed  func() bool
@@ -110,6 +111,13 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		owner = tracked{domain: domain, reservation: id}
 	} else {
 		owner = o.owner(req.URL.String())
+		if owner.domain != "" && o.proceed != nil {
+			// An order's later requests (challenges, finalization) go out
+			// only while its attempt may still order.
+			if err := o.proceed(owner.domain); err != nil {
+				return nil, err
+			}
+		}
 	}
 	res, err := o.next.RoundTrip(req)
 	if err == nil {

@@ -261,14 +261,16 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if a.timer != nil {
 		a.timer.Stop()
 	}
-	unlock := a.unlock
+	unlock, fence, lost := a.unlock, a.fence, a.lost
 	var storeOp func(*failureRecord) // the same change, to the cluster's record
 	// What failed for certmgr's own reasons is local; an authorization the
-	// CA failed, or its rate limit, is not, even at Close.
+	// CA failed, or its rate limit, is not, even at Close. An attempt that
+	// lost its cluster lock leaves the record to the replica that took it
+	// over: the authorizations it spent stay reserved there.
 	var cacheErr *cacheError
 	local := (m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
 		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)) &&
-		a.authzFailed == 0 && !a.rateLimited
+		a.authzFailed == 0 && !a.rateLimited || err != nil && lockLostLocked(a)
 	switch {
 	case err == nil:
 		kind := EventObtained
@@ -333,6 +335,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	a.cert, a.err = cert, err
 	persist := err == nil || !local
 	m.stateMu.Unlock()
+	if persist && storeOp != nil {
+		m.storeRecord(d.name, fence, lost, storeOp) // under the lock, if the attempt held it
+	}
 	if unlock != nil {
 		unlock()
 	}
@@ -341,9 +346,6 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
 	}
 	if persist {
-		if storeOp != nil {
-			m.storeRecord(d.name, storeOp)
-		}
 		m.saveState() // before waking the waiters: what they see is stored
 	}
 	m.emit(events...) // and logged
@@ -411,7 +413,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		}
 	}
 	id := m.reservationID()
-	fence := ""
+	fence, lost := "", (<-chan struct{})(nil)
 	m.stateMu.Lock()
 	if m.domains[name] != d {
 		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
@@ -419,14 +421,14 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		d.fail.reserve(now, id)
 		m.orders = append(m.orders, now)
 		if d.attempt != nil {
-			fence = d.attempt.fence
+			fence, lost = d.attempt.fence, d.attempt.lost
 		}
 	}
 	m.stateMu.Unlock()
 	if err == nil && m.coord != nil {
 		// The cluster's budget decides, and holds the reservation before
 		// the order goes out; without the store, no order.
-		err = m.updateRecord(req.Context(), name, fence, func(r *failureRecord) error {
+		err = m.updateRecord(req.Context(), name, fence, lost, func(r *failureRecord) error {
 			if t := r.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
 				return fmt.Errorf("%w: %s: the cluster's failed-authorization budget is spent until %s",
 					ErrBackoff, name, t.UTC().Format(time.RFC3339))
@@ -566,13 +568,16 @@ func (m *Manager) observed(name string, ob observation) {
 		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
 		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
 	}
-	problem := ""
+	problem, fence, lost := "", "", (<-chan struct{})(nil)
 	if a != nil {
-		problem = a.problem
+		problem, fence, lost = a.problem, a.fence, a.lost
 	}
 	m.stateMu.Unlock()
 	if settled {
-		m.storeRecord(name, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
+		// Under the attempt's lock, if it holds one; an answer that came
+		// after its attempt ended settles the reservation it names, which
+		// no other replica's update overwrites.
+		m.storeRecord(name, fence, lost, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
 	}
 	if end {
 		m.finish(d, a, nil, errors.New(problem))

@@ -21,6 +21,8 @@ import (
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/certmgr/certmgr/internal/testhooks"
 )
 
 // Config configures a Manager. Only Autocert is required; every other
@@ -226,6 +228,9 @@ func New(cfg Config) (*Manager, error) {
 		// An attempt may fail two authorizations (tls-alpn-01, then http-01).
 		return nil, errors.New("certmgr: AuthzBudget must be at least 2, the most one attempt can spend")
 	}
+	if h, ok := cfg.Autocert.Cache.(*testhooks.Cache); ok && h.Now != nil && cfg.hooks.now == nil {
+		cfg.hooks.now = h.Now // a nested module's test
+	}
 	m := &Manager{
 		cfg:     cfg,
 		hooks:   cfg.hooks.withDefaults(),
@@ -299,6 +304,7 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.life = m.ctx
 	m.obs.timeout = m.hooks.requestTimeout
 	m.obs.admit = m.admitOrder
+	m.obs.proceed = m.orderHeld
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
 	m.obs.account = func(uri string) { m.account.Store(uri) }

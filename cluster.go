@@ -66,25 +66,47 @@ func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 
 // storeRecord applies f to name's record in the store, if there is a
 // Coordinator, with its own deadline: the outcome of an attempt is
-// stored even at Close. A failure is reported as a Cache error.
-func (m *Manager) storeRecord(name string, f func(*failureRecord)) {
+// stored even at Close. With fence (and lost, its hold's channel), the
+// write lands only while that hold of the domain's lock is current: a
+// replica that lost its lock writes nothing, since another one may hold
+// it now. A failure is reported as a Cache error.
+func (m *Manager) storeRecord(name, fence string, lost <-chan struct{}, f func(*failureRecord)) {
 	if m.coord == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
 	defer cancel()
-	if err := m.updateRecord(ctx, name, "", func(r *failureRecord) error { f(r); return nil }); err != nil {
+	err := m.updateRecord(ctx, name, fence, lost, func(r *failureRecord) error { f(r); return nil })
+	if err != nil && !errors.Is(err, errLockLost) {
 		m.cacheFailed("put", recordPrefix+name, err)
 	}
 }
 
+// orderHeld returns errLockLost if name's attempt in flight held its
+// cluster lock and lost it: the replica then stops its order at once,
+// since another one may take over. It is nil otherwise.
+func (m *Manager) orderHeld(name string) error {
+	if m.coord == nil {
+		return nil
+	}
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d := m.domains[name]; d != nil && d.attempt != nil && lockLostLocked(d.attempt) {
+		return errLockLost
+	}
+	return nil
+}
+
 // lockLostLocked reports whether attempt a held a cluster lock and lost it.
-func lockLostLocked(a *attempt) bool {
-	if a.lost == nil {
+func lockLostLocked(a *attempt) bool { return closed(a.lost) }
+
+// closed reports whether c, if not nil, is closed.
+func closed(c <-chan struct{}) bool {
+	if c == nil {
 		return false
 	}
 	select {
-	case <-a.lost:
+	case <-c:
 		return true
 	default:
 		return false
@@ -151,10 +173,14 @@ var errRecordConflict = errors.New("certmgr: the failure record kept changing")
 // with fence, only while that hold of the domain's lock is current),
 // trying again if somebody did. f may refuse with an error, which is
 // returned. On success the domain's record in memory, if there is one,
-// becomes the stored one. A store error is returned as it is.
-func (m *Manager) updateRecord(ctx context.Context, name, fence string, f func(*failureRecord) error) error {
+// becomes the stored one. A store error is returned as it is; a hold
+// that is lost (lost closed) ends it with errLockLost.
+func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-chan struct{}, f func(*failureRecord) error) error {
 	key := recordPrefix + name
 	for range maxRecordRetries {
+		if closed(lost) {
+			return errLockLost
+		}
 		data, rev, err := m.coord.GetRevision(ctx, key)
 		var rec failureRecord
 		switch {

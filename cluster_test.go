@@ -471,9 +471,9 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 }
 
 // TestReplicaTakesOverALostLock: the replica ordering a domain loses its
-// lease mid-order (its finalization is held by the CA): it may order no
-// more, and another replica then takes the lock, orders, and gets the
-// certificate.
+// lease mid-order (its challenge is held by the CA): it sends no more of
+// that order's requests, so it never finalizes, and another replica then
+// takes the lock, orders, and gets the certificate.
 func TestReplicaTakesOverALostLock(t *testing.T) {
 	const name = "takeover.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
@@ -496,11 +496,11 @@ func TestReplicaTakesOverALostLock(t *testing.T) {
 	}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassFinalize, Identifier: name, Hold: true, Times: 1})
+	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true, Times: 1})
 	first := make(chan error, 1)
 	go func() { first <- ms[0].Provision(context.Background(), name) }()
-	waitFor(t, 10*time.Second, "the first replica's held finalization", func() bool {
-		return ca.Proxy.Requests(certmgrtest.ClassFinalize) == 1
+	waitFor(t, 10*time.Second, "the first replica's held challenge", func() bool {
+		return ca.Proxy.Requests(certmgrtest.ClassChallenge) == 1
 	})
 	replicas[0].Lose() // a crash or partition: its lease ends
 	ms[0].stateMu.Lock()
@@ -510,12 +510,17 @@ func TestReplicaTakesOverALostLock(t *testing.T) {
 	if !refused {
 		t.Error("the first replica's attempt does not know its lock is lost")
 	}
+	ca.Proxy.Release()
+	if err := <-first; err == nil {
+		t.Error("the replica that lost its lock mid-order got a certificate")
+	}
+	if n := ca.Proxy.Requests(certmgrtest.ClassFinalize); n != 0 {
+		t.Errorf("%d finalizations by the replica that lost its lock, want 0", n)
+	}
 	if err := ms[1].Provision(context.Background(), name); err != nil {
 		t.Fatalf("the second replica after the takeover: %v", err)
 	}
 	if n := ca.Proxy.Counts(name).Orders; n != 2 {
 		t.Errorf("%d orders, want the lost one's and the survivor's", n)
 	}
-	ca.Proxy.Release()
-	<-first
 }

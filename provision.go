@@ -47,7 +47,7 @@ func (m *Manager) Retry(domain string) {
 	now := m.now()
 	// The cluster's record first, also if this replica has not seen the
 	// domain: every replica's next attempt may start.
-	m.storeRecord(name, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
+	m.storeRecord(name, "", nil, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
 	m.stateMu.Lock()
 	d := m.domains[name]
 	if d == nil {
