@@ -492,6 +492,11 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 		// domain's lock: an order while it waits for the lock is a renewal
 		// by autocert's timer, and another replica may be ordering.
 		return errLockLost
+	case d.attempt != nil && d.attempt.authzFailed >= m.cost():
+		// autocert orders once more after every challenge type failed, and
+		// finds none left to try: that order would only reserve the
+		// budget and count against the CA's order limit.
+		return fmt.Errorf("certmgr: %s: every challenge type failed in this attempt", name)
 	case d.attempt != nil:
 		return nil // an order of the attempt in flight; orderBudgetLocked decides
 	}

@@ -3,140 +3,126 @@ package etcdcache
 import (
 	"context"
 	"crypto/tls"
-	"io"
-	"log/slog"
+	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/acme/autocert"
-
 	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/certmgrtest"
 )
 
-// TestReplicasOnEtcd: three replicas, each with its own client and Cache
-// on one etcd, behind one listener served by each in turn as a
-// round-robin load balancer would: a burst of handshakes on all three for
-// a fresh name makes one order (the CA's validation connections reach
-// replicas that did not order), and every replica serves the same
-// certificate, through the watch, within a second.
-func TestReplicasOnEtcd(t *testing.T) {
-	const name = "cluster.test"
-	srv := startEtcd(t)
-	ca := certmgrtest.Start(t, certmgrtest.Options{})
-	ca.DNS.SetA(name, "127.0.0.1")
-	ms := make([]*certmgr.Manager, 3)
-	for i := range ms {
-		m, err := certmgr.New(certmgr.Config{
-			Autocert: &autocert.Manager{Cache: newCache(t, srv.client(t), "/cluster/"), Client: ca.NewClient(),
-				HostPolicy: autocert.HostWhitelist(name)},
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { m.Close() }) // before its Cache's Close
-		ms[i] = m
-	}
-	var next atomic.Uint64
-	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		return ms[next.Add(1)%3].TLSConfig(), nil
-	}}, nil); err != nil {
-		t.Fatal(err)
-	}
-
-	var wg sync.WaitGroup
-	for i := range 30 {
+// TestBurstMakesOneOrder: 3 × 1,000 concurrent handshakes on three
+// replicas for a fresh name make one order and one challenge response;
+// the CA's three validation connections, through the round-robin
+// balancer, reach all three replicas, two of which did not order; and
+// every replica serves the same certificate, through the watch, within a
+// second of its issuance.
+func TestBurstMakesOneOrder(t *testing.T) {
+	const name = "burst.test"
+	c := startCluster(t, clusterOptions{names: []string{name}})
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex // guards issued
+		issued time.Time  // when the first handshake got the certificate
+	)
+	for i := range 3000 {
+		r := c.replicas[i%3]
 		wg.Go(func() {
-			if _, err := ms[i%3].GetCertificate(&tls.ClientHelloInfo{ServerName: name,
-				SupportedVersions: []uint16{tls.VersionTLS13}}); err != nil {
+			if _, err := r.getCertificate(name); err != nil {
 				t.Errorf("handshake %d: %v", i, err)
+				return
 			}
+			mu.Lock()
+			if issued.IsZero() {
+				issued = time.Now()
+			}
+			mu.Unlock()
 		})
 	}
 	wg.Wait()
-	if n := ca.Proxy.Counts(name).Orders; n != 1 {
-		t.Errorf("%d orders for a burst on 3 replicas, want 1", n)
+	if got := c.ca.Proxy.Counts(name); got.Orders != 1 || got.ChallengeResponses != 1 {
+		t.Errorf("%d orders and %d challenge responses for the burst, want 1 and 1", got.Orders, got.ChallengeResponses)
 	}
-	deadline := time.Now().Add(time.Second)
-	for {
-		serials := map[string]bool{}
-		for _, m := range ms {
-			st := m.Status(name)
-			if st.State == certmgr.StateValid {
-				cs, err := ca.Handshake(context.Background(), name)
-				if err != nil {
-					t.Fatal(err)
+	if conns := c.tlsLB.Conns(); slices.Contains(conns, 0) {
+		t.Errorf("validation connections per replica %v: some replica got none", conns)
+	}
+	waitFor(t, time.Until(issued.Add(time.Second)), "every replica serving one certificate within 1 s", func() bool {
+		s := c.serials(name)
+		return s[0] != "" && s[0] == s[1] && s[1] == s[2]
+	})
+	for i, m := range c.managers() {
+		if st := m.Status(name); st.State != certmgr.StateValid {
+			t.Errorf("replica %d: state %v, want valid", i, st.State)
+		}
+	}
+}
+
+// TestValidationOnReplicasThatDidNotOrder: one replica orders; the CA's
+// validation connections reach the others through the balancer, and
+// they answer its challenges from the shared store, for TLS-ALPN-01 and
+// for HTTP-01.
+func TestValidationOnReplicasThatDidNotOrder(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts clusterOptions
+	}{
+		{"tls-alpn-01", clusterOptions{}},
+		{"http-01", clusterOptions{http01: true, noTLSALPN: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const name = "elsewhere.test"
+			tc.opts.names = []string{name}
+			obtained := make(chan certmgr.Event, 1)
+			tc.opts.config = func(i int, cfg *certmgr.Config) {
+				if i == 0 {
+					cfg.OnEvent = func(e certmgr.Event) {
+						if e.Kind == certmgr.EventObtained {
+							obtained <- e
+						}
+					}
 				}
-				serials[cs.PeerCertificates[0].SerialNumber.String()] = true
 			}
-		}
-		if len(serials) == 1 && allValid(ms, name) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not every replica serves one certificate a second after the burst: %v", serials)
-		}
-		time.Sleep(10 * time.Millisecond) // polling with a deadline
-	}
-}
-
-func allValid(ms []*certmgr.Manager, name string) bool {
-	for _, m := range ms {
-		if m.Status(name).State != certmgr.StateValid {
-			return false
-		}
-	}
-	return true
-}
-
-// TestReplicasOnEtcdShareOneRecord: while validation fails, a burst on
-// three replicas on etcd makes one validation for the cluster, and every
-// replica shows the same next attempt.
-func TestReplicasOnEtcdShareOneRecord(t *testing.T) {
-	const name = "failing.test"
-	srv := startEtcd(t)
-	ca := certmgrtest.Start(t, certmgrtest.Options{})
-	ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
-	ms := make([]*certmgr.Manager, 3)
-	for i := range ms {
-		m, err := certmgr.New(certmgr.Config{
-			Autocert: &autocert.Manager{Cache: newCache(t, srv.client(t), "/failing/"), Client: ca.NewClient(),
-				HostPolicy: autocert.HostWhitelist(name)},
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+			c := startCluster(t, tc.opts)
+			ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+			defer cancel()
+			if err := c.replicas[0].manager().Provision(ctx, name); err != nil {
+				t.Fatal(err)
+			}
+			lb := c.tlsLB
+			if tc.opts.noTLSALPN {
+				lb = c.httpLB
+			}
+			if conns := lb.Conns(); conns[1]+conns[2] == 0 {
+				t.Errorf("validation connections per replica %v: none reached a replica that did not order", conns)
+			}
+			if e := <-obtained; e.Challenge != tc.name {
+				t.Errorf("validated by %q, want %q", e.Challenge, tc.name)
+			}
 		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { m.Close() })
-		ms[i] = m
 	}
+}
+
+// TestFailingValidationOneAttempt: while validation fails, a burst on
+// three replicas makes one validation for the cluster, and every replica
+// shows the same next attempt.
+func TestFailingValidationOneAttempt(t *testing.T) {
+	const name = "failing.test"
+	c := startCluster(t, clusterOptions{names: []string{name}})
+	c.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
 	var wg sync.WaitGroup
 	for i := range 30 {
+		r := c.replicas[i%3]
 		wg.Go(func() {
-			ms[i%3].GetCertificate(&tls.ClientHelloInfo{ServerName: name, SupportedVersions: []uint16{tls.VersionTLS13}})
+			r.manager().GetCertificate(&tls.ClientHelloInfo{ServerName: name, SupportedVersions: []uint16{tls.VersionTLS13}})
 		})
 	}
 	wg.Wait()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	ms := c.managers()
+	waitFor(t, 10*time.Second, "the replicas agreeing on the next attempt", func() bool {
 		next := ms[0].Status(name).NextAttempt
-		same := !next.IsZero()
-		for _, m := range ms[1:] {
-			same = same && m.Status(name).NextAttempt.Equal(next)
-		}
-		if same {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the replicas do not agree on the next attempt: %v, %v, %v",
-				ms[0].Status(name), ms[1].Status(name), ms[2].Status(name))
-		}
-		time.Sleep(10 * time.Millisecond) // polling with a deadline
-	}
-	if c := ca.Proxy.Counts(name); c.ChallengeResponses != 1 {
-		t.Errorf("%d validations for the cluster, want 1 (%+v)", c.ChallengeResponses, c)
+		return !next.IsZero() && ms[1].Status(name).NextAttempt.Equal(next) && ms[2].Status(name).NextAttempt.Equal(next)
+	})
+	if got := c.ca.Proxy.Counts(name); got.ChallengeResponses != 1 || got.Orders != 1 {
+		t.Errorf("%d orders and %d validations for the cluster, want 1 and 1 (%+v)", got.Orders, got.ChallengeResponses, got)
 	}
 }
