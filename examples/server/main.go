@@ -11,6 +11,8 @@
 //
 //	server -pebble [-domain a.pebble.test ...] [-pebble-root-out root.pem]
 //
+//	(cd etcdcache && go run ./examples/server -etcd URL[,URL...] [-etcd-prefix /certmgr/] ...)
+//
 // It uses Let's Encrypt's staging CA unless -production is given, so that a
 // first try costs nothing against the production rate limits; staging
 // certificates are not trusted by browsers. Certificates and account keys
@@ -32,6 +34,14 @@
 // loopback ports Pebble validates against. -pebble-root-out writes Pebble's
 // root certificate to a PEM file for clients to trust.
 //
+// With -etcd, replicas of the server act as one: certificates, account
+// key, challenge tokens and failure records are kept in etcd (under
+// -etcd-prefix, "/certmgr/" by default) instead of -cache-dir, and one
+// replica at a time orders a domain's certificate (see the etcdcache
+// package). That needs etcd's client, which this module does not depend
+// on: this build refuses -etcd and -etcd-prefix, and the build in the
+// etcdcache module, which takes the same flags, has them.
+//
 // The status page names domains, addresses and errors: it answers only
 // clients on loopback addresses, unless -status-public is given. It tells
 // them by the connection's remote address: behind a reverse proxy or TCP
@@ -42,41 +52,14 @@ package main
 
 import (
 	"context"
-	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"flag"
-	"fmt"
-	"html/template"
 	"io"
-	"log/slog"
-	"mime"
-	"net"
-	"net/http"
-	"net/netip"
 	"os"
 	"os/signal"
-	"strings"
-	"sync"
 	"syscall"
-	"time"
 
-	"golang.org/x/crypto/acme"
-	"golang.org/x/crypto/acme/autocert"
-
-	"github.com/certmgr/certmgr"
-	"github.com/certmgr/certmgr/certmgrtest"
-)
-
-const (
-	// stagingDirectory is Let's Encrypt's staging CA.
-	stagingDirectory = "https://acme-staging-v02.api.letsencrypt.org/directory"
-	// statusPath is where the status page is served.
-	statusPath = "/certmgr/status"
-	// shutdownTimeout bounds the graceful shutdown.
-	shutdownTimeout = 5 * time.Second
-	// provisionTimeout bounds the first attempt for each domain.
-	provisionTimeout = 2 * time.Minute
+	"github.com/certmgr/certmgr/internal/demoserver"
 )
 
 func main() {
@@ -86,365 +69,23 @@ func main() {
 	os.Exit(code)
 }
 
-// options are the command's flags.
-type options struct {
-	domains      []string
-	knownIPs     []netip.Addr
-	cacheDir     string
-	email        string
-	directory    string
-	production   bool
-	httpsAddr    string
-	httpAddr     string
-	status       bool
-	statusPublic bool
-	pebble       bool
-	rootOut      string
-}
-
-// parse parses args into o and fills in the defaults. If args are not
-// usable, it returns ok false, having explained why on stderr, and help true
-// if -help was asked for.
-func (o *options) parse(args []string, stderr io.Writer) (ok bool, help bool) {
-	fs := flag.NewFlagSet("server", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Func("domain", "a domain to serve (repeatable)", func(s string) error {
-		o.domains = append(o.domains, s)
-		return nil
-	})
-	fs.Func("known-ip", "an address this server answers on; domains must resolve only to these (repeatable; default: no DNS check)", func(s string) error {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return errors.New("not an IP address")
-		}
-		o.knownIPs = append(o.knownIPs, a.Unmap())
-		return nil
-	})
-	fs.StringVar(&o.cacheDir, "cache-dir", "", "directory keeping certificates and the account key (required without -pebble)")
-	fs.StringVar(&o.email, "email", "", "contact address given to the CA")
-	fs.StringVar(&o.directory, "directory", stagingDirectory, "ACME directory URL")
-	fs.BoolVar(&o.production, "production", false, "use Let's Encrypt's production CA ("+autocert.DefaultACMEDirectory+")")
-	fs.StringVar(&o.httpsAddr, "https-addr", ":443", "HTTPS listen address")
-	fs.StringVar(&o.httpAddr, "http-addr", ":80", "HTTP listen address (HTTP-01 and redirects)")
-	fs.BoolVar(&o.status, "status", true, "serve the status page at "+statusPath)
-	fs.BoolVar(&o.statusPublic, "status-public", false, "serve the status page to every client, not only to loopback ones (told by the remote address: behind a proxy on the same host, every client is on loopback)")
-	fs.BoolVar(&o.pebble, "pebble", false, "run against an embedded Pebble CA on loopback")
-	fs.StringVar(&o.rootOut, "pebble-root-out", "", "with -pebble, write Pebble's root certificate to this PEM file")
-	if err := fs.Parse(args); err != nil {
-		return false, errors.Is(err, flag.ErrHelp)
-	}
-	set := make(map[string]bool)
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	fail := func(msg string) (bool, bool) {
-		fmt.Fprintln(stderr, "server:", msg)
-		return false, false
-	}
-	if fs.NArg() > 0 {
-		return fail("unexpected arguments: " + strings.Join(fs.Args(), " "))
-	}
-	if o.pebble {
-		for _, name := range []string{"cache-dir", "directory", "production", "https-addr", "http-addr"} {
-			if set[name] {
-				return fail("-" + name + " does not go with -pebble")
-			}
-		}
-		if len(o.domains) == 0 {
-			o.domains = []string{"a.pebble.test", "b.pebble.test"}
-		}
-		if len(o.knownIPs) == 0 {
-			o.knownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1")}
-		}
-		return true, false
-	}
-	switch {
-	case set["pebble-root-out"]:
-		return fail("-pebble-root-out needs -pebble")
-	case len(o.domains) == 0:
-		return fail("no -domain given")
-	case o.cacheDir == "":
-		return fail("-cache-dir is required: certificates must survive restarts")
-	case o.production && set["directory"]:
-		return fail("-production and -directory do not go together")
-	}
-	if o.production {
-		o.directory = autocert.DefaultACMEDirectory
-	}
-	return true, false
-}
+// errNoEtcd refuses -etcd and -etcd-prefix.
+var errNoEtcd = errors.New("this build has no etcd support: run (cd etcdcache && go run ./examples/server -etcd ...) instead")
 
 // run runs the server until ctx is done, and returns the exit status.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var o options
-	if ok, help := o.parse(args, stderr); !ok {
-		if help {
-			return 0
-		}
-		return 2
-	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	if err := serve(ctx, &o, stdout, log); err != nil {
-		log.Error("server failed", "error", err)
-		return 1
-	}
-	return 0
-}
-
-// serve sets up the Manager and the servers, provisions the domains and
-// serves until ctx is done; then it shuts down.
-func serve(ctx context.Context, o *options, stdout io.Writer, log *slog.Logger) (err error) {
-	am := &autocert.Manager{
-		Prompt:     autocert.AcceptTOS,
-		HostPolicy: autocert.HostWhitelist(o.domains...),
-		Email:      o.email,
-	}
-	cfg := certmgr.Config{Autocert: am, Logger: log, DNS: certmgr.DNSCheck{KnownIPs: o.knownIPs}}
-	var httpsLn, httpLn net.Listener
-	var ca *certmgrtest.Server
-	if o.pebble {
-		if ca, err = certmgrtest.NewServer(certmgrtest.Options{}); err != nil {
-			return err
-		}
-		defer ca.Close() // last, after the servers and the Manager
-		for _, d := range o.domains {
-			ca.DNS.SetA(d, "127.0.0.1")
-		}
-		am.Client = ca.NewClient()
-		cfg.DNS.Resolvers = []string{ca.DNS.Addr()}
-		httpsLn, httpLn = ca.TLSListener, ca.HTTPListener
-	} else {
-		am.Cache = autocert.DirCache(o.cacheDir)
-		am.Client = &acme.Client{DirectoryURL: o.directory}
-		if len(o.knownIPs) == 0 {
-			log.Warn("no -known-ip given: domains' DNS is not checked before ACME attempts")
-		}
-		if httpsLn, err = net.Listen("tcp", o.httpsAddr); err != nil {
-			return err
-		}
-		defer httpsLn.Close()
-		if httpLn, err = net.Listen("tcp", o.httpAddr); err != nil {
-			return err
-		}
-		defer httpLn.Close()
-	}
-
-	m, err := certmgr.New(cfg)
-	if err != nil {
-		return err
-	}
-	defer m.Close() // after the servers have stopped
-
-	// The site, and the status page.
-	mux := http.NewServeMux()
-	if o.status {
-		h := statusHandler(m)
-		if !o.statusPublic {
-			h = loopbackOnly(h)
-		}
-		mux.Handle(statusPath, h)
-	}
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "Hello from %s\n", r.Host)
+	return demoserver.Run(ctx, args, stdout, stderr, demoserver.Hooks{
+		// The flags of the etcdcache module's build, so that a command
+		// line for it gets told where to go rather than an unknown flag.
+		Flags: func(fs *flag.FlagSet) {
+			fs.String("etcd", "", "etcd client endpoints, comma-separated: not in this build, see the etcdcache module's examples/server")
+			fs.String("etcd-prefix", "/certmgr/", "prefix of the etcd keys: not in this build, see the etcdcache module's examples/server")
+		},
+		Check: func(given func(string) bool) (bool, error) {
+			if given("etcd") || given("etcd-prefix") {
+				return false, errNoEtcd
+			}
+			return false, nil
+		},
 	})
-	// Handshake errors from scanners and old clients are common; they are
-	// logged at Debug level.
-	errLog := slog.NewLogLogger(log.Handler(), slog.LevelDebug)
-	httpsSrv := &http.Server{
-		Handler:           mux,
-		TLSConfig:         m.TLSConfig(),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          errLog,
-	}
-	httpSrv := &http.Server{
-		Handler:           m.HTTPHandler(nil),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          errLog,
-	}
-	serveErr := make(chan error, 2)
-	go func() { serveErr <- httpsSrv.ServeTLS(httpsLn, "", "") }()
-	go func() { serveErr <- httpSrv.Serve(httpLn) }()
-	log.Info("serving", "https", httpsLn.Addr().String(), "http", httpLn.Addr().String(),
-		"directory", am.Client.DirectoryURL, "domains", strings.Join(o.domains, ","))
-
-	// Provision every domain now rather than at its first visitor.
-	pctx, stopProvisioning := context.WithCancel(ctx)
-	defer stopProvisioning()
-	provisioned := make(chan struct{})
-	go func() {
-		defer close(provisioned)
-		provision(pctx, m, o.domains, log)
-	}()
-	select {
-	case <-provisioned:
-	case <-ctx.Done():
-	case err = <-serveErr:
-	}
-
-	if err == nil && ctx.Err() == nil {
-		if ca != nil && o.rootOut != "" {
-			pemRoot := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Root.Raw})
-			if err := os.WriteFile(o.rootOut, pemRoot, 0o644); err != nil {
-				log.Error("writing the Pebble root", "error", err)
-			} else {
-				fmt.Fprintf(stdout, "root: %s\n", o.rootOut)
-			}
-		}
-		fmt.Fprintf(stdout, "https: %s\n", httpsLn.Addr())
-		if o.status {
-			fmt.Fprintf(stdout, "status: %s\n", statusURL(o, httpsLn.Addr()))
-		}
-		select {
-		case <-ctx.Done():
-		case err = <-serveErr:
-		}
-	}
-
-	// Shut down: stop accepting, let requests in progress finish (for at
-	// most shutdownTimeout), then stop the Manager and the CA (deferred).
-	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
-	defer cancel()
-	var wg sync.WaitGroup
-	for _, srv := range []*http.Server{httpsSrv, httpSrv} {
-		wg.Go(func() {
-			if srv.Shutdown(sctx) != nil {
-				srv.Close()
-			}
-		})
-	}
-	wg.Wait()
-	stopProvisioning()
-	<-provisioned
-	return err
-}
-
-// provision obtains the certificates of domains in parallel and logs the
-// outcomes; certmgr itself logs the details.
-func provision(ctx context.Context, m *certmgr.Manager, domains []string, log *slog.Logger) {
-	var wg sync.WaitGroup
-	for _, d := range domains {
-		wg.Go(func() {
-			pctx, cancel := context.WithTimeout(ctx, provisionTimeout)
-			defer cancel()
-			start := time.Now()
-			if err := m.Provision(pctx, d); err != nil {
-				log.Warn("provisioning failed; handshakes will retry as backoff allows", "domain", d, "error", err)
-				return
-			}
-			log.Info("provisioned", "domain", d, "took", time.Since(start).Round(time.Millisecond),
-				"not_after", m.Status(d).NotAfter)
-		})
-	}
-	wg.Wait()
-}
-
-// statusURL returns the status page's URL as printed at start.
-func statusURL(o *options, addr net.Addr) string {
-	if o.pebble {
-		return "https://" + addr.String() + statusPath
-	}
-	host := o.domains[0]
-	if _, port, err := net.SplitHostPort(addr.String()); err == nil && port != "443" {
-		host = net.JoinHostPort(host, port)
-	}
-	return "https://" + host + statusPath
-}
-
-// domainStatus is one domain's row of the status page.
-type domainStatus struct {
-	Domain      string    `json:"domain"`
-	State       string    `json:"state"`
-	NotAfter    time.Time `json:"not_after,omitzero"`
-	Failures    int       `json:"failures"`
-	LastError   string    `json:"last_error,omitempty"`
-	NextAttempt time.Time `json:"next_attempt,omitzero"`
-}
-
-var statusPage = template.Must(template.New("status").Funcs(template.FuncMap{
-	"when": func(t time.Time) string {
-		if t.IsZero() {
-			return "—"
-		}
-		return t.UTC().Format("2006-01-02 15:04:05 UTC")
-	},
-}).Parse(`<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>Certificates</title>
-<style>body{font-family:sans-serif}th,td{padding:.2em .8em;text-align:left;vertical-align:top}</style>
-</head>
-<body>
-<h1>Certificates</h1>
-<table>
-<tr><th>Domain</th><th>State</th><th>Not after</th><th>Failures</th><th>Last error</th><th>Next attempt</th></tr>
-{{range .}}<tr><td>{{.Domain}}</td><td>{{.State}}</td><td>{{when .NotAfter}}</td><td>{{.Failures}}</td><td>{{.LastError}}</td><td>{{when .NextAttempt}}</td></tr>
-{{else}}<tr><td colspan="6">No domain yet.</td></tr>
-{{end}}</table>
-</body>
-</html>
-`))
-
-// loopbackOnly answers 404 to clients not on a loopback address.
-func loopbackOnly(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ap, err := netip.ParseAddrPort(r.RemoteAddr)
-		if err != nil || !ap.Addr().Unmap().IsLoopback() {
-			http.NotFound(w, r)
-			return
-		}
-		h.ServeHTTP(w, r)
-	})
-}
-
-// statusHandler serves m.Domains() as an HTML table, or as JSON when the
-// request asks for it.
-func statusHandler(m *certmgr.Manager) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			w.Header().Set("Allow", "GET, HEAD")
-			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
-			return
-		}
-		rows := []domainStatus{}
-		for _, s := range m.Domains() {
-			row := domainStatus{
-				Domain:      s.Domain,
-				State:       s.State.String(),
-				NotAfter:    s.NotAfter,
-				Failures:    s.Failures,
-				NextAttempt: s.NextAttempt,
-			}
-			if s.LastError != nil {
-				row.LastError = s.LastError.Error()
-			}
-			rows = append(rows, row)
-		}
-		w.Header().Set("Cache-Control", "no-store")
-		w.Header().Add("Vary", "Accept")
-		if wantsJSON(r) {
-			w.Header().Set("Content-Type", "application/json")
-			enc := json.NewEncoder(w)
-			enc.SetIndent("", "  ")
-			enc.Encode(map[string]any{"domains": rows})
-			return
-		}
-		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		statusPage.Execute(w, rows)
-	})
-}
-
-// wantsJSON reports whether r asks for JSON, by ?format=json or by
-// naming application/json in Accept.
-func wantsJSON(r *http.Request) bool {
-	if r.URL.Query().Get("format") == "json" {
-		return true
-	}
-	for _, accept := range r.Header.Values("Accept") {
-		for part := range strings.SplitSeq(accept, ",") {
-			if t, _, err := mime.ParseMediaType(part); err == nil && t == "application/json" {
-				return true
-			}
-		}
-	}
-	return false
 }

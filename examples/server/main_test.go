@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +21,21 @@ import (
 
 // demoDomains are the domains -pebble serves by default.
 var demoDomains = []string{"a.pebble.test", "b.pebble.test"}
+
+const (
+	// statusPath is where the status page is served.
+	statusPath = "/certmgr/status"
+	// shutdownTimeout is how long a shutdown may take.
+	shutdownTimeout = 5 * time.Second
+)
+
+// domainStatus is the part of a domain's row of the JSON status page that
+// the tests check.
+type domainStatus struct {
+	Domain   string    `json:"domain"`
+	State    string    `json:"state"`
+	NotAfter time.Time `json:"not_after"`
+}
 
 // lockedBuffer is a bytes.Buffer safe for concurrent use.
 type lockedBuffer struct {
@@ -253,39 +267,26 @@ func TestSIGTERM(t *testing.T) {
 	}
 }
 
-// TestUsage checks that wrong command lines are refused before anything
-// starts.
-func TestUsage(t *testing.T) {
-	dir := t.TempDir()
+// TestNoEtcd: this build refuses -etcd and -etcd-prefix, naming the build
+// that has them, before anything starts.
+func TestNoEtcd(t *testing.T) {
 	for _, args := range [][]string{
-		{"unexpected"},
-		{"-pebble", "-cache-dir", dir},
-		{"-pebble", "-production"},
-		{"-pebble", "-https-addr", ":8443"},
-		{"-pebble", "-known-ip", "not-an-ip"},
-		{"-cache-dir", dir},
-		{"-domain", "example.com"},
-		{"-domain", "example.com", "-cache-dir", dir, "-production", "-directory", "https://ca.example/dir"},
-		{"-domain", "example.com", "-cache-dir", dir, "-pebble-root-out", filepath.Join(dir, "root.pem")},
+		{"-etcd", "http://127.0.0.1:2379"},
+		{"-pebble", "-etcd", "http://127.0.0.1:2379"},
+		{"-pebble", "-etcd-prefix", "/certmgr/"},
+		{"-domain", "example.com", "-etcd", "http://127.0.0.1:2379", "-etcd-prefix", "/certmgr/"},
 	} {
-		var stderr bytes.Buffer
-		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 {
+		var stdout, stderr bytes.Buffer
+		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {
 			t.Errorf("server %q: exit status %d, want 2\n%s", args, code, stderr.String())
 		}
-	}
-}
-
-// TestStatusLoopbackOnly: without -status-public, the status page answers
-// loopback clients only.
-func TestStatusLoopbackOnly(t *testing.T) {
-	h := loopbackOnly(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "status") }))
-	for addr, want := range map[string]int{"127.0.0.1:5000": 200, "[::1]:5000": 200, "198.51.100.7:5000": 404, "[2001:db8::1]:443": 404} {
-		r := httptest.NewRequest("GET", "/certmgr/status", nil)
-		r.RemoteAddr = addr
-		w := httptest.NewRecorder()
-		h.ServeHTTP(w, r)
-		if w.Code != want {
-			t.Errorf("from %s: %d, want %d", addr, w.Code, want)
+		msg := stderr.String()
+		if !strings.HasPrefix(msg, "server: ") || strings.Count(msg, "\n") != 1 || !strings.HasSuffix(msg, "\n") ||
+			!strings.Contains(msg, "no etcd support") || !strings.Contains(msg, "(cd etcdcache && go run ./examples/server -etcd ...)") {
+			t.Errorf("server %q: stderr %q, want one line \"server: ...\" naming the etcdcache build", args, msg)
+		}
+		if stdout.Len() > 0 {
+			t.Errorf("server %q: printed %q", args, stdout.String())
 		}
 	}
 }

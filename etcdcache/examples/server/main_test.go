@@ -1,0 +1,274 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+
+	"github.com/certmgr/certmgr/internal/leakcheck"
+)
+
+// lockedBuffer is a bytes.Buffer safe for concurrent use.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// freeURL returns an http URL on a loopback port that is free now.
+func freeURL(t *testing.T) url.URL {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return url.URL{Scheme: "http", Host: l.Addr().String()}
+}
+
+// startEtcd starts a one-member etcd server on loopback with its data in
+// a temporary directory, stops it in t's cleanup, and returns its client
+// endpoint.
+func startEtcd(t *testing.T) string {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "test"
+	cfg.Dir = t.TempDir()
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.UnsafeNoFsync = true
+	cu, pu := freeURL(t), freeURL(t)
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = cfg.Name + "=" + pu.String()
+	e, err := embed.StartEtcd(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		t.Fatal("etcd not ready within 30 s")
+	}
+	return cu.String()
+}
+
+// ours returns the stacks of the goroutines of certmgr (the server, the
+// Manager, the Cache, the embedded CA), autocert, acme and etcd clients,
+// the running tests' own left out, and Pebble's, which the embedded CA
+// cannot stop (see certmgrtest's documentation).
+func ours() []string {
+	var found []string
+	for _, g := range leakcheck.Stacks() {
+		if strings.Contains(g, "testing.tRunner") || strings.Contains(g, "letsencrypt/pebble") {
+			continue
+		}
+		if strings.Contains(g, "github.com/certmgr/certmgr") ||
+			strings.Contains(g, "acme/autocert.") || strings.Contains(g, "x/crypto/acme.") ||
+			strings.Contains(g, "go.etcd.io/etcd/client/v3") && !strings.Contains(g, "go.etcd.io/etcd/server/v3") {
+			found = append(found, g)
+		}
+	}
+	return found
+}
+
+// waitLines reads lines until one starts with each prefix of want, and
+// returns the rest of those lines by prefix.
+func waitLines(t *testing.T, lines <-chan string, want ...string) map[string]string {
+	t.Helper()
+	got := make(map[string]string)
+	timeout := time.After(30 * time.Second)
+	for len(got) < len(want) {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				t.Fatalf("the server's output ended; lines seen: %v", got)
+			}
+			for _, p := range want {
+				if rest, ok := strings.CutPrefix(line, p); ok {
+					got[p] = rest
+				}
+			}
+		case <-timeout:
+			t.Fatalf("not all of %q within 30 s; lines seen: %v", want, got)
+		}
+	}
+	return got
+}
+
+// TestEtcd runs the server in process with -pebble and -etcd: a
+// handshake verified against the CA's root gets the certificate that is
+// stored in etcd under -etcd-prefix, where every key the server wrote is;
+// at shutdown the lease's lock entries go, and no goroutine is left.
+func TestEtcd(t *testing.T) {
+	const prefix = "/replicas/"
+	const domain = "a.pebble.test"
+	endpoint := startEtcd(t)
+	before := len(ours())
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: dialTimeout, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+
+	rootFile := filepath.Join(t.TempDir(), "root.pem")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pr, pw := io.Pipe()
+	var stderr lockedBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"-pebble", "-pebble-root-out", rootFile, "-etcd", endpoint, "-etcd-prefix", prefix}, pw, &stderr)
+		pw.Close()
+	}()
+	defer func() { t.Logf("server log:\n%s", stderr.String()) }()
+	lines := make(chan string, 16)
+	go func() {
+		defer close(lines)
+		for s := bufio.NewScanner(pr); s.Scan(); {
+			lines <- s.Text()
+		}
+	}()
+	got := waitLines(t, lines, "https: ", "status: ")
+
+	// A handshake, verified against the CA's root.
+	pemRoot, err := os.ReadFile(rootFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pemRoot) {
+		t.Fatalf("%s holds no certificate", rootFile)
+	}
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", got["https: "], &tls.Config{RootCAs: roots, ServerName: domain})
+	if err != nil {
+		t.Fatalf("handshake for %s: %v", domain, err)
+	}
+	served := conn.ConnectionState().PeerCertificates[0]
+	conn.Close()
+
+	// The certificate in etcd is the one served.
+	ectx, ecancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer ecancel()
+	resp, err := cli.Get(ectx, prefix+"cache/"+domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 {
+		t.Fatalf("no key %s in etcd", prefix+"cache/"+domain)
+	}
+	var stored *x509.Certificate
+	for rest := resp.Kvs[0].Value; stored == nil; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			t.Fatalf("%s holds no certificate", prefix+"cache/"+domain)
+		}
+		if b.Type == "CERTIFICATE" {
+			if stored, err = x509.ParseCertificate(b.Bytes); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if !stored.Equal(served) {
+		t.Errorf("the certificate served (serial %x) is not the one in etcd (serial %x)", served.SerialNumber, stored.SerialNumber)
+	}
+
+	// Every key is under the prefix: both domains' certificates and
+	// records, the account key.
+	all, err := cli.Get(ectx, "", clientv3.WithFromKey(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := make(map[string]bool)
+	for _, kv := range all.Kvs {
+		k := string(kv.Key)
+		if !strings.HasPrefix(k, prefix) {
+			t.Errorf("key %q is not under %s", k, prefix)
+		}
+		keys[k] = true
+	}
+	for _, k := range []string{"cache/a.pebble.test", "cache/b.pebble.test", "cache/certmgr+record+a.pebble.test", "cache/certmgr+record+b.pebble.test", "cache/acme_account+key"} {
+		if !keys[prefix+k] {
+			t.Errorf("no key %s in etcd; keys: %v", prefix+k, keys)
+		}
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("run returned %d, want 0", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run still running 10 s after its context ended")
+	}
+
+	// The Cache gave up its lease at shutdown: no lock entry is left.
+	locks, err := cli.Get(ectx, prefix+"locks/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range locks.Kvs {
+		t.Errorf("lock entry %s left after shutdown", kv.Key)
+	}
+	cli.Close()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		left := ours()
+		if len(left) <= before {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines left after shutdown (%d before):\n%s", len(left), before, strings.Join(left, "\n\n"))
+		}
+		time.Sleep(10 * time.Millisecond) // polling with a deadline
+	}
+}
+
+// TestUsage checks that wrong uses of -etcd are refused before anything
+// starts.
+func TestUsage(t *testing.T) {
+	dir := t.TempDir()
+	for msg, args := range map[string][]string{
+		"-etcd and -cache-dir do not go together": {"-domain", "example.com", "-cache-dir", dir, "-etcd", "http://127.0.0.1:2379"},
+		"-cache-dir does not go with -pebble":     {"-pebble", "-cache-dir", dir},
+		"-etcd-prefix needs -etcd":                {"-pebble", "-etcd-prefix", "/certmgr/"},
+		`-etcd ",": an empty endpoint`:            {"-pebble", "-etcd", ","},
+		`-etcd "": an empty endpoint`:             {"-pebble", "-etcd", ""},
+		"-etcd-prefix must not be empty":          {"-pebble", "-etcd", "http://127.0.0.1:2379", "-etcd-prefix", ""},
+		"no -domain given":                        {"-etcd", "http://127.0.0.1:2379"},
+	} {
+		var stderr bytes.Buffer
+		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 || stderr.String() != "server: "+msg+"\n" {
+			t.Errorf("server %q: exit status %d, stderr %q; want 2 and %q", args, code, stderr.String(), "server: "+msg)
+		}
+	}
+}
