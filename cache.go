@@ -27,7 +27,13 @@ type certCache struct {
 	inner   autocert.Cache
 	onPut   func(key string, data []byte) // after a certificate key is written (or kept)
 	onError func(op, key string, err error)
-	kick    chan struct{} // wakes the retry loop; buffered, 1
+	// mayWriteToken reports whether domain's TLS-ALPN-01 certificate
+	// ("<domain>+token") may be written or deleted now; if nil, always.
+	// Replicas share that one key: only the holder of the domain's lock
+	// writes it, so that one that lost its lock neither overwrites nor
+	// deletes (in autocert's clean-up) the new holder's.
+	mayWriteToken func(domain string) bool
+	kick          chan struct{} // wakes the retry loop; buffered, 1
 
 	pendingMu sync.Mutex
 	pending   map[string][]byte // writes that failed, by key
@@ -146,6 +152,9 @@ func (e *cacheError) Unwrap() error {
 // Put implements autocert.Cache. A certificate or state write that fails
 // is kept and retried; the error is still returned.
 func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
+	if !c.tokenWritable(key) {
+		return nil // autocert ignores the outcome of a token write
+	}
 	err := c.put(ctx, key, data)
 	c.report("put", key, err)
 	return err
@@ -178,12 +187,22 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 
 // Delete implements autocert.Cache.
 func (c *certCache) Delete(ctx context.Context, key string) error {
+	if !c.tokenWritable(key) {
+		return nil
+	}
 	unlock := c.lockKey(key)
 	defer unlock()
 	c.pendingMu.Lock()
 	delete(c.pending, key)
 	c.pendingMu.Unlock()
 	return c.inner.Delete(ctx, key)
+}
+
+// tokenWritable reports whether key, if it is a domain's TLS-ALPN-01
+// certificate, may be written or deleted now (see mayWriteToken).
+func (c *certCache) tokenWritable(key string) bool {
+	domain, ok := strings.CutSuffix(key, "+token")
+	return !ok || c.mayWriteToken == nil || c.mayWriteToken(domain)
 }
 
 // retryLoop writes the kept entries again every interval until they are

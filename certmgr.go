@@ -295,6 +295,9 @@ func New(cfg Config) (*Manager, error) {
 	m.coord = coordinatorOf(cfg.Autocert.Cache)
 	m.cache.onPut = m.certStored
 	m.cache.onError = m.cacheFailed
+	if m.coord != nil {
+		m.cache.mayWriteToken = m.holdsLock
+	}
 
 	var next http.RoundTripper
 	if user.HTTPClient != nil {

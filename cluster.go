@@ -97,6 +97,15 @@ func (m *Manager) orderHeld(name string) error {
 	return nil
 }
 
+// holdsLock reports whether an attempt of this replica holds name's
+// cluster lock now.
+func (m *Manager) holdsLock(name string) bool {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	d := m.domains[name]
+	return d != nil && d.attempt != nil && d.attempt.lost != nil && !lockLostLocked(d.attempt)
+}
+
 // lockLostLocked reports whether attempt a held a cluster lock and lost it.
 func lockLostLocked(a *attempt) bool { return closed(a.lost) }
 

@@ -1,11 +1,18 @@
 package certmgr
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -13,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
@@ -522,5 +530,82 @@ func TestReplicaTakesOverALostLock(t *testing.T) {
 	}
 	if n := ca.Proxy.Counts(name).Orders; n != 2 {
 		t.Errorf("%d orders, want the lost one's and the survivor's", n)
+	}
+}
+
+// TestLostReplicaKeepsToTheStoresToken: the TLS-ALPN-01 certificate of a
+// name is one key that replicas share. A replica that lost its lock
+// mid-order answers the CA's validation connections with the token in the
+// store (the new holder's), not with the stale one in its autocert's
+// memory; it answers none while it cannot read the store; and its
+// autocert's clean-up of the order it gave up leaves the new holder's
+// token in the store.
+func TestLostReplicaKeepsToTheStoresToken(t *testing.T) {
+	const name = "token.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	lost, other := store.Open(), store.Open()
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: lost, Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), HandshakeTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true, Times: 1})
+	done := make(chan error, 1)
+	go func() { done <- m.Provision(context.Background(), name) }()
+	waitFor(t, 10*time.Second, "the replica's held challenge", func() bool {
+		return ca.Proxy.Requests(certmgrtest.ClassChallenge) == 1
+	})
+	hello := &tls.ClientHelloInfo{ServerName: name, SupportedProtos: []string{acme.ALPNProto}}
+	stale, err := m.TLSConfig().GetCertificate(hello)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	lost.Lose()
+	waitFor(t, 5*time.Second, "the replica to count its lock lost", func() bool { return !m.holdsLock(name) })
+	// The new holder's token, as its autocert writes it.
+	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(42), DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := append(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
+		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	if err := other.Put(context.Background(), name+"+token", theirs); err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.TLSConfig().GetCertificate(hello)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Leaf.SerialNumber.Cmp(big.NewInt(42)) != 0 {
+		t.Errorf("the replica that lost its lock answered serial %v (its own was %v), want the store's, 42",
+			got.Leaf.SerialNumber, stale.Leaf.SerialNumber)
+	}
+	lost.Disconnect()
+	if c, err := m.TLSConfig().GetCertificate(hello); err == nil {
+		t.Errorf("a replica cut off from the store answered a validation with serial %v", c.Leaf.SerialNumber)
+	}
+	lost.Reconnect()
+
+	ca.Proxy.Release()
+	if err := <-done; err == nil {
+		t.Error("the replica that lost its lock got a certificate")
+	}
+	m.Close() // autocert's clean-up has run
+	if data, err := other.Get(context.Background(), name+"+token"); err != nil || !bytes.Equal(data, theirs) {
+		t.Errorf("the new holder's token after the lost replica's clean-up: %v, %v; want it kept", len(data), err)
 	}
 }

@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"strings"
 
 	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
 	"golang.org/x/net/idna"
 )
 
@@ -53,9 +55,39 @@ func (m *Manager) tokenCert(hello *tls.ClientHelloInfo) (*tls.Certificate, error
 	if err := m.hostPolicy(ctx, name); err != nil {
 		return nil, err
 	}
+	if c, err := m.storedTokenCert(ctx, name); c != nil || err != nil {
+		return c, err
+	}
 	c, err := m.autocertOf(name).GetCertificate(hello)
 	if err != nil {
 		return nil, fmt.Errorf("certmgr: TLS-ALPN-01 validation of %q: %w", hello.ServerName, err)
+	}
+	return c, nil
+}
+
+// storedTokenCert returns the TLS-ALPN-01 certificate for name that the
+// store holds, with a Coordinator, unless this replica holds name's lock
+// (its autocert made the order in flight, and answers): that of the order
+// in flight, whichever replica made it. A replica's autocert may hold
+// another in memory, of an order it gave up when it lost its lock, which
+// would fail the CA's validation connections that reach it; so a replica
+// that cannot read the store (cut off from it, say) answers none (and
+// reports nothing: a remote client chose the name). Otherwise, or if the
+// store holds none, it returns nil and no error, and autocert answers.
+func (m *Manager) storedTokenCert(ctx context.Context, name string) (*tls.Certificate, error) {
+	if m.coord == nil || m.holdsLock(name) {
+		return nil, nil
+	}
+	data, err := m.cache.get(ctx, name+"+token")
+	switch {
+	case errors.Is(err, autocert.ErrCacheMiss):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("certmgr: TLS-ALPN-01 validation of %q: the store cannot be read", name)
+	}
+	c, err := decodeCert(data)
+	if err != nil || c.Leaf.VerifyHostname(name) != nil {
+		return nil, nil
 	}
 	return c, nil
 }

@@ -19,9 +19,10 @@ type Balancer struct {
 	ln       net.Listener
 	backends []string
 
-	mu     sync.Mutex // guards next, counts, conns and closed
+	mu     sync.Mutex // guards next, counts, down, conns and closed
 	next   int
 	counts []int
+	down   []bool
 	conns  map[net.Conn]bool
 	closed bool
 
@@ -32,7 +33,8 @@ type Balancer struct {
 // a backend address, in turn, until Close. A connection whose backend
 // refuses it is closed: the balancer does not retry another one.
 func NewBalancer(ln net.Listener, backends ...string) *Balancer {
-	b := &Balancer{ln: ln, backends: backends, counts: make([]int, len(backends)), conns: make(map[net.Conn]bool)}
+	b := &Balancer{ln: ln, backends: backends, counts: make([]int, len(backends)), down: make([]bool, len(backends)),
+		conns: make(map[net.Conn]bool)}
 	b.wg.Go(b.serve)
 	return b
 }
@@ -43,6 +45,28 @@ func (b *Balancer) Conns() []int {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return append([]int(nil), b.counts...)
+}
+
+// SetDown takes backend i (in the order NewBalancer was given them) out of
+// the rotation, or puts it back, as a load balancer's health check would
+// when a replica crashes or recovers. Its open connections stay open.
+// With every backend down, connections are closed at once.
+func (b *Balancer) SetDown(i int, down bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.down[i] = down
+}
+
+// pickLocked returns the next backend up, or -1.
+func (b *Balancer) pickLocked() int {
+	for range b.backends {
+		i := b.next
+		b.next = (b.next + 1) % len(b.backends)
+		if !b.down[i] {
+			return i
+		}
+	}
+	return -1
 }
 
 // Close closes the listener and every connection, and waits for the
@@ -69,13 +93,12 @@ func (b *Balancer) serve() {
 			return
 		}
 		b.mu.Lock()
-		if len(b.backends) == 0 || b.closed {
+		i := b.pickLocked()
+		if i < 0 || b.closed {
 			b.mu.Unlock()
 			in.Close()
 			continue
 		}
-		i := b.next
-		b.next = (b.next + 1) % len(b.backends)
 		b.counts[i]++
 		b.conns[in] = true
 		b.mu.Unlock()

@@ -63,6 +63,21 @@ func TestBalancerRoundRobin(t *testing.T) {
 	if n := b.Conns(); !slices.Equal(n, []int{2, 2, 2}) {
 		t.Errorf("Conns() = %v, want [2 2 2]", n)
 	}
+	// A backend that is down gets no connection until it is up again.
+	b.SetDown(1, true)
+	for range 4 {
+		c, err := net.Dial("tcp", front.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.ReadFull(c, make([]byte, 1))
+		c.Close()
+	}
+	b.SetDown(1, false)
+	if n := b.Conns(); !slices.Equal(n, []int{4, 2, 4}) {
+		t.Errorf("Conns() = %v after 4 connections with the second backend down, want [4 2 4]", n)
+	}
 	// A connection still open at Close is closed.
 	open, err := net.Dial("tcp", front.Addr().String())
 	if err != nil {
