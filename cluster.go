@@ -279,6 +279,26 @@ func (m *Manager) watchRecords() error {
 	return nil
 }
 
+// recordExists reports whether the store holds a record for name, or this
+// replica knows name (its record is then the first), so that a Retry of a
+// name nobody tried writes nothing. A store that cannot be read counts as
+// holding one: the update then fails and is reported.
+func (m *Manager) recordExists(name string) bool {
+	if m.coord == nil {
+		return false
+	}
+	m.stateMu.Lock()
+	_, known := m.domains[name]
+	m.stateMu.Unlock()
+	if known {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+	defer cancel()
+	_, _, err := m.coord.GetRevision(ctx, recordPrefix+name)
+	return !errors.Is(err, autocert.ErrCacheMiss)
+}
+
 // refreshRecord reads d's record from the store, once its lock is held.
 func (m *Manager) refreshRecord(ctx context.Context, d *domain) error {
 	data, rev, err := m.coord.GetRevision(ctx, recordPrefix+d.name)

@@ -295,6 +295,37 @@ func TestReplicasShareOneFailureRecord(t *testing.T) {
 	}
 }
 
+// TestRetryReachesReplicasThatNeverSawTheName: a Retry on a replica that
+// never saw a failing name lifts the cluster's backoff, so that another
+// replica's next attempt starts at once; a Retry of a name that no
+// replica knows writes no record.
+func TestRetryReachesReplicasThatNeverSawTheName(t *testing.T) {
+	const name, unknown = "failing.test", "unknown.test"
+	r := startReplicas(t, 2, name, unknown)
+	r.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	if err := r.ms[0].Provision(context.Background(), name); err == nil {
+		t.Fatal("validation succeeded")
+	}
+	if st := r.ms[0].Status(name); st.NextAttempt.IsZero() {
+		t.Fatal("no backoff after a failure")
+	}
+	r.ms[1].Retry(name) // it never saw name
+	waitFor(t, 5*time.Second, "the Retry to reach the replica that failed", func() bool {
+		return r.ms[0].Status(name).NextAttempt.IsZero()
+	})
+	if err := r.ms[0].Provision(context.Background(), name); errors.Is(err, ErrBackoff) {
+		t.Errorf("the attempt after the Retry: %v, want one made", err)
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want 2", n)
+	}
+
+	r.ms[1].Retry(unknown)
+	if _, err := r.store.Open().Get(context.Background(), recordPrefix+unknown); !errors.Is(err, autocert.ErrCacheMiss) {
+		t.Errorf("a Retry of a name no replica knows left a record: %v", err)
+	}
+}
+
 // TestReplicasShareOneBudget: Retry on one replica, an attempt on the
 // next, in turn: the cluster spends at most 4 failed authorizations in
 // the hour, and then every replica refuses.

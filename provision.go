@@ -36,8 +36,10 @@ func (m *Manager) Provision(ctx context.Context, domain string) error {
 // within autocert's own one-minute failed state. It keeps the CA's
 // Retry-After, the failed-authorization budget, the HostPolicy and the
 // DNS pre-check (whose cached answers it drops). If the persisted failure
-// records could not be read so far, it reads them again first. Retry on a
-// domain certmgr does not know does nothing.
+// records could not be read so far, it reads them again first. With a
+// Coordinator, it lifts the cluster's record of the domain, also on a
+// replica that has not seen the domain. Retry on a domain that neither
+// this Manager nor the cluster's records know does nothing.
 func (m *Manager) Retry(domain string) {
 	name, err := normalize(domain)
 	if err != nil {
@@ -47,7 +49,9 @@ func (m *Manager) Retry(domain string) {
 	now := m.now()
 	// The cluster's record first, also if this replica has not seen the
 	// domain: every replica's next attempt may start.
-	m.storeRecord(name, "", nil, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
+	if m.recordExists(name) {
+		m.storeRecord(name, "", nil, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
+	}
 	m.stateMu.Lock()
 	d := m.domains[name]
 	if d == nil {
