@@ -311,7 +311,7 @@ func TestRetryBackoff(t *testing.T) {
 // client carries the Manager, for the observer's admit.
 func TestSenderTransportMarksRequests(t *testing.T) {
 	m := newPureManager(t, newFakeClock(), nil)
-	am := m.newAutocert(nil)
+	am := m.newAutocert(nil, m.cache)
 	var got any
 	tr := senderTransport{am: am, next: roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		got = sender(r)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rsa"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -32,10 +33,11 @@ type attempt struct {
 	cert *tls.Certificate
 	err  error
 
-	timer  *time.Timer     // a renewal's deadline; nil for other attempts
-	fence  string          // the hold of the domain's cluster lock; "" without one
-	lost   <-chan struct{} // closed if the domain's cluster lock is lost; nil without one
-	unlock func()          // releases the domain's cluster lock; nil without one
+	timer  *time.Timer          // a renewal's deadline; nil for other attempts
+	since  [2]*x509.Certificate // a renewal's: the certificates served as it began (ECDSA, RSA)
+	fence  string               // the hold of the domain's cluster lock; "" without one
+	lost   <-chan struct{}      // closed if the domain's cluster lock is lost; nil without one
+	unlock func()               // releases the domain's cluster lock; nil without one
 
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
 	orders      int
@@ -154,6 +156,9 @@ func (m *Manager) begin(d *domain, k certKey, path Path) (*attempt, error) {
 		return nil, fmt.Errorf("certmgr: %d attempts in flight already; %s waits", m.inFlight, d.name)
 	}
 	a := &attempt{key: k, path: path, start: m.now(), done: make(chan struct{})}
+	if path == PathRenewalInfo {
+		a.since = m.issuedLocked(d.name)
+	}
 	d.attempt = a
 	m.inFlight++
 	m.wg.Add(1)
@@ -185,6 +190,15 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 			m.finish(d, a, nil, err)
 			return
 		}
+	}
+	if a.path == PathRenewalInfo {
+		if m.coord != nil && m.renewedElsewhere(m.ctx, d.name, a.since) {
+			m.finish(d, a, m.servedCert(k), nil) // another replica renewed it for all
+			return
+		}
+		c, err := m.fetchRenewal(d, k)
+		m.finish(d, a, c, err)
+		return
 	}
 	c, err := m.fetch(d, k)
 	m.finish(d, a, c, err)
@@ -274,19 +288,25 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	switch {
 	case err == nil:
 		kind := EventObtained
+		renewed := a.path == PathRenewal || a.path == PathRenewalInfo && a.orders > 0
 		switch {
-		case a.path == PathRenewal:
+		case renewed:
 			kind = EventRenewed
 		case a.orders == 0:
 			kind = EventLoaded // autocert found it in the Cache: another replica's, say
 		}
 		d.fail.succeed(now)
-		storeOp = func(r *failureRecord) { r.succeed(now) }
+		if renewed {
+			d.fail.Renewed = now
+		}
+		storeOp = func(r *failureRecord) {
+			r.succeed(now)
+			if renewed {
+				r.Renewed = now
+			}
+		}
 		d.lastErr = nil
 		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
-		if a.path == PathRenewal {
-			d.renewed = now
-		}
 		d.logged = false
 		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
 			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
@@ -372,7 +392,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	d := m.domains[name]
 	err := m.orderGateLocked(req, d, name, now)
 	if err == nil && d.attempt == nil {
-		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{})}
+		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name)}
 		// Every attempt ends: a renewal that hears nothing more (autocert
 		// gave up without another request) ends here.
 		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
@@ -400,11 +420,16 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		ctx, cancel := context.WithTimeout(req.Context(), lockTimeoutRenewal)
 		err := m.lockDomain(ctx, d, renewal)
 		cancel()
-		if err == nil && m.renewedElsewhere(req.Context(), name) {
+		if err == nil && m.renewedElsewhere(req.Context(), name, renewal.since) {
 			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
 		}
 		if err == nil {
 			err = m.gateOnRecord(req.Context(), d) // the cluster's record, as it is now, decides
+		}
+		if err == nil {
+			m.stateMu.Lock()
+			err = renewedLocked(d, m.now()) // by another replica meanwhile, as the record says
+			m.stateMu.Unlock()
 		}
 		if err != nil {
 			m.refused(err)
@@ -453,12 +478,38 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	return id, nil
 }
 
-// renewedElsewhere reports whether the store holds a certificate for name
-// issued after the one served, and serves it.
-func (m *Manager) renewedElsewhere(ctx context.Context, name string) bool {
+// issuedLocked returns the leaves of the certificates served for name
+// (ECDSA, RSA), nil where none is. stateMu is held; servedMu is taken
+// after it.
+func (m *Manager) issuedLocked(name string) (leaves [2]*x509.Certificate) {
+	m.servedMu.RLock()
+	defer m.servedMu.RUnlock()
+	for i, k := range []certKey{{domain: name}, {domain: name, rsa: true}} {
+		if c := m.served[k]; c != nil {
+			leaves[i] = c.Leaf
+		}
+	}
+	return leaves
+}
+
+// replaces reports whether leaf is another certificate than old, the one
+// served when a renewal began (nil if none was), and not an older one.
+func replaces(leaf, old *x509.Certificate) bool {
+	return old == nil || !leaf.Equal(old) && !leaf.NotBefore.Before(old.NotBefore)
+}
+
+// renewedElsewhere reports whether a certificate for name that replaces
+// one of since (those served as a renewal began: see issuedLocked) is
+// served now, through the store's watch, or is in the store; it serves
+// the latter.
+func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x509.Certificate) bool {
 	found := false
-	for _, rsa := range []bool{false, true} {
+	for i, rsa := range []bool{false, true} {
 		k := certKey{domain: name, rsa: rsa}
+		if c := m.servedCert(k); c != nil && since[i] != nil && replaces(c.Leaf, since[i]) {
+			found = true
+			continue
+		}
 		ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
 		data, err := m.cache.Get(ctx, k.cacheKey())
 		cancel()
@@ -469,7 +520,7 @@ func (m *Manager) renewedElsewhere(ctx context.Context, name string) bool {
 		if err != nil {
 			continue
 		}
-		if old := m.servedCert(k); old == nil || c.Leaf.NotBefore.After(old.Leaf.NotBefore) {
+		if replaces(c.Leaf, since[i]) {
 			m.serve(k, c)
 			found = true
 		}
@@ -503,11 +554,20 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 	if err := m.gateLocked(d); err != nil {
 		return err
 	}
-	if age := now.Sub(d.renewed); !d.renewed.IsZero() && age >= 0 && age < d.lifetime/4 {
-		// autocert renews again at once when RenewBefore exceeds the
-		// certificate's lifetime; this keeps that from looping, and from
-		// spending the CA's limit on duplicate certificates.
-		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, name, d.renewed.UTC().Format(time.RFC3339))
+	return renewedLocked(d, now)
+}
+
+// renewedLocked returns why d may not be renewed again now: a renewal
+// succeeded a moment ago (within a quarter of the certificate's life), in
+// this process or, in a cluster, on any replica. autocert renews again at
+// once when RenewBefore exceeds the certificate's lifetime, every
+// replica's autocert renews the certificate it loaded, and a CA's renewal
+// information may keep asking: this keeps all of them from looping, and
+// from spending the CA's limits on duplicate certificates.
+func renewedLocked(d *domain, now time.Time) error {
+	at := d.fail.Renewed
+	if age := now.Sub(at); !at.IsZero() && age >= 0 && age < d.lifetime/4 {
+		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, d.name, at.UTC().Format(time.RFC3339))
 	}
 	return nil
 }

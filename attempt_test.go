@@ -117,7 +117,7 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	current := m.newAutocert(nil)
+	current := m.newAutocert(nil, m.cache)
 	d.am = current
 	order := func(am *autocert.Manager) *http.Request {
 		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
@@ -126,7 +126,7 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	if _, err := m.admitOrder(order(current), "b.test"); err == nil || !strings.Contains(err.Error(), "unknown domain") {
 		t.Errorf("order for an unknown domain: %v", err)
 	}
-	if _, err := m.admitOrder(order(m.newAutocert(nil)), "a.test"); err == nil || !strings.Contains(err.Error(), "retired") {
+	if _, err := m.admitOrder(order(m.newAutocert(nil, m.cache)), "a.test"); err == nil || !strings.Contains(err.Error(), "retired") {
 		t.Errorf("order from a retired autocert.Manager: %v", err)
 	}
 	m.stateMu.Lock()

@@ -101,6 +101,9 @@ type failureRecord struct {
 	NextAttempt time.Time // no attempt before this (schedule and CA's Retry-After)
 	RetryAfter  time.Time // the CA's own Retry-After; the operator's Retry keeps it
 	Spends      []spend   // failed and reserved authorizations in the last budgetWindow, oldest first
+	// Renewed is when a renewal last succeeded (in a cluster, on any
+	// replica): no other renewal is made for a while after it.
+	Renewed time.Time
 }
 
 // maxSpends bounds Spends. Beyond it the oldest settled spends are merged,
@@ -142,8 +145,15 @@ func (f *failureRecord) budgetFree(now time.Time, cost, budget int) time.Time {
 }
 
 // reserve counts one authorization against the budget at now, under id,
-// before the order that may fail it goes out.
+// before the order that may fail it goes out. A reservation that is there
+// already (a replica's first record of a domain starts from its own, which
+// holds it) is not counted twice.
 func (f *failureRecord) reserve(now time.Time, id string) {
+	for _, s := range f.Spends {
+		if s.ID == id {
+			return
+		}
+	}
 	f.Spends = append(f.Spends, spend{At: now, Authz: 1, ID: id})
 	f.prune(now)
 }
@@ -212,7 +222,7 @@ func (f *failureRecord) prune(now time.Time) {
 // succeed clears the record after a successful attempt. Spent
 // authorizations stay: the CA counts them for the rest of their window.
 func (f *failureRecord) succeed(now time.Time) {
-	*f = failureRecord{Spends: f.Spends}
+	*f = failureRecord{Spends: f.Spends, Renewed: f.Renewed}
 	f.prune(now)
 }
 
@@ -232,6 +242,7 @@ func (f *failureRecord) merge(g failureRecord) {
 	f.Failures = max(f.Failures, g.Failures)
 	f.NextAttempt = maxTime(f.NextAttempt, g.NextAttempt)
 	f.RetryAfter = maxTime(f.RetryAfter, g.RetryAfter)
+	f.Renewed = maxTime(f.Renewed, g.Renewed)
 	for _, s := range g.Spends {
 		if !slices.Contains(f.Spends, s) {
 			f.Spends = append(f.Spends, s)
@@ -250,7 +261,9 @@ func (f *failureRecord) nextAttempt(now time.Time, b Backoff) time.Time {
 	return minTime(f.NextAttempt, maxTime(now.Add(b.longest()), retryAfter))
 }
 
-// empty reports whether the record carries no information any more.
+// empty reports whether the record carries no information any more. Renewed
+// alone does not count: it guards against a loop for a while, and is kept
+// as long as the record is.
 func (f *failureRecord) empty(now time.Time) bool {
 	f.prune(now)
 	return f.Failures == 0 && len(f.Spends) == 0 && !now.Before(f.RetryAfter)

@@ -114,7 +114,10 @@ type testHooks struct {
 	dnsCheckTimeout time.Duration    // one whole pre-check; if zero, 15 s
 	maxInFlight     int              // concurrent attempts; if zero, 64
 	renewalMaxAge   time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
-	requestTimeout  time.Duration    // bounds one ACME request; if zero, 30 s
+	// The bounds of the interval between two polls of a certificate's
+	// renewal information; if zero, 1 min and 24 h (RFC 9773).
+	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
+	requestTimeout                         time.Duration // bounds one ACME request; if zero, 30 s
 }
 
 // withDefaults returns h with its zero fields set.
@@ -129,6 +132,8 @@ func (h testHooks) withDefaults() testHooks {
 	h.dnsCheckTimeout = cmp.Or(h.dnsCheckTimeout, 15*time.Second)
 	h.maxInFlight = cmp.Or(h.maxInFlight, 64)
 	h.renewalMaxAge = cmp.Or(h.renewalMaxAge, 15*time.Minute)
+	h.renewalInfoMinPoll = cmp.Or(h.renewalInfoMinPoll, renewalInfoMinPoll)
+	h.renewalInfoMaxPoll = cmp.Or(h.renewalInfoMaxPoll, renewalInfoMaxPoll)
 	h.requestTimeout = cmp.Or(h.requestTimeout, 30*time.Second)
 	return h
 }
@@ -162,7 +167,8 @@ func (h testHooks) withDefaults() testHooks {
 // persistMu comes before the state key's. The helpers' other locks are
 // leaves, never held while another lock is taken or a call goes out:
 // acmeObserver.urlsMu, certCache.pendingMu and writersMu,
-// fallbackStore.certsMu, dnsChecker.cacheMu and limiter.lastMu.
+// fallbackStore.certsMu, dnsChecker.cacheMu, limiter.lastMu and
+// renewals.mu.
 type Manager struct {
 	cfg       Config    // defaults applied
 	hooks     testHooks // defaults applied
@@ -183,6 +189,8 @@ type Manager struct {
 	nextID    atomic.Uint64 // of reservation IDs
 	limits    limiter       // of repeated warnings
 	account   atomic.Value  // the account's URI (a string), once the CA said it
+	ari       renewals      // the CA's renewal information (ari.go)
+	ariClient *http.Client  // GETs renewal information through obs
 
 	persistMu sync.Mutex // serialises saveState's writes
 
@@ -228,8 +236,12 @@ func New(cfg Config) (*Manager, error) {
 		// An attempt may fail two authorizations (tls-alpn-01, then http-01).
 		return nil, errors.New("certmgr: AuthzBudget must be at least 2, the most one attempt can spend")
 	}
-	if h, ok := cfg.Autocert.Cache.(*testhooks.Cache); ok && h.Now != nil && cfg.hooks.now == nil {
-		cfg.hooks.now = h.Now // a nested module's test
+	if h, ok := cfg.Autocert.Cache.(*testhooks.Cache); ok { // a nested module's test
+		if cfg.hooks.now == nil {
+			cfg.hooks.now = h.Now
+		}
+		cfg.hooks.renewalInfoMinPoll = cmp.Or(cfg.hooks.renewalInfoMinPoll, h.RenewalInfoPoll)
+		cfg.hooks.renewalInfoMaxPoll = cmp.Or(cfg.hooks.renewalInfoMaxPoll, h.RenewalInfoPoll)
 	}
 	m := &Manager{
 		cfg:     cfg,
@@ -311,7 +323,10 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.report = m.observed
 	m.obs.closed = m.closed.Load
 	m.obs.account = func(uri string) { m.account.Store(uri) }
-	m.base = m.newAutocert(nil)
+	m.base = m.newAutocert(nil, m.cache)
+	m.ariClient = &http.Client{Transport: m.obs}
+	m.ari.wake = make(chan struct{}, 1)
+	m.ari.certs = make(map[certKey]*renewalInfo)
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,
 		MinVersion:     tls.VersionTLS12,
@@ -330,11 +345,12 @@ func New(cfg Config) (*Manager, error) {
 		m.log.Info("attempts not coordinated", "why", "the Cache is no Coordinator: replicas on it decide alone")
 	}
 
-	m.wg.Add(1)
+	m.wg.Add(2)
 	go func() {
 		defer m.wg.Done()
 		m.cache.retryLoop(m.ctx, m.hooks.cacheRetry)
 	}()
+	go m.renewalInfoLoop()
 	return m, nil
 }
 

@@ -27,7 +27,6 @@ type domain struct {
 	loadedAt  [2]time.Time      // when the cache was last read for the ECDSA [0] and RSA [1] key
 	notAfter  time.Time         // expiry of the newest certificate served
 	lifetime  time.Duration     // of the newest certificate served
-	renewed   time.Time         // when a renewal last succeeded in this process
 	dnsErr    error             // the failed pre-check, nil when it passed
 	dnsFails  int               // consecutive failed pre-checks
 	dnsNext   time.Time         // next pre-check
@@ -206,7 +205,7 @@ func (m *Manager) autocertFor(ctx context.Context, d *domain) (*autocert.Manager
 		return nil, err
 	}
 	http01 := m.http01.Load()
-	am = m.newAutocert(key) // outside stateMu: it calls into autocert
+	am = m.newAutocert(key, m.cache) // outside stateMu: it calls into autocert
 	m.stateMu.Lock()
 	if d.am == nil {
 		d.am = am
@@ -235,11 +234,11 @@ func (m *Manager) autocertOf(name string) *autocert.Manager {
 // requests carry the Manager, so that the observer refuses orders from
 // one that is no longer its domain's (its renewal timers cannot be
 // stopped).
-func (m *Manager) newAutocert(key crypto.Signer) *autocert.Manager {
+func (m *Manager) newAutocert(key crypto.Signer, cache autocert.Cache) *autocert.Manager {
 	u := m.cfg.Autocert
 	am := &autocert.Manager{
 		Prompt:                 u.Prompt,
-		Cache:                  m.cache,
+		Cache:                  cache,
 		HostPolicy:             u.HostPolicy,
 		RenewBefore:            u.RenewBefore,
 		Email:                  u.Email,

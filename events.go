@@ -13,19 +13,22 @@ type EventKind int
 
 // The events certmgr reports, with the level it logs each at.
 const (
-	EventObtained    EventKind = iota + 1 // Info: a new certificate was obtained
-	EventRenewed                          // Info: a certificate was renewed
-	EventLoaded                           // Debug: a certificate was loaded from the cache at first use
-	EventFailed                           // Warn: an ACME attempt failed; Err has the CA's detail
-	EventBackoff                          // Info: no attempt before NextAttempt (once per failure)
-	EventRateLimited                      // Warn: the CA rate-limited the domain until NextAttempt
-	EventDNSNotReady                      // Info: the DNS pre-check failed (once per change of its result)
-	EventDNSReady                         // Info: the DNS pre-check passes again
-	EventFallback                         // Debug: a handshake got the self-signed fallback (sampled)
-	EventCacheError                       // Error: reading or writing the Cache failed
-	EventRetry                            // Info: the operator asked for an early retry
-	EventTableFull                        // Warn: a new name was refused: MaxDomains are tracked and none is idle (at most once a minute)
-	EventOrderBudget                      // Warn: an order was refused: the account's OrderBudget is spent (at most once a minute)
+	EventObtained            EventKind = iota + 1 // Info: a new certificate was obtained
+	EventRenewed                                  // Info: a certificate was renewed
+	EventLoaded                                   // Debug: a certificate was loaded from the cache at first use
+	EventFailed                                   // Warn: an ACME attempt failed; Err has the CA's detail
+	EventBackoff                                  // Info: no attempt before NextAttempt (once per failure)
+	EventRateLimited                              // Warn: the CA rate-limited the domain until NextAttempt
+	EventDNSNotReady                              // Info: the DNS pre-check failed (once per change of its result)
+	EventDNSReady                                 // Info: the DNS pre-check passes again
+	EventFallback                                 // Debug: a handshake got the self-signed fallback (sampled)
+	EventCacheError                               // Error: reading or writing the Cache failed
+	EventRetry                                    // Info: the operator asked for an early retry
+	EventTableFull                                // Warn: a new name was refused: MaxDomains are tracked and none is idle (at most once a minute)
+	EventOrderBudget                              // Warn: an order was refused: the account's OrderBudget is spent (at most once a minute)
+	EventRenewalScheduled                         // Info: the CA's renewal information suggested WindowStart to WindowEnd; renewal at RenewAt
+	EventRenewalSuggested                         // Info: the CA's suggested window is open, before autocert's own schedule: renewal at RenewAt; ExplanationURL says why, if given
+	EventRenewalInfoUnusable                      // Warn: the CA's renewal information for a certificate cannot be used (once per certificate); the schedule stays
 )
 
 var eventMessages = [...]string{
@@ -42,6 +45,10 @@ var eventMessages = [...]string{
 	EventRetry:       "retry requested",
 	EventTableFull:   "domain table full",
 	EventOrderBudget: "order budget spent",
+
+	EventRenewalScheduled:    "renewal scheduled",
+	EventRenewalSuggested:    "renewal suggested by CA",
+	EventRenewalInfoUnusable: "renewal information unusable",
 }
 
 // String returns the event's log message, e.g. "certificate obtained".
@@ -56,7 +63,7 @@ func (k EventKind) level() slog.Level {
 	switch k {
 	case EventLoaded, EventFallback:
 		return slog.LevelDebug
-	case EventFailed, EventRateLimited, EventTableFull, EventOrderBudget:
+	case EventFailed, EventRateLimited, EventTableFull, EventOrderBudget, EventRenewalInfoUnusable:
 		return slog.LevelWarn
 	case EventCacheError:
 		return slog.LevelError
@@ -72,6 +79,9 @@ const (
 	PathHandshake Path = "handshake" // started by a TLS handshake
 	PathProvision Path = "provision" // started by Provision
 	PathRenewal   Path = "renewal"   // autocert's own renewal timer
+	// PathRenewalInfo is a renewal at the time the CA's renewal
+	// information suggested.
+	PathRenewalInfo Path = "renewal-info"
 )
 
 // Event is one thing that happened to a domain's certificate. Each is
@@ -88,6 +98,11 @@ type Event struct {
 	NotAfter    time.Time     // expiry of the certificate obtained or loaded
 	NextAttempt time.Time     // earliest next attempt (backoff, rate limit, DNS recheck)
 	Err         error         // what failed
+
+	WindowStart    time.Time // start of the renewal window the CA suggested
+	WindowEnd      time.Time // end of that window
+	RenewAt        time.Time // the time picked in it to renew
+	ExplanationURL string    // the CA's explanation of an early renewal, if it gave one
 }
 
 // String returns the event as one line: its message and its set fields.
@@ -122,6 +137,15 @@ func (e Event) attrs() []slog.Attr {
 	}
 	if !e.NextAttempt.IsZero() {
 		attrs = append(attrs, slog.Time("next_attempt", e.NextAttempt))
+	}
+	if !e.WindowStart.IsZero() {
+		attrs = append(attrs, slog.Time("window_start", e.WindowStart), slog.Time("window_end", e.WindowEnd))
+	}
+	if !e.RenewAt.IsZero() {
+		attrs = append(attrs, slog.Time("renew_at", e.RenewAt))
+	}
+	if e.ExplanationURL != "" {
+		attrs = append(attrs, slog.String("explanation_url", e.ExplanationURL))
 	}
 	if e.Err != nil {
 		attrs = append(attrs, slog.String("error", e.Err.Error()))

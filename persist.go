@@ -33,6 +33,7 @@ type persistedDomain struct {
 	NextAttempt time.Time `json:"next_attempt"`
 	RetryAfter  time.Time `json:"retry_after,omitzero"`
 	Spends      []spend   `json:"spends,omitempty"`
+	Renewed     time.Time `json:"renewed,omitzero"`
 }
 
 // encodeState encodes the failure records of the domains that have one.
@@ -96,6 +97,7 @@ func boundRecord(f failureRecord, now time.Time) failureRecord {
 		f.LastError = strings.ToValidUTF8(f.LastError[:maxLastError], "")
 	}
 	f.LastFailure = minTime(f.LastFailure, now)
+	f.Renewed = minTime(f.Renewed, now)
 	f.RetryAfter = minTime(f.RetryAfter, now.Add(maxRetryAfter))
 	f.NextAttempt = minTime(f.NextAttempt, now.Add(maxRetryAfter))
 	spends := make([]spend, 0, len(f.Spends))

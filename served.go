@@ -57,6 +57,7 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) {
 			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
 		}
 		m.stateMu.Unlock()
+		m.ari.track(k, c.Leaf, m.now())
 	}
 }
 

@@ -39,6 +39,10 @@ type Status struct {
 	Failures    int       // consecutive failed attempts
 	LastError   error     // last failure, nil if none
 	NextAttempt time.Time // earliest start of the next ACME attempt; zero means now
+	// RenewAt is when the certificate served is to be renewed, at the
+	// time the CA's renewal information suggested; zero if it suggested
+	// none (autocert's timer then renews it).
+	RenewAt time.Time
 }
 
 // Status returns the status of domain. A name certmgr does not track
@@ -52,16 +56,21 @@ func (m *Manager) Status(domain string) Status {
 	}
 	now := m.now()
 	m.stateMu.Lock()
-	defer m.stateMu.Unlock()
 	d := m.domains[name]
 	if d == nil {
 		f, ok := m.dormant[name]
 		if !ok {
+			m.stateMu.Unlock()
 			return Status{Domain: name}
 		}
 		d = recordOnly(name, f)
 	}
-	return m.statusLocked(d, now)
+	s := m.statusLocked(d, now)
+	m.stateMu.Unlock()
+	if s.State == StateValid {
+		s.RenewAt = m.ari.renewAt(name)
+	}
+	return s
 }
 
 // Domains returns the status of every domain certmgr knows, sorted by
@@ -74,6 +83,11 @@ func (m *Manager) Domains() []Status {
 		out = append(out, m.statusLocked(d, now))
 	}
 	m.stateMu.Unlock()
+	for i := range out {
+		if out[i].State == StateValid {
+			out[i].RenewAt = m.ari.renewAt(out[i].Domain)
+		}
+	}
 	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Domain, b.Domain) })
 	return out
 }

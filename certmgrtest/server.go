@@ -71,12 +71,13 @@ type Server struct {
 	// Options.IPv6 is set; otherwise nil.
 	TLSListener6, HTTPListener6 net.Listener
 
-	front     *httptest.Server // the proxy's HTTPS server
-	errLog    *log.Logger
-	closeOnce sync.Once
-	closeErr  error
-	serveWG   sync.WaitGroup // goroutines running the servers in served
-	connWG    sync.WaitGroup // connections of the servers in served, until closed or hijacked
+	front      *httptest.Server // the proxy's HTTPS server
+	management http.Handler     // Pebble's management interface, served in-process
+	errLog     *log.Logger
+	closeOnce  sync.Once
+	closeErr   error
+	serveWG    sync.WaitGroup // goroutines running the servers in served
+	connWG     sync.WaitGroup // connections of the servers in served, until closed or hijacked
 
 	servedMu    sync.Mutex // guards closed, served, tlsServed and plainServed
 	closed      bool
@@ -154,6 +155,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.Roots.AddCert(s.Root)
 
 	s.Proxy = newProxy(wfeImpl.Handler(), store, !opts.NoSettle)
+	s.management = wfeImpl.ManagementHandler()
 	s.front = httptest.NewUnstartedServer(s.Proxy)
 	s.front.Config.ErrorLog = s.errLog
 	s.front.StartTLS()

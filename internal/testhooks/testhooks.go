@@ -15,6 +15,9 @@ import (
 type Cache struct {
 	autocert.Cache
 	Now func() time.Time // the Manager's clock; if nil, time.Now
+	// RenewalInfoPoll, if not zero, is the interval between two polls of
+	// a certificate's renewal information, whatever the CA's Retry-After.
+	RenewalInfoPoll time.Duration
 }
 
 // Unwrap returns the wrapped Cache.

@@ -1,0 +1,452 @@
+package certmgr
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/crypto/acme/autocert"
+)
+
+// This file holds renewal that follows the CA: ACME Renewal Information
+// (RFC 9773). For every certificate it serves, certmgr asks the CA's
+// renewalInfo resource when to renew it, again when the CA's Retry-After
+// says, picks a time at random in the window the CA suggests, and then
+// renews through an attempt like any other: the schedule, the budget, the
+// DNS pre-check and, in a cluster, the domain's lock. A CA whose
+// directory has no renewalInfo is left to autocert's own renewal timer.
+
+// The bounds of the interval between two polls of one certificate's
+// renewal information, and the interval when the CA gives no Retry-After.
+const (
+	renewalInfoMinPoll     = time.Minute
+	renewalInfoMaxPoll     = 24 * time.Hour
+	renewalInfoDefaultPoll = 6 * time.Hour
+	// renewalInfoErrorPoll is the interval after an answer that cannot be
+	// used and gives no Retry-After.
+	renewalInfoErrorPoll = time.Hour
+	// maxRenewalInfoBody bounds what is read of a renewalInfo answer.
+	maxRenewalInfoBody = 64 << 10
+)
+
+// renewals is what certmgr knows of the CA's renewal information. Its
+// mutex is a leaf: nothing is called and no lock taken under it.
+type renewals struct {
+	wake chan struct{} // wakes the loop: a certificate to track; buffered, 1
+
+	mu    sync.Mutex // guards the fields below
+	url   string     // the directory's renewalInfo, once read
+	none  bool       // the directory has no renewalInfo: nothing is tracked
+	certs map[certKey]*renewalInfo
+}
+
+// renewalInfo is the renewal information of one served certificate.
+type renewalInfo struct {
+	leaf     *x509.Certificate
+	certID   string    // RFC 9773, section 4.1
+	nextPoll time.Time // when to ask the CA next
+	// The window the CA suggested last, and the time picked in it; zero
+	// until the CA suggested one that can be used.
+	start, end, renewAt time.Time
+	noted               bool      // an answer that cannot be used was logged
+	renewing            *attempt  // the renewal started at renewAt, while it runs
+	retryAt             time.Time // the earliest next start of that renewal, when one could not start
+}
+
+// track makes k's served certificate leaf one whose renewal information
+// is polled, from now on, unless it is already.
+func (r *renewals) track(k certKey, leaf *x509.Certificate, now time.Time) {
+	id, ok := certID(leaf)
+	if !ok {
+		return // no authority key identifier: autocert's timer renews it
+	}
+	r.mu.Lock()
+	if r.none || r.certs[k] != nil && r.certs[k].certID == id {
+		r.mu.Unlock()
+		return
+	}
+	r.certs[k] = &renewalInfo{leaf: leaf, certID: id, nextPoll: now}
+	r.mu.Unlock()
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+// renewAt returns when name's certificate is to be renewed as the CA
+// suggests, the earlier of its key types', or zero.
+func (r *renewals) renewAt(name string) time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var at time.Time
+	for _, k := range []certKey{{domain: name}, {domain: name, rsa: true}} {
+		if ri := r.certs[k]; ri != nil && !ri.renewAt.IsZero() && (at.IsZero() || ri.renewAt.Before(at)) {
+			at = ri.renewAt
+		}
+	}
+	return at
+}
+
+// certID returns leaf's CertID: the key identifier of its authority key
+// identifier and its serial number's DER content octets, each in
+// unpadded base64url, joined by a dot.
+func certID(leaf *x509.Certificate) (string, bool) {
+	if len(leaf.AuthorityKeyId) == 0 || leaf.SerialNumber == nil || leaf.SerialNumber.Sign() < 0 {
+		return "", false
+	}
+	serial := leaf.SerialNumber.Bytes()
+	if len(serial) == 0 || serial[0]&0x80 != 0 {
+		serial = append([]byte{0}, serial...) // DER: a positive INTEGER's leading sign octet
+	}
+	return base64.RawURLEncoding.EncodeToString(leaf.AuthorityKeyId) + "." + base64.RawURLEncoding.EncodeToString(serial), true
+}
+
+// renewalInfoLoop polls the renewal information of the certificates
+// served and starts the renewals it suggests, until Close.
+func (m *Manager) renewalInfoLoop() {
+	defer m.wg.Done()
+	t := time.NewTimer(renewalInfoMaxPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+		case <-m.ari.wake:
+		}
+		next := m.renewalInfoStep()
+		wait := renewalInfoMaxPoll
+		if !next.IsZero() {
+			wait = min(max(next.Sub(m.now()), 0), renewalInfoMaxPoll)
+		}
+		t.Reset(wait)
+	}
+}
+
+// renewalInfoStep polls what is due and starts the renewals that are, and
+// returns when the next of either is due, or zero if none is.
+func (m *Manager) renewalInfoStep() time.Time {
+	now := m.now()
+	var polls, renews []certKey
+	m.ari.mu.Lock()
+	for k, ri := range m.ari.certs {
+		if ri.renewing != nil {
+			select {
+			case <-ri.renewing.done:
+				// It failed (a success replaced ri): try again once the
+				// domain's schedule allows; the gate decides.
+				ri.renewing, ri.retryAt = nil, now.Add(m.hooks.renewalInfoMinPoll)
+			default:
+			}
+		}
+		if !now.Before(ri.nextPoll) {
+			polls = append(polls, k)
+		}
+		if !ri.renewAt.IsZero() && ri.renewing == nil && !now.Before(ri.renewAt) && !now.Before(ri.retryAt) {
+			renews = append(renews, k)
+		}
+	}
+	m.ari.mu.Unlock()
+
+	if len(polls) > 0 {
+		url, err := m.renewalInfoURL()
+		for _, k := range polls {
+			if m.ctx.Err() != nil {
+				return time.Time{}
+			}
+			if err != nil {
+				m.ari.mu.Lock()
+				if ri := m.ari.certs[k]; ri != nil {
+					ri.nextPoll = now.Add(m.hooks.renewalInfoMinPoll) // the directory, again
+				}
+				m.ari.mu.Unlock()
+				continue
+			}
+			if url != "" {
+				m.pollRenewalInfo(url, k)
+			}
+		}
+	}
+	for _, k := range renews {
+		m.renewForCA(k)
+	}
+
+	var next time.Time
+	earliest := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	m.ari.mu.Lock()
+	defer m.ari.mu.Unlock()
+	for _, ri := range m.ari.certs {
+		earliest(ri.nextPoll)
+		switch {
+		case ri.renewing != nil:
+			earliest(now.Add(m.hooks.renewalInfoMinPoll)) // to see how it ended
+		case !ri.renewAt.IsZero():
+			earliest(maxTime(ri.renewAt, ri.retryAt))
+		}
+	}
+	return next
+}
+
+// renewalInfoURL returns the directory's renewalInfo URL, reading the
+// directory the first time; "" if it has none. An error is the
+// directory's that could not be read, to be read again later.
+func (m *Manager) renewalInfoURL() (string, error) {
+	m.ari.mu.Lock()
+	url, none := m.ari.url, m.ari.none
+	m.ari.mu.Unlock()
+	if url != "" || none {
+		return url, nil
+	}
+	var dir struct {
+		RenewalInfo string `json:"renewalInfo"`
+	}
+	if _, err := m.getJSON(m.client.DirectoryURL, &dir); err != nil {
+		return "", err
+	}
+	m.ari.mu.Lock()
+	defer m.ari.mu.Unlock()
+	m.ari.url = dir.RenewalInfo
+	if dir.RenewalInfo == "" {
+		m.ari.none = true
+		clear(m.ari.certs)
+	}
+	return m.ari.url, nil
+}
+
+// getJSON GETs url from the CA and decodes its answer into v. It returns
+// the answer's Retry-After, if any, also with an error answer.
+func (m *Manager) getJSON(url string, v any) (retryAfter time.Time, err error) {
+	req, err := http.NewRequestWithContext(m.ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return time.Time{}, err
+	}
+	res, err := m.ariClient.Do(req)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer res.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(res.Body, maxRenewalInfoBody))
+	retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), "", m.now())
+	switch {
+	case err != nil:
+		return retryAfter, err
+	case res.StatusCode != http.StatusOK:
+		return retryAfter, fmt.Errorf("%s answered %s", url, res.Status)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		return retryAfter, fmt.Errorf("%s answered malformed JSON: %w", url, err)
+	}
+	return retryAfter, nil
+}
+
+// pollRenewalInfo asks the CA for k's renewal information and records it.
+// An answer that cannot be used keeps the schedule as it is, and is
+// logged once per certificate.
+func (m *Manager) pollRenewalInfo(url string, k certKey) {
+	m.ari.mu.Lock()
+	ri := m.ari.certs[k]
+	if ri == nil {
+		m.ari.mu.Unlock()
+		return
+	}
+	leaf, id := ri.leaf, ri.certID
+	m.ari.mu.Unlock()
+	if c := m.servedCert(k); c == nil || !c.Leaf.Equal(leaf) {
+		m.ari.mu.Lock()
+		if m.ari.certs[k] == ri {
+			delete(m.ari.certs, k) // no longer served
+		}
+		m.ari.mu.Unlock()
+		return
+	}
+
+	var answer struct {
+		SuggestedWindow struct {
+			Start time.Time `json:"start"`
+			End   time.Time `json:"end"`
+		} `json:"suggestedWindow"`
+		ExplanationURL string `json:"explanationURL"`
+	}
+	retryAfter, err := m.getJSON(url+"/"+id, &answer)
+	if m.ctx.Err() != nil {
+		return // Close
+	}
+	now := m.now()
+	start, end := answer.SuggestedWindow.Start, answer.SuggestedWindow.End
+	if err == nil {
+		err = checkWindow(start, end, leaf)
+	}
+	interval := renewalInfoDefaultPoll
+	if err != nil {
+		interval = renewalInfoErrorPoll
+	}
+	if retryAfter.After(now) {
+		interval = retryAfter.Sub(now)
+	}
+	interval = min(max(interval, m.hooks.renewalInfoMinPoll), m.hooks.renewalInfoMaxPoll)
+
+	var events []Event
+	m.ari.mu.Lock()
+	if m.ari.certs[k] != ri {
+		m.ari.mu.Unlock()
+		return // replaced meanwhile
+	}
+	ri.nextPoll = now.Add(interval)
+	switch {
+	case err != nil:
+		if !ri.noted {
+			ri.noted = true
+			events = append(events, Event{Kind: EventRenewalInfoUnusable, Time: now, Domain: k.domain, NotAfter: leaf.NotAfter,
+				Err: fmt.Errorf("certmgr: renewal information of %s (serial %x): %w", k.domain, leaf.SerialNumber, err)})
+		}
+	case !start.Equal(ri.start) || !end.Equal(ri.end):
+		ri.start, ri.end = start, end
+		ri.renewAt, ri.retryAt = pickRenewal(start, end, now, m.hooks.rand()), time.Time{}
+		ev := Event{Kind: EventRenewalScheduled, Time: now, Domain: k.domain, NotAfter: leaf.NotAfter,
+			WindowStart: start, WindowEnd: end, RenewAt: ri.renewAt}
+		events = append(events, ev)
+		if !now.Before(start) && now.Before(leaf.NotAfter.Add(-m.renewBefore())) {
+			// The CA asks for a renewal now, long before autocert's own
+			// schedule: a revocation, say.
+			ev.Kind, ev.ExplanationURL = EventRenewalSuggested, answer.ExplanationURL
+			events = append(events, ev)
+		}
+	}
+	m.ari.mu.Unlock()
+	m.emit(events...)
+}
+
+// checkWindow returns why a suggested renewal window of leaf cannot be
+// used, or nil: one that is empty or inverted, or that starts only after
+// leaf expires, or ended before leaf's lifetime began.
+func checkWindow(start, end time.Time, leaf *x509.Certificate) error {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	switch {
+	case start.IsZero() || end.IsZero():
+		return errors.New("no suggested window")
+	case !start.Before(end):
+		return fmt.Errorf("the suggested window ends (%s) before it starts (%s)", end.UTC().Format(time.RFC3339), start.UTC().Format(time.RFC3339))
+	case start.After(leaf.NotAfter):
+		return fmt.Errorf("the suggested window starts (%s) after the certificate expires", start.UTC().Format(time.RFC3339))
+	case end.Before(leaf.NotBefore.Add(-life)):
+		return fmt.Errorf("the suggested window ended (%s) long before the certificate was issued", end.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// pickRenewal returns a time in [start, end) at the uniform random point
+// r in [0, 1) (RFC 9773, section 4.2), or now if the window ended.
+func pickRenewal(start, end, now time.Time, r float64) time.Time {
+	if !now.Before(end) {
+		return now
+	}
+	return start.Add(time.Duration(r * float64(end.Sub(start))))
+}
+
+// renewBefore is how long before expiry autocert renews by itself.
+func (m *Manager) renewBefore() time.Duration {
+	if rb := m.cfg.Autocert.RenewBefore; rb > 0 {
+		return rb
+	}
+	return 30 * 24 * time.Hour
+}
+
+// renewForCA starts the renewal of k's certificate that the CA's renewal
+// information asked for, unless an attempt is in flight, the domain's
+// schedule or budget holds it (it is then tried again later), or the
+// certificate was renewed a moment ago (no renewal loop, whatever the CA
+// says).
+func (m *Manager) renewForCA(k certKey) {
+	now := m.now()
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	var recent time.Time // a renewal's that forbids another yet
+	if d != nil && renewedLocked(d, now) != nil {
+		recent = d.fail.Renewed.Add(d.lifetime / 4)
+	}
+	m.stateMu.Unlock()
+	retryAt := now.Add(m.hooks.renewalInfoMinPoll)
+	var a *attempt
+	switch {
+	case d == nil:
+		m.ari.mu.Lock()
+		delete(m.ari.certs, k)
+		m.ari.mu.Unlock()
+		return
+	case !recent.IsZero():
+		retryAt = recent
+	default:
+		var err error
+		a, err = m.begin(d, k, PathRenewalInfo)
+		switch {
+		case err != nil:
+			retryAt = maxTime(retryAt, m.Status(k.domain).NextAttempt)
+			a = nil
+		case a.path != PathRenewalInfo || a.key != k:
+			a = nil // another attempt is in flight: after it, again
+		}
+	}
+	m.ari.mu.Lock()
+	defer m.ari.mu.Unlock()
+	if ri := m.ari.certs[k]; ri != nil {
+		if a != nil {
+			ri.renewing = a
+		} else {
+			ri.retryAt = retryAt
+		}
+	}
+}
+
+// fetchRenewal orders a new certificate for k although a valid one is
+// in the Cache, which autocert would just load: through a new
+// autocert.Manager for the domain that does not see k's entry until it
+// wrote a new one. Until then, the valid certificate is served.
+func (m *Manager) fetchRenewal(d *domain, k certKey) (*tls.Certificate, error) {
+	key, err := m.accountKey(m.ctx)
+	if err != nil {
+		return nil, err
+	}
+	am := m.newAutocert(key, &renewalCache{certCache: m.cache, key: k.cacheKey()})
+	m.stateMu.Lock()
+	d.am = am // the old one's renewals are refused from now on
+	m.stateMu.Unlock()
+	return am.GetCertificate(syntheticHello(k))
+}
+
+// renewalCache is certmgr's Cache as a renewal sees it: key is missing
+// until the renewal writes it.
+type renewalCache struct {
+	*certCache
+	key     string
+	written atomic.Bool
+}
+
+// Get implements autocert.Cache.
+func (c *renewalCache) Get(ctx context.Context, key string) ([]byte, error) {
+	if key == c.key && !c.written.Load() {
+		return nil, autocert.ErrCacheMiss
+	}
+	return c.certCache.Get(ctx, key)
+}
+
+// Put implements autocert.Cache.
+func (c *renewalCache) Put(ctx context.Context, key string, data []byte) error {
+	err := c.certCache.Put(ctx, key, data)
+	if key == c.key {
+		c.written.Store(true)
+	}
+	return err
+}

@@ -1,0 +1,273 @@
+package certmgr
+
+import (
+	"crypto/x509"
+	"fmt"
+	"math/big"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/certmgr/certmgr/certmgrtest"
+)
+
+// TestCertIDIsRFC9773s: the example of RFC 9773, section 4.1.
+func TestCertIDIsRFC9773s(t *testing.T) {
+	leaf := &x509.Certificate{
+		AuthorityKeyId: []byte{0x69, 0x88, 0x5B, 0x6B, 0x87, 0x46, 0x40, 0x41, 0xE1, 0xB3,
+			0x7B, 0x84, 0x7B, 0xA0, 0xAE, 0x2C, 0xDE, 0x01, 0xC8, 0xD4},
+		SerialNumber: big.NewInt(0x87654321),
+	}
+	if id, ok := certID(leaf); !ok || id != "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE" {
+		t.Errorf("certID = %q, %v; want aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE", id, ok)
+	}
+	leaf.SerialNumber = big.NewInt(0x7f)
+	if id, _ := certID(leaf); !strings.HasSuffix(id, ".fw") {
+		t.Errorf("certID of serial 0x7f = %q, want no sign octet (.fw)", id)
+	}
+	if _, ok := certID(&x509.Certificate{SerialNumber: big.NewInt(1)}); ok {
+		t.Error("a certificate without an authority key identifier has a CertID")
+	}
+}
+
+// TestPickRenewalIsInTheWindow: a time in the window, at the random
+// point given; now once the window ended.
+func TestPickRenewalIsInTheWindow(t *testing.T) {
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	end := start.Add(48 * time.Hour)
+	for _, tc := range []struct {
+		now  time.Time
+		r    float64
+		want time.Time
+	}{
+		{start.Add(-time.Hour), 0, start},
+		{start.Add(-time.Hour), 0.5, start.Add(24 * time.Hour)},
+		{start.Add(time.Hour), 0.25, start.Add(12 * time.Hour)},
+		{end, 0.5, end},
+		{end.Add(time.Hour), 0.5, end.Add(time.Hour)},
+	} {
+		if got := pickRenewal(start, end, tc.now, tc.r); !got.Equal(tc.want) {
+			t.Errorf("pickRenewal(now %v, r %v) = %v, want %v", tc.now, tc.r, got, tc.want)
+		}
+	}
+}
+
+// TestCheckWindowRefusesNonsense: an empty, inverted, far-future or
+// far-past window cannot be used; one already open, or ended a moment
+// ago (a revoked certificate's), can.
+func TestCheckWindowRefusesNonsense(t *testing.T) {
+	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	leaf := &x509.Certificate{NotBefore: nb, NotAfter: nb.Add(90 * 24 * time.Hour)}
+	for _, tc := range []struct {
+		name       string
+		start, end time.Time
+		ok         bool
+	}{
+		{"usual", nb.Add(59 * 24 * time.Hour), nb.Add(61 * 24 * time.Hour), true},
+		{"revoked", nb.Add(-time.Hour), nb.Add(-time.Hour + time.Second), true},
+		{"empty", time.Time{}, time.Time{}, false},
+		{"inverted", nb.Add(61 * 24 * time.Hour), nb.Add(59 * 24 * time.Hour), false},
+		{"zero length", nb.Add(time.Hour), nb.Add(time.Hour), false},
+		{"far future", nb.Add(91 * 24 * time.Hour), nb.Add(92 * 24 * time.Hour), false},
+		{"far past", nb.AddDate(-1, 0, 0), nb.AddDate(-1, 0, 1), false},
+	} {
+		if err := checkWindow(tc.start, tc.end, leaf); (err == nil) != tc.ok {
+			t.Errorf("%s: checkWindow = %v, want ok %v", tc.name, err, tc.ok)
+		}
+	}
+}
+
+// ariEnv is an env whose Managers poll the CA's renewal information every
+// 100 ms, and whose events are collected.
+func ariEnv(t *testing.T, name string) (*env, *Manager, *eventLog) {
+	e := newEnv(t, envOptions{names: []string{name}})
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.hooks.renewalInfoMinPoll, c.hooks.renewalInfoMaxPoll = 100*time.Millisecond, 100*time.Millisecond
+		c.OnEvent = events.add
+	})
+	return e, m, events
+}
+
+// polls counts the renewal information requests at the CA.
+func polls(e *env) int { return e.Proxy.Requests(certmgrtest.ClassOther) }
+
+// TestOpenRenewalWindowRenewsOnce: a certificate whose renewal window the
+// CA opens (through Pebble's hook) is renewed after the next poll, once;
+// the new one is served from the next handshake on, and Status.NotAfter
+// moves.
+func TestOpenRenewalWindowRenewsOnce(t *testing.T) {
+	const name = "ari.test"
+	e, m, events := ariEnv(t, name)
+	leaf := e.expectIssued(t, name)
+	waitFor(t, 10*time.Second, "the first renewal schedule", func() bool { return events.count(EventRenewalScheduled) == 1 })
+	if st := m.Status(name); st.RenewAt.IsZero() || !st.RenewAt.Before(leaf.NotAfter) {
+		t.Errorf("Status.RenewAt = %v, want a time before expiry (%v)", st.RenewAt, leaf.NotAfter)
+	}
+
+	// The CA dates certificates to the second: the renewed one's expiry
+	// moves once a second has passed.
+	waitFor(t, 5*time.Second, "a second after the issuance", func() bool { return time.Now().After(leaf.NotBefore.Add(2 * time.Second)) })
+	// A window open since an hour, ending in 30 s: the time picked in it
+	// is past (renewal at once) or within 30 s.
+	now := time.Now()
+	window := fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}, "explanationURL": "https://ca.test/why"}`,
+		now.Add(-time.Hour).Format(time.RFC3339), now.Add(30*time.Second).Format(time.RFC3339))
+	if err := e.SetRenewalInfo(t.Context(), leaf, window); err != nil {
+		t.Fatal(err)
+	}
+	set := time.Now()
+	waitFor(t, 20*time.Second, "the renewed certificate", func() bool {
+		return m.Status(name).NotAfter.After(leaf.NotAfter)
+	})
+	t.Logf("renewed %v after the window opened", time.Since(set).Round(time.Millisecond))
+	if got := e.expectIssued(t, name); got.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
+		t.Error("the old certificate is still served")
+	}
+	if ev := events.last(EventRenewalSuggested); ev.ExplanationURL != "https://ca.test/why" {
+		t.Errorf("the suggestion event: %+v, want the CA's explanation URL", ev)
+	}
+	// Some polls later, still one renewal.
+	p := polls(e)
+	waitFor(t, 10*time.Second, "more polls", func() bool { return polls(e) >= p+3 })
+	if n := e.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want the first and one renewal", n)
+	}
+	if n := events.count(EventRenewed); n != 1 {
+		t.Errorf("%d renewals, want 1", n)
+	}
+}
+
+// TestRevokedCertificateIsReplaced: a certificate revoked through the
+// ACME revocation endpoint, which the CA's renewal information then
+// reports with a window already past, is replaced after the next poll;
+// the handshakes meanwhile all get a CA-issued certificate, never the
+// fallback.
+func TestRevokedCertificateIsReplaced(t *testing.T) {
+	const name = "revoked.test"
+	e, m, _ := ariEnv(t, name)
+	if err := m.Provision(t.Context(), name); err != nil {
+		t.Fatal(err)
+	}
+	cert, err := m.GetCertificate(helloFor(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fallbacks, handshakes atomic.Int64
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			c, err := m.GetCertificate(helloFor(name))
+			handshakes.Add(1)
+			if err != nil || IsFallback(c) {
+				fallbacks.Add(1)
+			}
+		}
+	}()
+	if err := e.Revoke(t.Context(), cert); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 2*time.Minute, "the replacement", func() bool {
+		c, err := m.GetCertificate(helloFor(name))
+		return err == nil && c.Leaf.SerialNumber.Cmp(cert.Leaf.SerialNumber) != 0
+	})
+	close(stop)
+	<-done
+	if n := fallbacks.Load(); n != 0 {
+		t.Errorf("%d of %d handshakes got the fallback while the revoked certificate was replaced", n, handshakes.Load())
+	}
+	if n := e.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want 2", n)
+	}
+}
+
+// TestBadRenewalInfoChangesNothing: renewal information that is
+// malformed, inverted, far off, or an error answer makes no order and
+// one log line, however many polls.
+func TestBadRenewalInfoChangesNothing(t *testing.T) {
+	now := time.Now()
+	window := func(start, end time.Time) string {
+		return fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`, start.Format(time.RFC3339), end.Format(time.RFC3339))
+	}
+	for _, tc := range []struct {
+		name   string
+		body   string // set through Pebble's hook
+		status int    // or answered by the proxy
+	}{
+		{name: "malformed", body: `{"suggestedWindow": {"start": "soon"`},
+		{name: "inverted", body: window(now.Add(time.Hour), now.Add(-time.Hour))},
+		{name: "far future", body: window(now.AddDate(2, 0, 0), now.AddDate(2, 0, 1))},
+		{name: "far past", body: window(now.AddDate(-2, 0, 0), now.AddDate(-2, 0, 1))},
+		{name: "404", status: 404},
+		{name: "500", status: 500},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const name = "bad.test"
+			e, m, events := ariEnv(t, name)
+			leaf := e.expectIssued(t, name)
+			waitFor(t, 10*time.Second, "the first renewal schedule", func() bool { return events.count(EventRenewalScheduled) == 1 })
+			renewAt := m.Status(name).RenewAt
+			if tc.status != 0 {
+				e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassOther, Status: tc.status})
+			} else if err := e.SetRenewalInfo(t.Context(), leaf, tc.body); err != nil {
+				t.Fatal(err)
+			}
+			p := polls(e)
+			waitFor(t, 10*time.Second, "more polls", func() bool { return polls(e) >= p+5 })
+			if n := e.Proxy.Counts(name).Orders; n != 1 {
+				t.Errorf("%d orders, want 1", n)
+			}
+			if n := events.count(EventRenewalInfoUnusable); n != 1 {
+				t.Errorf("%d events of unusable renewal information, want 1", n)
+			}
+			if n := strings.Count(e.logs.String(), EventRenewalInfoUnusable.String()); n != 1 {
+				t.Errorf("%d log lines of unusable renewal information, want 1", n)
+			}
+			if got := m.Status(name).RenewAt; !got.Equal(renewAt) {
+				t.Errorf("RenewAt %v, want %v as before", got, renewAt)
+			}
+		})
+	}
+}
+
+// TestSuggestedRenewalWaitsForTheSchedule: a renewal the CA suggests
+// waits while the CA's Retry-After is in force (here from its answer to
+// the renewal's first order), and the valid certificate keeps being
+// served.
+func TestSuggestedRenewalWaitsForTheSchedule(t *testing.T) {
+	const name = "wait.test"
+	e, m, _ := ariEnv(t, name)
+	leaf := e.expectIssued(t, name)
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Status: 429, RetryAfter: "3600"})
+	now := time.Now()
+	window := fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,
+		now.Add(-time.Hour).Format(time.RFC3339), now.Add(time.Second).Format(time.RFC3339))
+	if err := e.SetRenewalInfo(t.Context(), leaf, window); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the rate-limited renewal", func() bool {
+		return e.Proxy.Requests(certmgrtest.ClassNewOrder) == 2
+	})
+	waitFor(t, 10*time.Second, "the Retry-After in the status", func() bool {
+		return m.Status(name).NextAttempt.After(now.Add(50 * time.Minute))
+	})
+	p := polls(e)
+	waitFor(t, 10*time.Second, "more polls", func() bool { return polls(e) >= p+5 })
+	if n := e.Proxy.Requests(certmgrtest.ClassNewOrder); n != 2 {
+		t.Errorf("%d new-order requests, want the first and the rate-limited one", n)
+	}
+	if got := e.expectIssued(t, name); !got.Equal(leaf) {
+		t.Error("another certificate is served")
+	}
+	if st := m.Status(name); st.State != StateValid {
+		t.Errorf("Status = %+v, want valid", st)
+	}
+}
