@@ -117,6 +117,7 @@ type testHooks struct {
 	// The bounds of the interval between two polls of a certificate's
 	// renewal information; if zero, 1 min and 24 h (RFC 9773).
 	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
+	noRenewalInfo                          bool // renewal information is never polled (benchmarks compare)
 	requestTimeout                         time.Duration // bounds one ACME request; if zero, 30 s
 }
 
@@ -327,6 +328,7 @@ func New(cfg Config) (*Manager, error) {
 	m.ariClient = &http.Client{Transport: m.obs}
 	m.ari.wake = make(chan struct{}, 1)
 	m.ari.certs = make(map[certKey]*renewalInfo)
+	m.ari.none = m.hooks.noRenewalInfo
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,
 		MinVersion:     tls.VersionTLS12,
