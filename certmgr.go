@@ -117,7 +117,7 @@ type testHooks struct {
 	// The bounds of the interval between two polls of a certificate's
 	// renewal information; if zero, 1 min and 24 h (RFC 9773).
 	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
-	noRenewalInfo                          bool // renewal information is never polled (benchmarks compare)
+	noRenewalInfo                          bool          // renewal information is never polled (benchmarks compare)
 	requestTimeout                         time.Duration // bounds one ACME request; if zero, 30 s
 }
 
