@@ -254,7 +254,17 @@ func (m *Manager) adoptRecords(recs map[string]failureRecord, expiry bool) {
 // Writes are serialised, so the last one written is the newest state; a
 // failed write is kept by the cache and retried. Close does not cut a
 // write short.
+//
+// With a Coordinator, nothing is written: each domain's record is a key of
+// its own in the store (cluster.go), and one entry holding every domain,
+// rewritten by every replica at every change, would outgrow the store's
+// limit on one value (etcd's 1.5 MiB, at about 13,700 domains). A
+// replica then knows a domain from its first handshake, or from a change
+// of its record; a certmgr+state entry already there is still read once.
 func (m *Manager) saveState() {
+	if m.coord != nil {
+		return
+	}
 	m.persistMu.Lock()
 	now := m.now()
 	m.stateMu.Lock()

@@ -52,6 +52,9 @@ type clusterOptions struct {
 	// noTLSALPN closes every TLS-ALPN-01 validation connection, so that
 	// only HTTP-01 validations succeed.
 	noTLSALPN bool
+	// renewalInfoPoll, if not zero, is the interval between two polls of
+	// a certificate's renewal information, whatever the CA's Retry-After.
+	renewalInfoPoll time.Duration
 }
 
 // replica is one server of a cluster. Its listeners outlive its Manager:
@@ -161,8 +164,8 @@ func (r *replica) open() {
 		t.Fatal(err)
 	}
 	var ac autocert.Cache = cache
-	if r.c.opts.now != nil {
-		ac = &testhooks.Cache{Cache: cache, Now: r.c.opts.now}
+	if r.c.opts.now != nil || r.c.opts.renewalInfoPoll != 0 {
+		ac = &testhooks.Cache{Cache: cache, Now: r.c.opts.now, RenewalInfoPoll: r.c.opts.renewalInfoPoll}
 	}
 	cfg := certmgr.Config{
 		Autocert: &autocert.Manager{Cache: ac, Client: r.c.ca.NewClient(),
