@@ -67,8 +67,20 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 			m.warnOrderBudget(err)
 			return nil, err
 		}
+		served := m.servedSignal(d)
 		select {
 		case <-a.done:
+		case <-served:
+			// Served meanwhile: another replica's certificate, through the
+			// store's watch, while this one's attempt waits for the lock.
+			if c := m.servedCert(k); c != nil {
+				return c, nil
+			}
+			select {
+			case <-a.done:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
@@ -83,6 +95,21 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 		}
 	}
 	return nil, fmt.Errorf("certmgr: %s: no certificate for this key type yet", k.domain)
+}
+
+// servedSignal returns a channel closed when a certificate is next served
+// for d, with a Coordinator (another replica's, through the watch); nil
+// (never ready) without one.
+func (m *Manager) servedSignal(d *domain) <-chan struct{} {
+	if m.coord == nil {
+		return nil
+	}
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if d.served == nil {
+		d.served = make(chan struct{})
+	}
+	return d.served
 }
 
 // load returns k's certificate from the Cache the first time the domain

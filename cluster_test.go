@@ -645,3 +645,45 @@ func TestLostReplicaKeepsToTheStoresToken(t *testing.T) {
 		t.Errorf("the new holder's token after the lost replica's clean-up: %v, %v; want it kept", len(data), err)
 	}
 }
+
+// TestWaitingHandshakeTakesTheWatchedCertificate: a handshake whose
+// attempt waits for the domain's lock (another replica holds it) returns
+// the certificate the store's watch serves, without waiting for the lock.
+func TestWaitingHandshakeTakesTheWatchedCertificate(t *testing.T) {
+	const name = "watched.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	store := certmgrtest.NewMemoryStore()
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), HandshakeTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	other := store.Open() // the replica that holds the lock, and stores the certificate
+	_, _, unlock, err := other.Lock(t.Context(), lockName(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	got := make(chan *tls.Certificate, 1)
+	go func() {
+		c, err := m.GetCertificate(helloFor(name))
+		if err != nil {
+			t.Error(err)
+		}
+		got <- c
+	}()
+	waitFor(t, 5*time.Second, "the handshake's attempt", func() bool { return m.Status(name).State == StateObtaining })
+	cert := selfSigned(t, name, ecKey(t), "other replica", time.Now().Add(-time.Minute), time.Now().Add(time.Hour))
+	if err := other.Put(t.Context(), name, pemCert(t, cert)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case c := <-got:
+		if c == nil || !c.Leaf.Equal(cert.Leaf) {
+			t.Errorf("the handshake got %v, want the stored certificate", c)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handshake still waits for the lock 10 s after the certificate was stored")
+	}
+}

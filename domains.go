@@ -33,6 +33,10 @@ type domain struct {
 	localNext time.Time         // no attempt before this: the Cache could not be read
 	logged    bool              // a fallback was logged since the last change
 	recRev    int64             // the store's revision of fail, with a Coordinator; 0 if none seen
+	// served is closed when a certificate is next served for the domain
+	// (by serve), so that handshakes waiting for another replica's
+	// attempt get it from the store's watch at once; nil until waited on.
+	served chan struct{}
 }
 
 // recordOnly returns a domain that holds only the failure record f of

@@ -55,6 +55,10 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) {
 		if d := m.domains[k.domain]; d != nil {
 			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
 			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
+			if d.served != nil {
+				close(d.served)
+				d.served = nil
+			}
 		}
 		m.stateMu.Unlock()
 		m.ari.track(k, c.Leaf, m.now())
