@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 	"golang.org/x/crypto/acme/autocert"
@@ -91,6 +92,53 @@ func BenchmarkGetCertificateCached(b *testing.B) {
 			}
 			n := ca.DNS.Queries(name, dns.TypeA) + ca.DNS.Queries(name, dns.TypeAAAA) - queries
 			b.ReportMetric(float64(n)/float64(b.N), "dns-queries/op")
+		})
+	}
+}
+
+// GetCertificate for a domain whose valid certificate is cached: a
+// Manager that polls the CA's renewal information (the default; its first
+// poll has scheduled the renewal) beside one that never polls it. The
+// renewal information is kept beside the served certificates, not on the
+// handshake path: the two should not differ.
+func BenchmarkGetCertificateCachedRenewalInfo(b *testing.B) {
+	const name = "bench.test"
+	cache, ca := benchCache(b, name)
+	hello := benchHello(name)
+	newManager := func(noRenewalInfo bool) *Manager {
+		cfg := Config{
+			Autocert: &autocert.Manager{Cache: cache, HostPolicy: autocert.HostWhitelist(name), Client: ca.NewClient()},
+			Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+		}
+		cfg.hooks.noRenewalInfo = noRenewalInfo
+		m, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { m.Close() })
+		if c, err := m.GetCertificate(hello); err != nil || IsFallback(c) { // loads from the cache
+			b.Fatalf("renewal information off %v: %v", noRenewalInfo, err)
+		}
+		return m
+	}
+	polled, off := newManager(false), newManager(true)
+	if !waitForCond(10*time.Second, func() bool { return !polled.Status(name).RenewAt.IsZero() }) {
+		b.Fatal("the polled Manager scheduled no renewal from the CA's renewal information")
+	}
+	if at := off.Status(name).RenewAt; !at.IsZero() {
+		b.Fatalf("the Manager with renewal information off scheduled a renewal at %v", at)
+	}
+	for _, tt := range []struct {
+		name string
+		m    *Manager
+	}{{"polled", polled}, {"off", off}} {
+		b.Run(tt.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := tt.m.GetCertificate(hello); err != nil {
+					b.Fatal(err)
+				}
+			}
 		})
 	}
 }
