@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"math/big"
@@ -8,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
 )
@@ -269,5 +272,54 @@ func TestSuggestedRenewalWaitsForTheSchedule(t *testing.T) {
 	}
 	if st := m.Status(name); st.State != StateValid {
 		t.Errorf("Status = %+v, want valid", st)
+	}
+}
+
+// TestWatchedCertificateIsTrackedAndRenewed: a replica that got a
+// certificate only through the store's watch tracks its domain: its Status
+// shows it valid, and when the replica that ordered is gone and the CA
+// revokes the certificate, this one replaces it.
+func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
+	const name = "watched.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	ms := make([]*Manager, 2)
+	for i := range ms {
+		m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}),
+			hooks: testHooks{renewalInfoMinPoll: 100 * time.Millisecond, renewalInfoMaxPoll: 100 * time.Millisecond}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
+	var serving atomic.Pointer[Manager] // the replica the CA's validations reach
+	serving.Store(ms[0])
+	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return serving.Load().TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ms[0].Provision(t.Context(), name); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the watching replica's status", func() bool { return ms[1].Status(name).State == StateValid })
+	cert, err := ms[1].GetCertificate(helloFor(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms[0].Close()
+	serving.Store(ms[1])
+	if err := ca.Revoke(t.Context(), cert); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "the replacement", func() bool {
+		c, err := ms[1].GetCertificate(helloFor(name))
+		return err == nil && !c.Leaf.Equal(cert.Leaf)
+	})
+	if n := ca.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want 2", n)
 	}
 }

@@ -137,6 +137,9 @@ func (m *Manager) watchCertificates() error {
 			return
 		}
 		if c, err := parseCert(k, value, m.now()); err == nil {
+			// A domain this replica serves is one it tracks: its Status,
+			// and the renewals its CA's renewal information asks for.
+			m.domainFor(k.domain)
 			m.serve(k, c)
 		}
 	})

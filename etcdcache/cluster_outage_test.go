@@ -154,6 +154,14 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 	for _, r := range c.replicas {
 		r.link.heal()
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for i, m := range ms {
+				t.Logf("replica %d: %+v", i, m.Status(waited))
+			}
+			t.Logf("orders: %+v", c.ca.Proxy.Counts(waited))
+		}
+	})
 	waitFor(t, 30*time.Second, "every replica serving the waiting name's certificate", func() bool {
 		s := c.serials(waited)
 		return s[0] != "" && s[0] == s[1] && s[1] == s[2]

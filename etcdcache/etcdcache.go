@@ -16,9 +16,13 @@
 //     Put and Delete and for Coordinator's GetRevision, PutIf, DeleteIf
 //     and Watch alike. A key's revision is its etcd ModRevision.
 //   - P+"locks/"+name+"/"+lease is a replica's entry for the lock name:
-//     that of concurrency.Mutex (the key of etcdctl lock), attached to
-//     the replica's lease, so that the lock is held by the oldest entry
-//     and ends with the lease.
+//     the layout of concurrency.Mutex (and etcdctl lock), attached to the
+//     replica's lease, so that the lock is held by the oldest entry and
+//     ends with the lease. A waiter watches the entry before its own from
+//     etcd's current revision, which etcd reports at once, and then reads
+//     it again (concurrency.Mutex watches from the revision it read,
+//     which etcd serves only at its next resynchronisation, up to 100 ms
+//     later).
 //
 // # Fences
 //
@@ -133,7 +137,6 @@ type slot struct {
 type hold struct {
 	slot      *slot
 	sess      *session
-	mutex     *concurrency.Mutex
 	key       string        // the lock's entry in etcd
 	createRev int64         // the entry's create revision: the hold's in etcd while it is held
 	fence     string        // key and createRev

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -219,8 +220,8 @@ func (c *Cache) Lock(ctx context.Context, name string) (fence string, lost <-cha
 		return "", nil, nil, err
 	}
 	// The attempt runs in a goroutine of its own, which may outlive
-	// this call: concurrency.Mutex.Lock can wait for etcd after ctx
-	// ends, to delete its entry.
+	// this call: it can wait for etcd after ctx ends, to delete its
+	// entry.
 	got := make(chan lockResult)
 	gaveUp := make(chan struct{})
 	go c.acquire(ctx, sl, got, gaveUp)
@@ -295,15 +296,12 @@ func (c *Cache) lockIn(ctx context.Context, s *session, sl *slot) (*hold, error)
 	defer cancel()
 	defer context.AfterFunc(s.ctx, cancel)()
 	pfx := c.prefix + "locks/" + sl.name
-	m := concurrency.NewMutex(s.s, pfx)
-	err := m.Lock(ctx)
+	key, rev, err := c.enter(ctx, s, pfx)
 	if err == nil {
 		c.mu.Lock()
 		closed := c.closed
 		if !s.ended && !closed {
-			owner := m.IsOwner()
-			h := &hold{slot: sl, sess: s, mutex: m, key: m.Key(), createRev: owner.GetCompare().GetCreateRevision(),
-				lost: make(chan struct{})}
+			h := &hold{slot: sl, sess: s, key: key, createRev: rev, lost: make(chan struct{})}
 			h.fence = fmt.Sprintf("%s@%d", h.key, h.createRev)
 			s.holds[h] = true
 			c.holds[h.fence] = h
@@ -317,10 +315,93 @@ func (c *Cache) lockIn(ctx context.Context, s *session, sl *slot) (*hold, error)
 		}
 	}
 	// Leave no entry that would block other replicas while this lease
-	// lives. Mutex.Lock deletes it in most cases, not when its Txn
-	// failed after it landed. The key is the Mutex's.
-	c.client.Delete(s.ctx, fmt.Sprintf("%s/%x", pfx, s.s.Lease()))
+	// lives, also if the Txn that made it failed after it landed.
+	c.client.Delete(s.ctx, entryKey(pfx, s))
 	return nil, err
+}
+
+// entryKey is the key of s's entry for the lock whose entries are under
+// pfx.
+func entryKey(pfx string, s *session) string { return fmt.Sprintf("%s/%x", pfx, s.s.Lease()) }
+
+// enter puts s's entry for the lock whose entries are under pfx, unless
+// it is there, and waits until it is the oldest: the lock is then held.
+// It returns the entry's key and create revision. The entry is gone
+// (concurrency.ErrSessionExpired) if s's lease expired meanwhile.
+func (c *Cache) enter(ctx context.Context, s *session, pfx string) (key string, rev int64, err error) {
+	key = entryKey(pfx, s)
+	resp, err := c.client.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, "", clientv3.WithLease(s.s.Lease()))).
+		Else(clientv3.OpGet(key)).
+		Commit()
+	if err != nil {
+		return key, 0, err
+	}
+	rev = resp.Header.Revision
+	if !resp.Succeeded {
+		kvs := resp.Responses[0].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			return key, 0, concurrency.ErrSessionExpired
+		}
+		rev = kvs[0].CreateRevision
+	}
+	for {
+		older, err := c.client.Get(ctx, pfx+"/", append(clientv3.WithLastCreate(), clientv3.WithMaxCreateRev(rev-1))...)
+		if err != nil {
+			return key, rev, err
+		}
+		if len(older.Kvs) == 0 {
+			break
+		}
+		if err := c.waitDelete(ctx, string(older.Kvs[0].Key), older.Kvs[0].CreateRevision); err != nil {
+			return key, rev, err
+		}
+	}
+	own, err := c.client.Get(ctx, key)
+	switch {
+	case err != nil:
+		return key, rev, err
+	case len(own.Kvs) == 0 || own.Kvs[0].CreateRevision != rev:
+		return key, rev, concurrency.ErrSessionExpired
+	}
+	return key, rev, nil
+}
+
+// waitDelete returns once the entry key created at revision createRev is
+// gone, or ctx ends. It watches key from etcd's current revision, which
+// etcd reports at once (a watch from an earlier revision is served only
+// at its next resynchronisation, up to 100 ms later), and once the watch
+// is in place reads key again, for a delete that came before: the key
+// may even be there again, another entry of the same lease, newer than
+// the waiter's, which must not be waited for.
+func (c *Cache) waitDelete(ctx context.Context, key string, createRev int64) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for wr := range c.client.Watch(ctx, key, clientv3.WithCreatedNotify()) {
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		if wr.Created {
+			g, err := c.client.Get(ctx, key)
+			if err != nil {
+				return err
+			}
+			if len(g.Kvs) == 0 || g.Kvs[0].CreateRevision != createRev {
+				return nil
+			}
+			continue
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == mvccpb.DELETE {
+				return nil
+			}
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return errors.New("etcdcache: the watch of a lock entry ended")
 }
 
 // unlock releases h and deletes its entry in etcd, in the background;
@@ -332,7 +413,7 @@ func (c *Cache) unlock(h *hold) {
 		return
 	}
 	if !c.goLocked(func() {
-		h.mutex.Unlock(h.sess.ctx) // ends early if the lease does
+		c.client.Delete(h.sess.ctx, h.key) // ends early if the lease does
 		c.mu.Lock()
 		c.freeLocked(h.slot)
 		c.mu.Unlock()
