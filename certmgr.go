@@ -337,11 +337,8 @@ func New(cfg Config) (*Manager, error) {
 	m.loadKnownDomains()
 	if m.coord != nil {
 		m.log.Info("attempts coordinated", "by", "the Cache, a Coordinator: one replica orders for all")
-		if err := m.watchCertificates(); err != nil {
+		if err := m.watchStore(); err != nil {
 			m.cacheFailed("watch", "", err)
-		}
-		if err := m.watchRecords(); err != nil {
-			m.cacheFailed("watch", recordPrefix, err)
 		}
 	} else {
 		m.log.Info("attempts not coordinated", "why", "the Cache is no Coordinator: replicas on it decide alone")

@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -122,13 +123,22 @@ func closed(c <-chan struct{}) bool {
 	}
 }
 
-// watchCertificates serves every certificate written to the store from
-// the next handshake on, whichever replica wrote it.
-func (m *Manager) watchCertificates() error {
+// watchStore keeps this replica up to date with the store, through one
+// watch of all its keys: every certificate written, whichever replica
+// wrote it, is served from the next handshake on; and every domain's
+// record in memory becomes the cluster's, from New on (a record written
+// before is read when its domain's lock is taken: refreshRecord).
+func (m *Manager) watchStore() error {
 	if m.coord == nil {
 		return nil
 	}
-	err := m.coord.Watch(m.ctx, "", 0, func(key string, value []byte, _ int64) {
+	err := m.coord.Watch(m.ctx, "", 0, func(key string, value []byte, rev int64) {
+		if name, ok := strings.CutPrefix(key, recordPrefix); ok {
+			if n, err := normalize(name); err == nil && n == name {
+				m.recordSeen(name, decodeRecord(value, m.now()), rev)
+			}
+			return
+		}
 		if value == nil || !isCertKey(key) {
 			return
 		}
@@ -212,6 +222,10 @@ func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-c
 		if err != nil {
 			return err
 		}
+		if rev != 0 && bytes.Equal(out, data) {
+			m.recordSeen(name, rec, rev) // no change: no write, no watch event
+			return nil
+		}
 		newRev, ok, err := m.coord.PutIf(ctx, key, out, rev, fence)
 		if err != nil {
 			return &cacheError{op: "put", key: key, err: err}
@@ -263,23 +277,6 @@ func (m *Manager) recordSeen(name string, rec failureRecord, rev int64) {
 	if rev > d.recRev {
 		d.fail, d.recRev = rec, rev
 	}
-}
-
-// watchRecords keeps every domain's record in memory the cluster's, from
-// New on; a record written before is read when its domain's lock is taken
-// (refreshRecord).
-func (m *Manager) watchRecords() error {
-	err := m.coord.Watch(m.ctx, recordPrefix, 0, func(key string, value []byte, rev int64) {
-		name := strings.TrimPrefix(key, recordPrefix)
-		if n, err := normalize(name); err != nil || n != name {
-			return
-		}
-		m.recordSeen(name, decodeRecord(value, m.now()), rev)
-	})
-	if err != nil {
-		return fmt.Errorf("certmgr: watching the failure records: %w", err)
-	}
-	return nil
 }
 
 // recordExists reports whether the store holds a record for name, or this
