@@ -34,6 +34,10 @@ const (
 	// renewalInfoErrorPoll is the interval after an answer that cannot be
 	// used and gives no Retry-After.
 	renewalInfoErrorPoll = time.Hour
+	// renewalInfoGuard bounds how long after a renewal the CA's renewal
+	// information cannot start another (a quarter of the lifetime, if
+	// less).
+	renewalInfoGuard = time.Hour
 	// maxRenewalInfoBody bounds what is read of a renewalInfo answer.
 	maxRenewalInfoBody = 64 << 10
 )
@@ -163,16 +167,17 @@ func (m *Manager) renewalInfoStep() time.Time {
 			if m.ctx.Err() != nil {
 				return time.Time{}
 			}
+			if err == nil && url != "" {
+				err = m.pollRenewalInfo(url, k)
+			}
 			if err != nil {
+				// The CA cannot be reached (or its directory read): the
+				// rest are asked again later, not one timeout each now.
 				m.ari.mu.Lock()
 				if ri := m.ari.certs[k]; ri != nil {
-					ri.nextPoll = now.Add(m.hooks.renewalInfoMinPoll) // the directory, again
+					ri.nextPoll = maxTime(ri.nextPoll, now.Add(m.hooks.renewalInfoMinPoll))
 				}
 				m.ari.mu.Unlock()
-				continue
-			}
-			if url != "" {
-				m.pollRenewalInfo(url, k)
 			}
 		}
 	}
@@ -213,7 +218,7 @@ func (m *Manager) renewalInfoURL() (string, error) {
 	var dir struct {
 		RenewalInfo string `json:"renewalInfo"`
 	}
-	if _, err := m.getJSON(m.client.DirectoryURL, &dir); err != nil {
+	if _, _, err := m.getJSON(m.client.DirectoryURL, &dir); err != nil {
 		return "", err
 	}
 	m.ari.mu.Lock()
@@ -226,41 +231,43 @@ func (m *Manager) renewalInfoURL() (string, error) {
 	return m.ari.url, nil
 }
 
-// getJSON GETs url from the CA and decodes its answer into v. It returns
-// the answer's Retry-After, if any, also with an error answer.
-func (m *Manager) getJSON(url string, v any) (retryAfter time.Time, err error) {
+// getJSON GETs url from the CA and decodes its answer into v. It reports
+// whether the CA answered and the answer's Retry-After, if any, also with
+// an error answer.
+func (m *Manager) getJSON(url string, v any) (retryAfter time.Time, answered bool, err error) {
 	req, err := http.NewRequestWithContext(m.ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return time.Time{}, err
+		return time.Time{}, false, err
 	}
 	res, err := m.ariClient.Do(req)
 	if err != nil {
-		return time.Time{}, err
+		return time.Time{}, false, err
 	}
 	defer res.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(res.Body, maxRenewalInfoBody))
 	retryAfter = parseRetryAfter(res.Header.Get("Retry-After"), "", m.now())
 	switch {
 	case err != nil:
-		return retryAfter, err
+		return retryAfter, false, err
 	case res.StatusCode != http.StatusOK:
-		return retryAfter, fmt.Errorf("%s answered %s", url, res.Status)
+		return retryAfter, true, fmt.Errorf("%s answered %s", url, res.Status)
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return retryAfter, fmt.Errorf("%s answered malformed JSON: %w", url, err)
+		return retryAfter, true, fmt.Errorf("%s answered malformed JSON: %w", url, err)
 	}
-	return retryAfter, nil
+	return retryAfter, true, nil
 }
 
 // pollRenewalInfo asks the CA for k's renewal information and records it.
 // An answer that cannot be used keeps the schedule as it is, and is
-// logged once per certificate.
-func (m *Manager) pollRenewalInfo(url string, k certKey) {
+// logged once per certificate. It returns an error only when no answer
+// came (the CA is unreachable).
+func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 	m.ari.mu.Lock()
 	ri := m.ari.certs[k]
 	if ri == nil {
 		m.ari.mu.Unlock()
-		return
+		return nil
 	}
 	leaf, id := ri.leaf, ri.certID
 	m.ari.mu.Unlock()
@@ -270,7 +277,7 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) {
 			delete(m.ari.certs, k) // no longer served
 		}
 		m.ari.mu.Unlock()
-		return
+		return nil
 	}
 
 	var answer struct {
@@ -280,9 +287,12 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) {
 		} `json:"suggestedWindow"`
 		ExplanationURL string `json:"explanationURL"`
 	}
-	retryAfter, err := m.getJSON(url+"/"+id, &answer)
-	if m.ctx.Err() != nil {
-		return // Close
+	retryAfter, answered, err := m.getJSON(url+"/"+id, &answer)
+	switch {
+	case m.ctx.Err() != nil:
+		return nil // Close
+	case !answered:
+		return err
 	}
 	now := m.now()
 	start, end := answer.SuggestedWindow.Start, answer.SuggestedWindow.End
@@ -302,7 +312,7 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) {
 	m.ari.mu.Lock()
 	if m.ari.certs[k] != ri {
 		m.ari.mu.Unlock()
-		return // replaced meanwhile
+		return nil // replaced meanwhile
 	}
 	ri.nextPoll = now.Add(interval)
 	switch {
@@ -327,6 +337,7 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) {
 	}
 	m.ari.mu.Unlock()
 	m.emit(events...)
+	return nil
 }
 
 // checkWindow returns why a suggested renewal window of leaf cannot be
@@ -373,9 +384,14 @@ func (m *Manager) renewForCA(k certKey) {
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
-	var recent time.Time // a renewal's that forbids another yet
-	if d != nil && renewedLocked(d, now) != nil {
-		recent = d.fail.Renewed.Add(d.lifetime / 4)
+	// A renewal a moment ago forbids another yet, lest a CA that keeps
+	// asking drive a loop; for at most an hour, so that a revocation of
+	// the certificate just renewed is not left served for long.
+	var recent time.Time
+	if d != nil && !d.fail.Renewed.IsZero() {
+		if until := d.fail.Renewed.Add(min(d.lifetime/4, renewalInfoGuard)); now.Before(until) && !now.Before(d.fail.Renewed) {
+			recent = until
+		}
 	}
 	m.stateMu.Unlock()
 	retryAt := now.Add(m.hooks.renewalInfoMinPoll)

@@ -323,3 +323,28 @@ func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 		t.Errorf("%d orders, want 2", n)
 	}
 }
+
+// TestRenewalInfoThatAlwaysAsksRenewsOnce: a CA whose renewal information
+// asks for a renewal of every certificate, the new one included, gets one
+// renewal, not one per poll.
+func TestRenewalInfoThatAlwaysAsksRenewsOnce(t *testing.T) {
+	const name = "loop.test"
+	e, m, events := ariEnv(t, name)
+	leaf := e.expectIssued(t, name)
+	now := time.Now()
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassOther, Status: 200,
+		Body: fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,
+			now.Add(-2*time.Hour).Format(time.RFC3339), now.Add(-time.Hour).Format(time.RFC3339))})
+	waitFor(t, 20*time.Second, "the renewal", func() bool { return events.count(EventRenewed) == 1 })
+	p := polls(e)
+	waitFor(t, 10*time.Second, "more polls", func() bool { return polls(e) >= p+10 })
+	if n := e.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want the first and one renewal", n)
+	}
+	if got := e.expectIssued(t, name); got.Equal(leaf) {
+		t.Error("the first certificate is still served")
+	}
+	if got := m.Status(name); got.State != StateValid {
+		t.Errorf("Status = %+v, want valid", got)
+	}
+}
