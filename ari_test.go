@@ -3,6 +3,7 @@ package certmgr
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"math/big"
 	"strings"
@@ -346,5 +347,46 @@ func TestRenewalInfoThatAlwaysAsksRenewsOnce(t *testing.T) {
 	}
 	if got := m.Status(name); got.State != StateValid {
 		t.Errorf("Status = %+v, want valid", got)
+	}
+}
+
+// TestCAWithoutRenewalInfoLeavesRenewalToAutocert: a CA whose directory
+// has no renewalInfo is never polled; autocert's timer renews as it
+// always did.
+func TestCAWithoutRenewalInfoLeavesRenewalToAutocert(t *testing.T) {
+	const name = "noari.test"
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Hour}})
+	res, err := e.HTTPClient.Get(e.DirectoryURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dir map[string]any
+	err = json.NewDecoder(res.Body).Decode(&dir)
+	res.Body.Close()
+	if err != nil || dir["renewalInfo"] == nil {
+		t.Fatalf("the CA's directory: %v, %v; want one with renewalInfo to remove", dir, err)
+	}
+	delete(dir, "renewalInfo")
+	body, err := json.Marshal(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassDirectory, Status: 200, Body: string(body)})
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.hooks.renewalInfoMinPoll, c.hooks.renewalInfoMaxPoll = 100*time.Millisecond, 100*time.Millisecond
+		c.OnEvent = events.add
+		c.Autocert.RenewBefore = 2 * time.Hour // autocert renews the one-hour certificate at once
+	})
+	e.expectIssued(t, name)
+	waitFor(t, 20*time.Second, "autocert's renewal", func() bool { return events.count(EventRenewed) == 1 })
+	if ev := events.last(EventRenewed); ev.Path != PathRenewal {
+		t.Errorf("renewed by %q, want autocert's timer", ev.Path)
+	}
+	if n := polls(e); n != 0 {
+		t.Errorf("%d renewal information requests to a CA that offers none", n)
+	}
+	if st := m.Status(name); !st.RenewAt.IsZero() {
+		t.Errorf("Status.RenewAt = %v, want none", st.RenewAt)
 	}
 }
