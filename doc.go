@@ -61,6 +61,15 @@
 // the CA's Retry-After and the failed-authorization budget), and serve
 // each other's certificates as soon as the store reports them.
 //
+// # Renewal
+//
+// When the CA's directory offers renewalInfo (ACME Renewal Information,
+// RFC 9773), certmgr polls it for every certificate it serves and renews
+// at a time picked in the window the CA suggests, through an attempt like
+// any other (schedule, budget, DNS pre-check and, with a Coordinator, the
+// lock): a certificate the CA revokes is replaced after the next poll.
+// autocert's own timer (RenewBefore) renews too, whichever comes first.
+//
 // # Tests
 //
 // Package certmgrtest runs Let's Encrypt's test CA and a DNS server in
