@@ -384,6 +384,26 @@ func (m *Manager) renewForCA(k certKey) {
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
+	m.stateMu.Unlock()
+	if d == nil {
+		// A certificate this replica serves from the store's watch: the
+		// domain is tracked from now on, if the HostPolicy allows it.
+		ctx, cancel := context.WithTimeout(m.ctx, m.hooks.requestTimeout)
+		err := m.hostPolicy(ctx, k.domain)
+		cancel()
+		if err == nil {
+			d, _ = m.domainFor(k.domain) // nil if the table is full: tried again later
+			if c := m.servedCert(k); d != nil && c != nil {
+				m.serve(k, c) // the domain's expiry and lifetime
+			}
+		} else if errors.Is(err, ErrHostNotAllowed) {
+			m.ari.mu.Lock()
+			delete(m.ari.certs, k)
+			m.ari.mu.Unlock()
+			return
+		}
+	}
+	m.stateMu.Lock()
 	// A renewal a moment ago forbids another yet, lest a CA that keeps
 	// asking drive a loop; for at most an hour, so that a revocation of
 	// the certificate just renewed is not left served for long.
@@ -398,10 +418,6 @@ func (m *Manager) renewForCA(k certKey) {
 	var a *attempt
 	switch {
 	case d == nil:
-		m.ari.mu.Lock()
-		delete(m.ari.certs, k)
-		m.ari.mu.Unlock()
-		return
 	case !recent.IsZero():
 		retryAt = recent
 	default:

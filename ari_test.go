@@ -277,18 +277,23 @@ func TestSuggestedRenewalWaitsForTheSchedule(t *testing.T) {
 }
 
 // TestWatchedCertificateIsTrackedAndRenewed: a replica that got a
-// certificate only through the store's watch tracks its domain: its Status
-// shows it valid, and when the replica that ordered is gone and the CA
-// revokes the certificate, this one replaces it.
+// certificate only through the store's watch shows it valid in Status, and
+// when the replica that ordered is gone and the CA revokes the
+// certificate, this one replaces it. A replica whose HostPolicy refuses
+// the name does not take it up.
 func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 	const name = "watched.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")
 	store := certmgrtest.NewMemoryStore()
-	ms := make([]*Manager, 2)
+	ms := make([]*Manager, 3)
 	for i := range ms {
+		policy := autocert.HostWhitelist(name)
+		if i == 2 {
+			policy = autocert.HostWhitelist("other.test") // a replica that does not serve name
+		}
 		m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
-			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}),
+			HostPolicy: policy}, Logger: newTestLogger(&syncBuffer{}),
 			hooks: testHooks{renewalInfoMinPoll: 100 * time.Millisecond, renewalInfoMaxPoll: 100 * time.Millisecond}})
 		if err != nil {
 			t.Fatal(err)
@@ -322,6 +327,11 @@ func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 	})
 	if n := ca.Proxy.Counts(name).Orders; n != 2 {
 		t.Errorf("%d orders, want 2", n)
+	}
+	for _, st := range ms[2].Domains() {
+		if st.Domain == name {
+			t.Errorf("a replica whose HostPolicy refuses %s tracks it: %+v", name, st)
+		}
 	}
 }
 

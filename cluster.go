@@ -147,10 +147,7 @@ func (m *Manager) watchStore() error {
 			return
 		}
 		if c, err := parseCert(k, value, m.now()); err == nil {
-			// A domain this replica serves is one it tracks: its Status,
-			// and the renewals its CA's renewal information asks for.
-			m.domainFor(k.domain)
-			m.serve(k, c)
+			m.serve(k, c) // tracked once renewal information asks for a renewal, if the HostPolicy allows
 		}
 	})
 	if err != nil {

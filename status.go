@@ -48,7 +48,8 @@ type Status struct {
 // Status returns the status of domain. A name certmgr does not track
 // (never seen, refused by the HostPolicy, or not a valid name) is
 // StateNone, unless certmgr keeps a failure record of it (persisted, or
-// another replica's): then Status reports that record.
+// another replica's) or serves a certificate another replica stored for
+// it: then Status reports those.
 func (m *Manager) Status(domain string) Status {
 	name, err := normalize(domain)
 	if err != nil {
@@ -58,12 +59,15 @@ func (m *Manager) Status(domain string) Status {
 	m.stateMu.Lock()
 	d := m.domains[name]
 	if d == nil {
+		// Not tracked: its record, if certmgr keeps one, and the
+		// certificate served for it, if another replica stored one.
 		f, ok := m.dormant[name]
-		if !ok {
+		d = recordOnly(name, f)
+		d.notAfter = m.issuedNotAfterLocked(name)
+		if !ok && d.notAfter.IsZero() {
 			m.stateMu.Unlock()
 			return Status{Domain: name}
 		}
-		d = recordOnly(name, f)
 	}
 	s := m.statusLocked(d, now)
 	m.stateMu.Unlock()
@@ -71,6 +75,18 @@ func (m *Manager) Status(domain string) Status {
 		s.RenewAt = m.ari.renewAt(name)
 	}
 	return s
+}
+
+// issuedNotAfterLocked returns the latest expiry of the certificates
+// served for name, or zero. stateMu is held; servedMu is taken after it.
+func (m *Manager) issuedNotAfterLocked(name string) time.Time {
+	var at time.Time
+	for _, leaf := range m.issuedLocked(name) {
+		if leaf != nil {
+			at = maxTime(at, leaf.NotAfter)
+		}
+	}
+	return at
 }
 
 // Domains returns the status of every domain certmgr knows, sorted by
