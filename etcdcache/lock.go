@@ -330,10 +330,11 @@ func entryKey(pfx string, s *session) string { return fmt.Sprintf("%s/%x", pfx, 
 // (concurrency.ErrSessionExpired) if s's lease expired meanwhile.
 func (c *Cache) enter(ctx context.Context, s *session, pfx string) (key string, rev int64, err error) {
 	key = entryKey(pfx, s)
+	oldest := clientv3.OpGet(pfx+"/", clientv3.WithFirstCreate()...)
 	resp, err := c.client.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, "", clientv3.WithLease(s.s.Lease()))).
-		Else(clientv3.OpGet(key)).
+		Then(clientv3.OpPut(key, "", clientv3.WithLease(s.s.Lease())), oldest).
+		Else(clientv3.OpGet(key), oldest).
 		Commit()
 	if err != nil {
 		return key, 0, err
@@ -345,6 +346,9 @@ func (c *Cache) enter(ctx context.Context, s *session, pfx string) (key string, 
 			return key, 0, concurrency.ErrSessionExpired
 		}
 		rev = kvs[0].CreateRevision
+	}
+	if first := resp.Responses[1].GetResponseRange().Kvs; len(first) > 0 && first[0].CreateRevision == rev {
+		return key, rev, nil // the oldest entry, in the same transaction: held
 	}
 	for {
 		older, err := c.client.Get(ctx, pfx+"/", append(clientv3.WithLastCreate(), clientv3.WithMaxCreateRev(rev-1))...)
