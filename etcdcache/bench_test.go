@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,8 +14,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap"
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
@@ -32,58 +29,6 @@ import (
 //	go test -run '^$' -bench 'BenchmarkReplicaFirstCertificate$' -benchtime 10x .
 //	go test -run '^$' -bench BenchmarkReplicaFirstCertificateSlowCA -benchtime 5x .
 //	go test -run '^$' -bench BenchmarkLockHandoff -benchtime 20x .
-//
-// The helpers below take a testing.TB, as benchmarks need them; those of
-// etcdcache_test.go take a *testing.T.
-
-// startEtcdTB starts an etcd server in this process, with its data in a
-// temporary directory, and returns its client endpoint; tb's cleanup
-// stops it.
-func startEtcdTB(tb testing.TB) string {
-	tb.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "bench"
-	cfg.Dir = tb.TempDir()
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	cu, pu := freeURLTB(tb), freeURLTB(tb)
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		tb.Fatal("etcd not ready within 30s")
-	}
-	return cu.String()
-}
-
-func freeURLTB(tb testing.TB) url.URL {
-	tb.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer l.Close()
-	return url.URL{Scheme: "http", Host: l.Addr().String()}
-}
-
-// clientTB returns a client of the etcd server at endpoint, closed in tb's
-// cleanup.
-func clientTB(tb testing.TB, endpoint string) *clientv3.Client {
-	tb.Helper()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { cli.Close() })
-	return cli
-}
 
 // cacheTB returns a Cache on cli with the default lease TTL, closed in
 // tb's cleanup before cli.
@@ -284,8 +229,8 @@ func revision(tb testing.TB, cli *clientv3.Client) int64 {
 func BenchmarkReplicaGetCertificateCached(b *testing.B) {
 	const name = "cached.bench.test"
 	ctx := context.Background()
-	endpoint := startEtcdTB(b)
-	direct := clientTB(b, endpoint)
+	endpoint := startEtcd(b).endpoint()
+	direct := clientOf(b, endpoint)
 	ca := certmgrtest.Start(b, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")
 	policy := autocert.HostWhitelist(name)
@@ -293,15 +238,15 @@ func BenchmarkReplicaGetCertificateCached(b *testing.B) {
 	serveReplicas(b, ca, &current)
 
 	ms := []*certmgr.Manager{
-		replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/bench/"), policy),
-		replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/bench/"), policy),
+		replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/bench/"), policy),
+		replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/bench/"), policy),
 	}
 	current.Store(&ms)
 	if err := ms[0].Provision(ctx, name); err != nil {
 		b.Fatal(err)
 	}
 	proxy := startByteProxy(b, strings.TrimPrefix(endpoint, "http://"))
-	measured := clientTB(b, "http://"+proxy.addr())
+	measured := clientOf(b, "http://"+proxy.addr())
 	kv := countKV(measured)
 	replica := replicaTB(b, ca, cacheTB(b, measured, "/bench/"), policy)
 	ms = append(ms, replica)
@@ -407,7 +352,7 @@ func BenchmarkReplicaFirstCertificateSlowCA(b *testing.B) {
 
 func benchFirstCertificate(b *testing.B, opts certmgrtest.Options) {
 	const suffix = ".first.bench.test"
-	endpoint := startEtcdTB(b)
+	endpoint := startEtcd(b).endpoint()
 	ca := certmgrtest.Start(b, opts)
 	policy := suffixPolicy(suffix)
 	var current atomic.Pointer[[]*certmgr.Manager]
@@ -417,11 +362,11 @@ func benchFirstCertificate(b *testing.B, opts certmgrtest.Options) {
 		ms   []*certmgr.Manager
 	}{
 		{"dircache-1", []*certmgr.Manager{replicaTB(b, ca, autocert.DirCache(b.TempDir()), policy)}},
-		{"etcd-1", []*certmgr.Manager{replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/one/"), policy)}},
+		{"etcd-1", []*certmgr.Manager{replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/one/"), policy)}},
 		{"etcd-3", []*certmgr.Manager{
-			replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/three/"), policy),
-			replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/three/"), policy),
-			replicaTB(b, ca, cacheTB(b, clientTB(b, endpoint), "/three/"), policy),
+			replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/three/"), policy),
+			replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/three/"), policy),
+			replicaTB(b, ca, cacheTB(b, clientOf(b, endpoint), "/three/"), policy),
 		}},
 	}
 	seq := 0
@@ -452,9 +397,9 @@ func benchFirstCertificate(b *testing.B, opts certmgrtest.Options) {
 // when it stores a certificate Pebble just issued), or 150 ms later;
 // reported is how long after the unlock replica 2 holds the lock.
 func BenchmarkLockHandoff(b *testing.B) {
-	endpoint := startEtcdTB(b)
-	one := cacheTB(b, clientTB(b, endpoint), "/handoff/")
-	two := cacheTB(b, clientTB(b, endpoint), "/handoff/")
+	endpoint := startEtcd(b).endpoint()
+	one := cacheTB(b, clientOf(b, endpoint), "/handoff/")
+	two := cacheTB(b, clientOf(b, endpoint), "/handoff/")
 	ctx := context.Background()
 	for _, c := range []*Cache{one, two} { // the leases are granted
 		_, _, unlock, err := c.Lock(ctx, "warm")

@@ -39,7 +39,7 @@ type etcdServer struct {
 }
 
 // freeURL returns an http URL on a loopback port that is free now.
-func freeURL(t *testing.T) url.URL {
+func freeURL(t testing.TB) url.URL {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -51,7 +51,7 @@ func freeURL(t *testing.T) url.URL {
 
 // startEtcd starts an etcd server with its data in a temporary
 // directory, and stops it in t's cleanup.
-func startEtcd(t *testing.T) *etcdServer {
+func startEtcd(t testing.TB) *etcdServer {
 	t.Helper()
 	cfg := embed.NewConfig()
 	cfg.Name = "test"
@@ -68,7 +68,7 @@ func startEtcd(t *testing.T) *etcdServer {
 	return s
 }
 
-func (s *etcdServer) start(t *testing.T) {
+func (s *etcdServer) start(t testing.TB) {
 	t.Helper()
 	e, err := embed.StartEtcd(s.cfg)
 	if err != nil {
@@ -98,14 +98,14 @@ func (s *etcdServer) stop() {
 func (s *etcdServer) endpoint() string { return s.cfg.AdvertiseClientUrls[0].String() }
 
 // client returns a client of s, closed in t's cleanup.
-func (s *etcdServer) client(t *testing.T) *clientv3.Client {
+func (s *etcdServer) client(t testing.TB) *clientv3.Client {
 	t.Helper()
 	return clientOf(t, s.endpoint())
 }
 
 // clientOf returns a client of the etcd server at endpoint, closed in
 // t's cleanup.
-func clientOf(t *testing.T, endpoint string) *clientv3.Client {
+func clientOf(t testing.TB, endpoint string) *clientv3.Client {
 	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   []string{endpoint},
@@ -121,7 +121,7 @@ func clientOf(t *testing.T, endpoint string) *clientv3.Client {
 
 // newCache returns a Cache on cli, closed in t's cleanup (before cli,
 // cleanups running last first).
-func newCache(t *testing.T, cli *clientv3.Client, prefix string) *Cache {
+func newCache(t testing.TB, cli *clientv3.Client, prefix string) *Cache {
 	t.Helper()
 	c, err := New(cli, Options{Prefix: prefix, LeaseTTL: testTTL})
 	if err != nil {

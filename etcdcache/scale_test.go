@@ -51,7 +51,7 @@ func TestScaleEtcdProcess(t *testing.T) {
 	if os.Getenv(scaleEtcdEnv) == "" {
 		t.Skip("the etcd server of TestScale, which runs it")
 	}
-	fmt.Printf("etcd-endpoint %s\n", startEtcdTB(t))
+	fmt.Printf("etcd-endpoint %s\n", startEtcd(t).endpoint())
 	io.Copy(io.Discard, os.Stdin)
 }
 
