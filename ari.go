@@ -328,7 +328,7 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 		ev := Event{Kind: EventRenewalScheduled, Time: now, Domain: k.domain, NotAfter: leaf.NotAfter,
 			WindowStart: start, WindowEnd: end, RenewAt: ri.renewAt}
 		events = append(events, ev)
-		if !now.Before(start) && now.Before(leaf.NotAfter.Add(-m.renewBefore())) {
+		if !now.Before(start) && now.Before(leaf.NotAfter.Add(-m.renewBefore(leaf))) {
 			// The CA asks for a renewal now, long before autocert's own
 			// schedule: a revocation, say.
 			ev.Kind, ev.ExplanationURL = EventRenewalSuggested, answer.ExplanationURL
@@ -367,12 +367,13 @@ func pickRenewal(start, end, now time.Time, r float64) time.Time {
 	return start.Add(time.Duration(r * float64(end.Sub(start))))
 }
 
-// renewBefore is how long before expiry autocert renews by itself.
-func (m *Manager) renewBefore() time.Duration {
+// renewBefore is how long before leaf's expiry autocert renews it by
+// itself: RenewBefore, or a third of the lifetime, at most 30 days.
+func (m *Manager) renewBefore(leaf *x509.Certificate) time.Duration {
 	if rb := m.cfg.Autocert.RenewBefore; rb > 0 {
-		return rb
+		return min(rb, 30*24*time.Hour)
 	}
-	return 30 * 24 * time.Hour
+	return min(leaf.NotAfter.Sub(leaf.NotBefore)/3, 30*24*time.Hour)
 }
 
 // renewForCA starts the renewal of k's certificate that the CA's renewal
@@ -381,6 +382,22 @@ func (m *Manager) renewBefore() time.Duration {
 // certificate was renewed a moment ago (no renewal loop, whatever the CA
 // says).
 func (m *Manager) renewForCA(k certKey) {
+	// The list of renewals due was made before this round's polls: the
+	// certificate may have been replaced or dropped meanwhile.
+	m.ari.mu.Lock()
+	ri := m.ari.certs[k]
+	m.ari.mu.Unlock()
+	if ri == nil {
+		return
+	}
+	if c := m.servedCert(k); c == nil || !c.Leaf.Equal(ri.leaf) {
+		m.ari.mu.Lock()
+		if m.ari.certs[k] == ri {
+			delete(m.ari.certs, k) // replaced, or no longer valid
+		}
+		m.ari.mu.Unlock()
+		return
+	}
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
@@ -442,18 +459,23 @@ func (m *Manager) renewForCA(k certKey) {
 	}
 }
 
-// fetchRenewal orders a new certificate for k although a valid one is
-// in the Cache, which autocert would just load: through a new
-// autocert.Manager for the domain that does not see k's entry until it
-// wrote a new one. Until then, the valid certificate is served.
-func (m *Manager) fetchRenewal(d *domain, k certKey) (*tls.Certificate, error) {
+// fetchRenewal orders a new certificate for k, for attempt a, although a
+// valid one is in the Cache, which autocert would just load: through an
+// autocert.Manager of the attempt's own that does not see k's entry until
+// it wrote a new one. Until then, the valid certificate is served. The
+// domain's autocert.Manager stays, with the renewal timers of both key
+// types; when they fire, it finds the new certificate in the Cache and
+// takes it up. So does the attempt's, whose timer cannot be stopped
+// either: it lives on, reading the Cache once per certificate lifetime
+// (see the README's limits).
+func (m *Manager) fetchRenewal(d *domain, a *attempt, k certKey) (*tls.Certificate, error) {
 	key, err := m.accountKey(m.ctx)
 	if err != nil {
 		return nil, err
 	}
 	am := m.newAutocert(key, &renewalCache{certCache: m.cache, key: k.cacheKey()})
 	m.stateMu.Lock()
-	d.am = am // the old one's renewals are refused from now on
+	a.am = am // its orders are the attempt's; any other is refused while it runs
 	m.stateMu.Unlock()
 	return am.GetCertificate(syntheticHello(k))
 }

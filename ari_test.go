@@ -1,11 +1,16 @@
 package certmgr
 
 import (
+	"context"
+	crand "crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/big"
+	"net/http"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -110,6 +115,9 @@ func TestOpenRenewalWindowRenewsOnce(t *testing.T) {
 		t.Errorf("Status.RenewAt = %v, want a time before expiry (%v)", st.RenewAt, leaf.NotAfter)
 	}
 
+	m.stateMu.Lock()
+	before := m.domains[name].am
+	m.stateMu.Unlock()
 	// The CA dates certificates to the second: the renewed one's expiry
 	// moves once a second has passed.
 	waitFor(t, 5*time.Second, "a second after the issuance", func() bool { return time.Now().After(leaf.NotBefore.Add(2 * time.Second)) })
@@ -128,6 +136,12 @@ func TestOpenRenewalWindowRenewsOnce(t *testing.T) {
 	t.Logf("renewed %v after the window opened", time.Since(set).Round(time.Millisecond))
 	if got := e.expectIssued(t, name); got.SerialNumber.Cmp(leaf.SerialNumber) == 0 {
 		t.Error("the old certificate is still served")
+	}
+	m.stateMu.Lock()
+	am := m.domains[name].am
+	m.stateMu.Unlock()
+	if am != before {
+		t.Error("the renewal replaced the domain's autocert.Manager, and with it the renewal timer of its other key type")
 	}
 	if ev := events.last(EventRenewalSuggested); ev.ExplanationURL != "https://ca.test/why" {
 		t.Errorf("the suggestion event: %+v, want the CA's explanation URL", ev)
@@ -398,5 +412,90 @@ func TestCAWithoutRenewalInfoLeavesRenewalToAutocert(t *testing.T) {
 	}
 	if st := m.Status(name); !st.RenewAt.IsZero() {
 		t.Errorf("Status.RenewAt = %v, want none", st.RenewAt)
+	}
+}
+
+// TestRenewalInfoAttemptIsOfItsKeyType: in a cluster, a renewal the CA
+// asked for, of a domain's ECDSA certificate (expired meanwhile), is not
+// taken as done because the store holds a valid RSA certificate this
+// replica never served: the attempt orders, and ends with the CA's answer,
+// not with a certificate it does not have.
+func TestRenewalInfoAttemptIsOfItsKeyType(t *testing.T) {
+	const name = "keytype.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: the order's validation fails
+	store := certmgrtest.NewMemoryStore()
+	replica := store.Open()
+	rsaKey, err := rsa.GenerateKey(crand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	rsaCert := selfSigned(t, name, rsaKey, "another replica", now.Add(-time.Minute), now.Add(24*time.Hour))
+	if err := replica.Put(t.Context(), name+"+rsa", pemCert(t, rsaCert)); err != nil {
+		t.Fatal(err)
+	}
+	clock := &fakeClock{t: now}
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica, Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), hooks: testHooks{now: clock.now}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	d, err := m.domainFor(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := certKey{domain: name}
+	m.serve(k, selfSigned(t, name, ecKey(t), "this replica", now.Add(-time.Minute), now.Add(time.Hour)))
+	clock.advance(2 * time.Hour) // the ECDSA certificate expired
+	a, err := m.begin(d, k, PathRenewalInfo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-a.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the renewal did not end")
+	}
+	if a.err == nil {
+		t.Errorf("the renewal succeeded with %v, want the CA's failure", a.cert)
+	}
+	if n := ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders, want the renewal's", n)
+	}
+}
+
+// TestRenewalInfoAttemptOrdersAlone: while a renewal the CA asked for is
+// in flight, only its own autocert.Manager orders; an order of the
+// domain's autocert.Manager (its timer) is refused, lest the domain get
+// two certificates.
+func TestRenewalInfoAttemptOrdersAlone(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	d, err := m.domainFor("a.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	current, own := m.newAutocert(nil, m.cache), m.newAutocert(nil, m.cache)
+	d.am = current
+	order := func(am *autocert.Manager) *http.Request {
+		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+		return req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
+	}
+	m.stateMu.Lock()
+	d.attempt = &attempt{key: certKey{domain: "a.test"}, path: PathRenewalInfo, start: clock.now(), done: make(chan struct{})}
+	m.stateMu.Unlock()
+	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
+		t.Errorf("the domain's autocert ordering while the renewal's has not started: %v, want ErrBackoff", err)
+	}
+	m.stateMu.Lock()
+	d.attempt.am = own
+	m.stateMu.Unlock()
+	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
+		t.Errorf("the domain's autocert ordering during the renewal: %v, want ErrBackoff", err)
+	}
+	if _, err := m.admitOrder(order(own), "a.test"); err != nil {
+		t.Errorf("the renewal's own order: %v", err)
 	}
 }

@@ -35,6 +35,7 @@ type attempt struct {
 
 	timer  *time.Timer          // a renewal's deadline; nil for other attempts
 	since  [2]*x509.Certificate // a renewal's: the certificates served as it began (ECDSA, RSA)
+	am     *autocert.Manager    // a PathRenewalInfo attempt's own autocert.Manager, once made
 	fence  string               // the hold of the domain's cluster lock; "" without one
 	lost   <-chan struct{}      // closed if the domain's cluster lock is lost; nil without one
 	unlock func()               // releases the domain's cluster lock; nil without one
@@ -219,11 +220,13 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 		}
 	}
 	if a.path == PathRenewalInfo {
-		if m.coord != nil && m.renewedElsewhere(m.ctx, d.name, a.since) {
-			m.finish(d, a, m.servedCert(k), nil) // another replica renewed it for all
-			return
+		if m.coord != nil && m.renewedElsewhere(m.ctx, d.name, a.since, k.rsa) {
+			if c := m.servedCert(k); c != nil {
+				m.finish(d, a, c, nil) // another replica renewed it for all
+				return
+			}
 		}
-		c, err := m.fetchRenewal(d, k)
+		c, err := m.fetchRenewal(d, a, k)
 		m.finish(d, a, c, err)
 		return
 	}
@@ -447,7 +450,8 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		ctx, cancel := context.WithTimeout(req.Context(), lockTimeoutRenewal)
 		err := m.lockDomain(ctx, d, renewal)
 		cancel()
-		if err == nil && m.renewedElsewhere(req.Context(), name, renewal.since) {
+		if err == nil && (m.renewedElsewhere(req.Context(), name, renewal.since, false) ||
+			m.renewedElsewhere(req.Context(), name, renewal.since, true)) {
 			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
 		}
 		if err == nil {
@@ -520,39 +524,36 @@ func (m *Manager) issuedLocked(name string) (leaves [2]*x509.Certificate) {
 }
 
 // replaces reports whether leaf is another certificate than old, the one
-// served when a renewal began (nil if none was), and not an older one.
+// served when a renewal began, and not an older one.
 func replaces(leaf, old *x509.Certificate) bool {
-	return old == nil || !leaf.Equal(old) && !leaf.NotBefore.Before(old.NotBefore)
+	return !leaf.Equal(old) && !leaf.NotBefore.Before(old.NotBefore)
 }
 
-// renewedElsewhere reports whether a certificate for name that replaces
-// one of since (those served as a renewal began: see issuedLocked) is
-// served now, through the store's watch, or is in the store; it serves
-// the latter.
-func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x509.Certificate) bool {
-	found := false
-	for i, rsa := range []bool{false, true} {
-		k := certKey{domain: name, rsa: rsa}
-		if c := m.servedCert(k); c != nil && since[i] != nil && replaces(c.Leaf, since[i]) {
-			found = true
-			continue
-		}
-		ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-		data, err := m.cache.Get(ctx, k.cacheKey())
-		cancel()
-		if err != nil {
-			continue
-		}
-		c, err := parseCert(k, data, m.now())
-		if err != nil {
-			continue
-		}
-		if replaces(c.Leaf, since[i]) {
-			m.serve(k, c)
-			found = true
-		}
+// renewedElsewhere reports whether a certificate of name's of the key
+// type rsa that replaces that of since (the certificates served as a
+// renewal began: see issuedLocked) is served now, through the store's
+// watch, or is in the store; it serves the latter.
+func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x509.Certificate, rsa bool) bool {
+	k := certKey{domain: name, rsa: rsa}
+	old := since[b2i(rsa)]
+	if old == nil {
+		return false // none was served: the renewal is not of this key type
 	}
-	return found
+	if c := m.servedCert(k); c != nil && replaces(c.Leaf, old) {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
+	data, err := m.cache.Get(ctx, k.cacheKey())
+	cancel()
+	if err != nil {
+		return false
+	}
+	c, err := parseCert(k, data, m.now())
+	if err != nil || !replaces(c.Leaf, old) {
+		return false
+	}
+	m.serve(k, c)
+	return true
 }
 
 // orderGateLocked returns why d (the domain of name, or nil) may not
@@ -561,7 +562,7 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 	switch {
 	case d == nil:
 		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
-	case sender(req) != d.am:
+	case sender(req) != d.am && (d.attempt == nil || sender(req) != d.attempt.am):
 		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
 	case d.loading > 0:
 		return errLoading
@@ -570,6 +571,10 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 		// domain's lock: an order while it waits for the lock is a renewal
 		// by autocert's timer, and another replica may be ordering.
 		return errLockLost
+	case d.attempt != nil && d.attempt.path == PathRenewalInfo && sender(req) != d.attempt.am:
+		// autocert's timer, while the renewal the CA asked for runs: it
+		// finds the new certificate in the Cache when it tries again.
+		return fmt.Errorf("%w: %s: a renewal is in flight", ErrBackoff, name)
 	case d.attempt != nil && d.attempt.authzFailed >= m.cost():
 		// autocert orders once more after every challenge type failed, and
 		// finds none left to try: that order would only reserve the

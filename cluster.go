@@ -268,7 +268,11 @@ func (m *Manager) recordSeen(name string, rec failureRecord, rev int64) {
 	defer m.stateMu.Unlock()
 	d := m.domains[name]
 	if d == nil {
-		m.dormant[name] = rec
+		if rec.empty(m.now()) {
+			delete(m.dormant, name) // nothing to keep: a success, say
+		} else {
+			m.dormant[name] = rec
+		}
 		return
 	}
 	if rev > d.recRev {
