@@ -161,6 +161,10 @@ func (m *Manager) renewalInfoStep() time.Time {
 	}
 	m.ari.mu.Unlock()
 
+	// The renewals first: they start at once, and polls may be slow.
+	for _, k := range renews {
+		m.renewForCA(k)
+	}
 	if len(polls) > 0 {
 		url, err := m.renewalInfoURL()
 		for _, k := range polls {
@@ -180,9 +184,6 @@ func (m *Manager) renewalInfoStep() time.Time {
 				m.ari.mu.Unlock()
 			}
 		}
-	}
-	for _, k := range renews {
-		m.renewForCA(k)
 	}
 
 	var next time.Time
