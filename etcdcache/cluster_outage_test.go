@@ -12,7 +12,6 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
-	"github.com/certmgr/certmgr/internal/leakcheck"
 )
 
 // leaseOf returns the ID of the lease r's Cache holds its locks under.
@@ -262,24 +261,11 @@ func TestReplicasLeaveNoGoroutine(t *testing.T) {
 	for _, r := range c.replicas {
 		r.stop()
 	}
-	var left []string
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if left = clusterGoroutines(); len(left) <= before {
-			return
-		}
-	}
-	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
+	waitGoroutinesGone(t, before, clusterGoroutines)
 }
 
 // clusterGoroutines returns the stacks of the goroutines of certmgr,
 // autocert, this package and etcd's client.
 func clusterGoroutines() []string {
-	var found []string
-	for _, g := range leakcheck.Stacks() {
-		if strings.Contains(g, "certmgr.(*") || strings.Contains(g, "acme/autocert.") || strings.Contains(g, "etcdcache.(*Cache)") ||
-			strings.Contains(g, "go.etcd.io/etcd/client/v3") && !strings.Contains(g, "etcd/server/v3") {
-			found = append(found, g)
-		}
-	}
-	return found
+	return goroutinesOf("certmgr.(*", "acme/autocert.", "etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3")
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/leakcheck"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
@@ -424,13 +425,7 @@ func TestCloseUnreachable(t *testing.T) {
 		t.Fatal("Close did not close lost")
 	}
 	cli.Close()
-	var left []string
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if left = ours(); len(left) <= before {
-			return
-		}
-	}
-	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
+	waitGoroutinesGone(t, before, ours)
 }
 
 // TestRestart stops etcd under a Cache that holds a lock and watches,
@@ -751,24 +746,37 @@ func TestSameProcess(t *testing.T) {
 }
 
 // ours lists the goroutines of Caches and of etcd clients.
-func ours() []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
+func ours() []string { return goroutinesOf("etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3") }
+
+// goroutinesOf returns the stacks of the goroutines that mention any of
+// marks, but for those of the etcd server this process runs.
+func goroutinesOf(marks ...string) []string {
 	var found []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "etcdcache.(*Cache)") ||
-			strings.Contains(g, "go.etcd.io/etcd/client/v3") && !strings.Contains(g, "etcd/server/v3") {
-			found = append(found, g)
+	for _, g := range leakcheck.Stacks() {
+		if strings.Contains(g, "etcd/server/v3") {
+			continue
+		}
+		for _, mark := range marks {
+			if strings.Contains(g, mark) {
+				found = append(found, g)
+				break
+			}
 		}
 	}
 	return found
+}
+
+// waitGoroutinesGone waits until list returns no more goroutines than
+// before, for 10 s at most.
+func waitGoroutinesGone(t *testing.T, before int, list func() []string) {
+	t.Helper()
+	var left []string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if left = list(); len(left) <= before {
+			return
+		}
+	}
+	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
 }
 
 func TestNoGoroutinesLeft(t *testing.T) {
@@ -824,11 +832,5 @@ func TestNoGoroutinesLeft(t *testing.T) {
 			t.Fatalf("%d goroutines of the Caches and clients while open, %d before: the check sees none", n, before)
 		}
 	}()
-	var left []string
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if left = ours(); len(left) <= before {
-			return
-		}
-	}
-	t.Fatalf("%d goroutines left after Close, %d before:\n%s", len(left), before, strings.Join(left, "\n\n"))
+	waitGoroutinesGone(t, before, ours)
 }
