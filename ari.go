@@ -426,10 +426,8 @@ func (m *Manager) renewForCA(k certKey) {
 	// asking drive a loop; for at most an hour, so that a revocation of
 	// the certificate just renewed is not left served for long.
 	var recent time.Time
-	if d != nil && !d.fail.Renewed.IsZero() {
-		if until := d.fail.Renewed.Add(min(d.lifetime/4, renewalInfoGuard)); now.Before(until) && !now.Before(d.fail.Renewed) {
-			recent = until
-		}
+	if d != nil {
+		recent = renewedUntilLocked(d, now, renewalInfoGuard)
 	}
 	m.stateMu.Unlock()
 	retryAt := now.Add(m.hooks.renewalInfoMinPoll)

@@ -597,11 +597,25 @@ func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now
 // information may keep asking: this keeps all of them from looping, and
 // from spending the CA's limits on duplicate certificates.
 func renewedLocked(d *domain, now time.Time) error {
-	at := d.fail.Renewed
-	if age := now.Sub(at); !at.IsZero() && age >= 0 && age < d.lifetime/4 {
-		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, d.name, at.UTC().Format(time.RFC3339))
+	if !renewedUntilLocked(d, now, 0).IsZero() {
+		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, d.name, d.fail.Renewed.UTC().Format(time.RFC3339))
 	}
 	return nil
+}
+
+// renewedUntilLocked returns until when d's last renewal bars another, if
+// it does at now: a quarter of the certificate's life after it, and at
+// most limit after it if limit is not zero. It is zero otherwise.
+func renewedUntilLocked(d *domain, now time.Time, limit time.Duration) time.Time {
+	at, bar := d.fail.Renewed, d.lifetime/4
+	if limit > 0 {
+		bar = min(bar, limit)
+	}
+	until := at.Add(bar)
+	if at.IsZero() || now.Before(at) || !now.Before(until) {
+		return time.Time{}
+	}
+	return until
 }
 
 // orderBudgetLocked returns why one more order, that may fail one
