@@ -96,3 +96,7 @@ func (m *Manager) readAccountKey(ctx context.Context) (crypto.Signer, error) {
 	}
 	return parsePrivateKey(block.Bytes)
 }
+
+// accountSeen records the account's URI, which the CA gave in its answer
+// to a new-account request.
+func (m *Manager) accountSeen(uri string) { m.account.Store(uri) }

@@ -13,8 +13,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/crypto/acme/autocert"
 )
 
 // acmeObserver is the HTTP transport of the acme.Client that all of a
@@ -27,21 +25,35 @@ import (
 //   - reads what the CA answers: orders made, authorizations that failed or
 //     are valid (settling their reservations), the CA's problem detail
 //     (which autocert drops), rate limits and their Retry-After, and
-//     requests that failed at the transport (report).
+//     requests that failed at the transport (observed).
 type acmeObserver struct {
 	next    http.RoundTripper
 	life    context.Context // ends at Close: requests in flight are cut
 	timeout time.Duration   // bounds each request, its body included
-	admit   func(req *http.Request, domain string) (reservation string, err error)
-	proceed func(domain string) error // whether an order already made may go on
-	report  func(domain string, ob observation)
-	account func(uri string) // the account's URI, from the CA's answer to a new-account request
-	closed  func() bool
+	mgr     acmeOwner       // the Manager whose traffic this is
 
 	urlsMu sync.Mutex
 	urls   map[string]tracked  // order, authorization, challenge, finalize and certificate URLs of attempts in flight
 	byName map[string][]string // domain → its URLs in urls
 	failed map[string]bool     // authorizations already seen invalid
+}
+
+// acmeOwner is what the ACME transport asks and tells the Manager whose
+// traffic it carries; *Manager implements it.
+type acmeOwner interface {
+	// admitOrder admits or refuses a new order for domain before it goes
+	// out, and returns its reservation (admit.go).
+	admitOrder(req *http.Request, domain string) (reservation string, err error)
+	// orderHeld returns an error if an order already made for domain
+	// may not go on: its attempt lost its cluster lock (cluster.go).
+	orderHeld(domain string) error
+	// observed tells what one exchange said about domain's order (admit.go).
+	observed(domain string, ob observation)
+	// accountSeen records the account's URI, from the CA's answer to a
+	// new-account request (account.go).
+	accountSeen(uri string)
+	// isClosed reports whether Close began: no request goes out (certmgr.go).
+	isClosed() bool
 }
 
 // tracked is what a URL of an order belongs to.
@@ -68,16 +80,16 @@ type observation struct {
 // maxACMEBody bounds what the observer reads of a request or response.
 const maxACMEBody = 1 << 20
 
-func newACMEObserver(next http.RoundTripper) *acmeObserver {
+func newACMEObserver(next http.RoundTripper, mgr acmeOwner) *acmeObserver {
 	if next == nil {
 		next = http.DefaultTransport
 	}
-	return &acmeObserver{next: next, urls: make(map[string]tracked), byName: make(map[string][]string), failed: make(map[string]bool)}
+	return &acmeObserver{next: next, mgr: mgr, urls: make(map[string]tracked), byName: make(map[string][]string), failed: make(map[string]bool)}
 }
 
 // RoundTrip implements http.RoundTripper.
 func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
-	if o.closed() {
+	if o.mgr.isClosed() {
 		return nil, errClosed
 	}
 	// A CA that accepts the connection and never answers must not hold an
@@ -104,17 +116,17 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	var owner tracked
 	if newOrder {
-		id, err := o.admit(req, domain)
+		id, err := o.mgr.admitOrder(req, domain)
 		if err != nil {
 			return nil, err
 		}
 		owner = tracked{domain: domain, reservation: id}
 	} else {
 		owner = o.owner(req.URL.String())
-		if owner.domain != "" && o.proceed != nil {
+		if owner.domain != "" {
 			// An order's later requests (challenges, finalization) go out
 			// only while its attempt may still order.
-			if err := o.proceed(owner.domain); err != nil {
+			if err := o.mgr.orderHeld(owner.domain); err != nil {
 				return nil, err
 			}
 		}
@@ -126,15 +138,15 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		body, err = io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
 		res.Body.Close()
 		res.Body = io.NopCloser(bytes.NewReader(body))
-		if loc := res.Header.Get("Location"); err == nil && newAccount && loc != "" && res.StatusCode < 300 && o.account != nil {
-			o.account(loc)
+		if loc := res.Header.Get("Location"); err == nil && newAccount && loc != "" && res.StatusCode < 300 {
+			o.mgr.accountSeen(loc)
 		}
 		if err == nil && owner.domain != "" {
 			if ob := o.observe(owner, newOrder, res, body); ob != (observation{}) {
 				if ob.authzFailed && !o.firstFailure(req.URL.String()) {
 					ob.authzFailed = false // autocert polls an invalid authorization again
 				}
-				o.report(owner.domain, ob)
+				o.mgr.observed(owner.domain, ob)
 			}
 		}
 	}
@@ -147,7 +159,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 			// order that never left this machine made no order.
 			var op *net.OpError
 			notSent := errors.As(err, &op) && op.Op == "dial"
-			o.report(owner.domain, observation{reservation: owner.reservation, transport: true,
+			o.mgr.observed(owner.domain, observation{reservation: owner.reservation, transport: true,
 				orderFailed: newOrder && notSent, problem: err.Error()})
 		}
 		return nil, err
@@ -416,24 +428,4 @@ func retryBackoff(n int, _ *http.Request, res *http.Response) time.Duration {
 		}
 	}
 	return time.Duration(n) * 200 * time.Millisecond
-}
-
-// senderTransport marks each request with the autocert.Manager whose
-// client sends it, for the observer's admit.
-type senderTransport struct {
-	am   *autocert.Manager
-	next http.RoundTripper
-}
-
-type senderKey struct{}
-
-// RoundTrip implements http.RoundTripper.
-func (t senderTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	return t.next.RoundTrip(req.WithContext(context.WithValue(req.Context(), senderKey{}, t.am)))
-}
-
-// sender returns the autocert.Manager that sent req, or nil.
-func sender(req *http.Request) *autocert.Manager {
-	am, _ := req.Context().Value(senderKey{}).(*autocert.Manager)
-	return am
 }

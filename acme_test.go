@@ -92,7 +92,7 @@ func TestObserverReadsResponses(t *testing.T) {
 		{name: "certificate", res: acmeResponse(200, nil, ""), body: "-----BEGIN CERTIFICATE-----\n"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			o := newACMEObserver(nil)
+			o := newACMEObserver(nil, &fakeOwner{})
 			owner := tracked{domain: "a.test", reservation: "r1"}
 			o.track(owner, true, []string{"https://ca/order/0"}) // the order in flight
 			want := tt.want
@@ -115,7 +115,7 @@ func TestObserverReadsResponses(t *testing.T) {
 // invalid authorization again; only the first sight is a failure. forget
 // drops what the observer tracked for a domain.
 func TestObserverCountsEachFailedAuthorizationOnce(t *testing.T) {
-	o := newACMEObserver(nil)
+	o := newACMEObserver(nil, &fakeOwner{})
 	a, b := tracked{domain: "a.test"}, tracked{domain: "b.test"}
 	o.track(a, true, []string{"https://ca/authz/1"})
 	o.track(b, true, []string{"https://ca/authz/1", "https://ca/authz/2"}) // the first is a.test's
@@ -158,23 +158,24 @@ func TestObserverRoundTrip(t *testing.T) {
 			"/authz/1":   `{"status":"invalid","challenges":[{"url":"https://ca/chall/1","error":{"detail":"Connection refused"}}]}`,
 		}
 	)
+	owner := &fakeOwner{}
 	o := newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
 		body, _ := io.ReadAll(r.Body)
 		sent = append(sent, r.URL.Path+" "+string(body))
 		return acmeResponse(200, nil, answer[r.URL.Path]), nil
-	}))
+	}), owner)
 	o.life = context.Background()
 	o.timeout = time.Minute
-	o.closed = func() bool { return closed }
+	owner.closed = func() bool { return closed }
 	errRefused := errors.New("refused")
-	o.admit = func(_ *http.Request, domain string) (string, error) {
+	owner.admit = func(_ *http.Request, domain string) (string, error) {
 		admitted = append(admitted, domain)
 		if domain == "refused.test" {
 			return "", errRefused
 		}
 		return "r1", nil
 	}
-	o.report = func(domain string, ob observation) {
+	owner.report = func(domain string, ob observation) {
 		if domain != "a.test" {
 			t.Errorf("report for %q", domain)
 		}
@@ -444,12 +445,9 @@ func TestObserverForgetsEndedAttempts(t *testing.T) {
 		}
 		o.forget("a.test") // the attempt ends while this request is out
 		return acmeResponse(200, nil, `{"status":"pending","challenges":[{"url":"https://ca/chall/1"}]}`), nil
-	}))
+	}), &fakeOwner{admit: func(*http.Request, string) (string, error) { return "r1", nil }})
 	o.life = context.Background()
 	o.timeout = time.Minute
-	o.closed = func() bool { return false }
-	o.admit = func(*http.Request, string) (string, error) { return "r1", nil }
-	o.report = func(string, observation) {}
 	post := func(path string, body []byte) {
 		req, _ := http.NewRequest("POST", "https://ca"+path, strings.NewReader(string(body)))
 		if _, err := o.RoundTrip(req); err != nil {
@@ -468,3 +466,30 @@ func TestObserverForgetsEndedAttempts(t *testing.T) {
 		t.Errorf("%d entries tracked after the attempt ended", left)
 	}
 }
+
+// fakeOwner is an acmeOwner made of functions; a nil one does nothing
+// (admits with no reservation, never closed).
+type fakeOwner struct {
+	admit  func(req *http.Request, domain string) (string, error)
+	report func(domain string, ob observation)
+	closed func() bool
+}
+
+func (f *fakeOwner) admitOrder(req *http.Request, domain string) (string, error) {
+	if f.admit == nil {
+		return "", nil
+	}
+	return f.admit(req, domain)
+}
+
+func (f *fakeOwner) orderHeld(string) error { return nil }
+
+func (f *fakeOwner) observed(domain string, ob observation) {
+	if f.report != nil {
+		f.report(domain, ob)
+	}
+}
+
+func (f *fakeOwner) accountSeen(string) {}
+
+func (f *fakeOwner) isClosed() bool { return f.closed != nil && f.closed() }

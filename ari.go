@@ -1,8 +1,6 @@
 package certmgr
 
 import (
-	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -11,19 +9,17 @@ import (
 	"io"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"golang.org/x/crypto/acme/autocert"
 )
 
 // This file holds renewal that follows the CA: ACME Renewal Information
 // (RFC 9773). For every certificate it serves, certmgr asks the CA's
 // renewalInfo resource when to renew it, again when the CA's Retry-After
-// says, picks a time at random in the window the CA suggests, and then
-// renews through an attempt like any other: the schedule, the budget, the
-// DNS pre-check and, in a cluster, the domain's lock. A CA whose
-// directory has no renewalInfo is left to autocert's own renewal timer.
+// says, and picks a time at random in the window the CA suggests. The
+// renewal itself is an attempt like any other (renew.go): the schedule,
+// the budget, the DNS pre-check and, in a cluster, the domain's lock. A CA
+// whose directory has no renewalInfo is left to autocert's own renewal
+// timer.
 
 // The bounds of the interval between two polls of one certificate's
 // renewal information, and the interval when the CA gives no Retry-After.
@@ -375,131 +371,4 @@ func (m *Manager) renewBefore(leaf *x509.Certificate) time.Duration {
 		return min(rb, 30*24*time.Hour)
 	}
 	return min(leaf.NotAfter.Sub(leaf.NotBefore)/3, 30*24*time.Hour)
-}
-
-// renewForCA starts the renewal of k's certificate that the CA's renewal
-// information asked for, unless an attempt is in flight, the domain's
-// schedule or budget holds it (it is then tried again later), or the
-// certificate was renewed a moment ago (no renewal loop, whatever the CA
-// says).
-func (m *Manager) renewForCA(k certKey) {
-	// The list of renewals due was made before this round's polls: the
-	// certificate may have been replaced or dropped meanwhile.
-	m.ari.mu.Lock()
-	ri := m.ari.certs[k]
-	m.ari.mu.Unlock()
-	if ri == nil {
-		return
-	}
-	if c := m.servedCert(k); c == nil || !c.Leaf.Equal(ri.leaf) {
-		m.ari.mu.Lock()
-		if m.ari.certs[k] == ri {
-			delete(m.ari.certs, k) // replaced, or no longer valid
-		}
-		m.ari.mu.Unlock()
-		return
-	}
-	now := m.now()
-	m.stateMu.Lock()
-	d := m.domains[k.domain]
-	m.stateMu.Unlock()
-	if d == nil {
-		// A certificate this replica serves from the store's watch: the
-		// domain is tracked from now on, if the HostPolicy allows it.
-		ctx, cancel := context.WithTimeout(m.ctx, m.hooks.requestTimeout)
-		err := m.hostPolicy(ctx, k.domain)
-		cancel()
-		if err == nil {
-			d, _ = m.domainFor(k.domain) // nil if the table is full: tried again later
-			if c := m.servedCert(k); d != nil && c != nil {
-				m.serve(k, c) // the domain's expiry and lifetime
-			}
-		} else if errors.Is(err, ErrHostNotAllowed) {
-			m.ari.mu.Lock()
-			delete(m.ari.certs, k)
-			m.ari.mu.Unlock()
-			return
-		}
-	}
-	m.stateMu.Lock()
-	// A renewal a moment ago forbids another yet, lest a CA that keeps
-	// asking drive a loop; for at most an hour, so that a revocation of
-	// the certificate just renewed is not left served for long.
-	var recent time.Time
-	if d != nil {
-		recent = renewedUntilLocked(d, now, renewalInfoGuard)
-	}
-	m.stateMu.Unlock()
-	retryAt := now.Add(m.hooks.renewalInfoMinPoll)
-	var a *attempt
-	switch {
-	case d == nil:
-	case !recent.IsZero():
-		retryAt = recent
-	default:
-		var err error
-		a, err = m.begin(d, k, PathRenewalInfo)
-		switch {
-		case err != nil:
-			retryAt = maxTime(retryAt, m.Status(k.domain).NextAttempt)
-			a = nil
-		case a.path != PathRenewalInfo || a.key != k:
-			a = nil // another attempt is in flight: after it, again
-		}
-	}
-	m.ari.mu.Lock()
-	defer m.ari.mu.Unlock()
-	if ri := m.ari.certs[k]; ri != nil {
-		if a != nil {
-			ri.renewing = a
-		} else {
-			ri.retryAt = retryAt
-		}
-	}
-}
-
-// fetchRenewal orders a new certificate for k, for attempt a, although a
-// valid one is in the Cache, which autocert would just load: through an
-// autocert.Manager of the attempt's own that does not see k's entry until
-// it wrote a new one. Until then, the valid certificate is served. The
-// domain's autocert.Manager stays, with the renewal timers of both key
-// types; when they fire, it finds the new certificate in the Cache and
-// takes it up. So does the attempt's, whose timer cannot be stopped
-// either: it lives on, reading the Cache once per certificate lifetime
-// (see the README's limits).
-func (m *Manager) fetchRenewal(d *domain, a *attempt, k certKey) (*tls.Certificate, error) {
-	key, err := m.accountKey(m.ctx)
-	if err != nil {
-		return nil, err
-	}
-	am := m.newAutocert(key, &renewalCache{certCache: m.cache, key: k.cacheKey()})
-	m.stateMu.Lock()
-	a.am = am // its orders are the attempt's; any other is refused while it runs
-	m.stateMu.Unlock()
-	return am.GetCertificate(syntheticHello(k))
-}
-
-// renewalCache is certmgr's Cache as a renewal sees it: key is missing
-// until the renewal writes it.
-type renewalCache struct {
-	*certCache
-	key     string
-	written atomic.Bool
-}
-
-// Get implements autocert.Cache.
-func (c *renewalCache) Get(ctx context.Context, key string) ([]byte, error) {
-	if key == c.key && !c.written.Load() {
-		return nil, autocert.ErrCacheMiss
-	}
-	return c.certCache.Get(ctx, key)
-}
-
-// Put implements autocert.Cache.
-func (c *renewalCache) Put(ctx context.Context, key string, data []byte) error {
-	err := c.certCache.Put(ctx, key, data)
-	if key == c.key {
-		c.written.Store(true)
-	}
-	return err
 }

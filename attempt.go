@@ -7,8 +7,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net/http"
-	"strconv"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -177,7 +175,7 @@ func (m *Manager) begin(d *domain, k certKey, path Path) (*attempt, error) {
 	if m.closed.Load() {
 		return nil, errClosed
 	}
-	if err := m.gateLocked(d); err != nil {
+	if err := m.checkAttemptLocked(d); err != nil {
 		return nil, err
 	}
 	if m.inFlight >= m.hooks.maxInFlight {
@@ -214,7 +212,7 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 	}
 	if m.coord != nil {
 		// The replica before may have failed: its record binds here too.
-		if err := m.gateOnRecord(m.ctx, d); err != nil {
+		if err := m.checkClusterRecord(m.ctx, d); err != nil {
 			m.finish(d, a, nil, err)
 			return
 		}
@@ -240,7 +238,7 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 // the domain is asked, which reads the Cache and orders if need be.
 func (m *Manager) fetch(d *domain, k certKey) (*tls.Certificate, error) {
 	for range 2 {
-		am, err := m.autocertFor(m.ctx, d)
+		am, err := m.domainAutocert(m.ctx, d)
 		if err != nil {
 			return nil, err
 		}
@@ -405,316 +403,4 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 func isRSA(c *tls.Certificate) bool {
 	_, ok := c.PrivateKey.(*rsa.PrivateKey)
 	return ok
-}
-
-// admitOrder is asked by the ACME transport before every new order, and
-// returns the order's reservation in the domain's budget of failed
-// authorizations, stored before the order goes out. An order inside an
-// attempt in flight passes if the budget holds one more authorization;
-// any other is a renewal by autocert's own timer, which must pass the same
-// schedule, budget and DNS pre-check as any attempt. An order of a
-// domain certmgr no longer tracks, or of an autocert.Manager it replaced
-// (whose renewal timer lives on), is refused.
-func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
-	now := m.now()
-	var renewal *attempt
-	m.stateMu.Lock()
-	d := m.domains[name]
-	err := m.orderGateLocked(req, d, name, now)
-	if err == nil && d.attempt == nil {
-		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name)}
-		// Every attempt ends: a renewal that hears nothing more (autocert
-		// gave up without another request) ends here.
-		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
-			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: renewal gave no outcome within %v", name, m.hooks.renewalMaxAge))
-		})
-		d.attempt = renewal
-	}
-	m.stateMu.Unlock()
-	if err != nil {
-		m.refused(err)
-		return "", err
-	}
-	if renewal != nil && m.dns != nil {
-		ctx, cancel := context.WithTimeout(req.Context(), m.hooks.dnsCheckTimeout)
-		err := m.dnsChecked(d, m.dns.check(ctx, name))
-		cancel()
-		if err != nil {
-			m.finish(d, renewal, nil, err)
-			return "", err
-		}
-	}
-	if renewal != nil && m.coord != nil {
-		// A replica that holds the lock renews for all; one that renewed
-		// already stored the certificate.
-		ctx, cancel := context.WithTimeout(req.Context(), lockTimeoutRenewal)
-		err := m.lockDomain(ctx, d, renewal)
-		cancel()
-		if err == nil && (m.renewedElsewhere(req.Context(), name, renewal.since, false) ||
-			m.renewedElsewhere(req.Context(), name, renewal.since, true)) {
-			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
-		}
-		if err == nil {
-			err = m.gateOnRecord(req.Context(), d) // the cluster's record, as it is now, decides
-		}
-		if err == nil {
-			m.stateMu.Lock()
-			err = renewedLocked(d, m.now()) // by another replica meanwhile, as the record says
-			m.stateMu.Unlock()
-		}
-		if err != nil {
-			m.refused(err)
-			m.finish(d, renewal, nil, err)
-			return "", err
-		}
-	}
-	id := m.reservationID()
-	fence, lost := "", (<-chan struct{})(nil)
-	m.stateMu.Lock()
-	if m.domains[name] != d {
-		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
-	} else if err = m.orderBudgetLocked(d, now); err == nil {
-		d.fail.reserve(now, id)
-		m.orders = append(m.orders, now)
-		if d.attempt != nil {
-			fence, lost = d.attempt.fence, d.attempt.lost
-		}
-	}
-	m.stateMu.Unlock()
-	if err == nil && m.coord != nil {
-		// The cluster's budget decides, and holds the reservation before
-		// the order goes out; without the store, no order.
-		err = m.updateRecord(req.Context(), name, fence, lost, func(r *failureRecord) error {
-			if t := r.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
-				return fmt.Errorf("%w: %s: the cluster's failed-authorization budget is spent until %s",
-					ErrBackoff, name, t.UTC().Format(time.RFC3339))
-			}
-			r.reserve(now, id)
-			return nil
-		})
-		if err != nil {
-			m.stateMu.Lock()
-			d.fail.settle(id, false)
-			m.stateMu.Unlock()
-		}
-	}
-	if err != nil {
-		m.refused(err)
-		if renewal != nil {
-			m.finish(d, renewal, nil, err)
-		}
-		return "", err
-	}
-	m.saveState() // the reservation is stored before the order goes out
-	return id, nil
-}
-
-// issuedLocked returns the leaves of the certificates served for name
-// (ECDSA, RSA), nil where none is. stateMu is held; servedMu is taken
-// after it.
-func (m *Manager) issuedLocked(name string) (leaves [2]*x509.Certificate) {
-	m.servedMu.RLock()
-	defer m.servedMu.RUnlock()
-	for i, k := range []certKey{{domain: name}, {domain: name, rsa: true}} {
-		if c := m.served[k]; c != nil {
-			leaves[i] = c.Leaf
-		}
-	}
-	return leaves
-}
-
-// replaces reports whether leaf is another certificate than old, the one
-// served when a renewal began, and not an older one.
-func replaces(leaf, old *x509.Certificate) bool {
-	return !leaf.Equal(old) && !leaf.NotBefore.Before(old.NotBefore)
-}
-
-// renewedElsewhere reports whether a certificate of name's of the key
-// type rsa that replaces that of since (the certificates served as a
-// renewal began: see issuedLocked) is served now, through the store's
-// watch, or is in the store; it serves the latter.
-func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x509.Certificate, rsa bool) bool {
-	k := certKey{domain: name, rsa: rsa}
-	old := since[b2i(rsa)]
-	if old == nil {
-		return false // none was served: the renewal is not of this key type
-	}
-	if c := m.servedCert(k); c != nil && replaces(c.Leaf, old) {
-		return true
-	}
-	ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-	data, err := m.cache.Get(ctx, k.cacheKey())
-	cancel()
-	if err != nil {
-		return false
-	}
-	c, err := parseCert(k, data, m.now())
-	if err != nil || !replaces(c.Leaf, old) {
-		return false
-	}
-	m.serve(k, c)
-	return true
-}
-
-// orderGateLocked returns why d (the domain of name, or nil) may not
-// order now, or nil.
-func (m *Manager) orderGateLocked(req *http.Request, d *domain, name string, now time.Time) error {
-	switch {
-	case d == nil:
-		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
-	case sender(req) != d.am && (d.attempt == nil || sender(req) != d.attempt.am):
-		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
-	case d.loading > 0:
-		return errLoading
-	case d.attempt != nil && (lockLostLocked(d.attempt) || m.coord != nil && d.attempt.lost == nil):
-		// With a Coordinator, an attempt orders only while it holds its
-		// domain's lock: an order while it waits for the lock is a renewal
-		// by autocert's timer, and another replica may be ordering.
-		return errLockLost
-	case d.attempt != nil && d.attempt.path == PathRenewalInfo && sender(req) != d.attempt.am:
-		// autocert's timer, while the renewal the CA asked for runs: it
-		// finds the new certificate in the Cache when it tries again.
-		return fmt.Errorf("%w: %s: a renewal is in flight", ErrBackoff, name)
-	case d.attempt != nil && d.attempt.authzFailed >= m.cost():
-		// autocert orders once more after every challenge type failed, and
-		// finds none left to try: that order would only reserve the
-		// budget and count against the CA's order limit.
-		return fmt.Errorf("certmgr: %s: every challenge type failed in this attempt", name)
-	case d.attempt != nil:
-		return nil // an order of the attempt in flight; orderBudgetLocked decides
-	}
-	if err := m.gateLocked(d); err != nil {
-		return err
-	}
-	return renewedLocked(d, now)
-}
-
-// renewedLocked returns why d may not be renewed again now: a renewal
-// succeeded a moment ago (within a quarter of the certificate's life), in
-// this process or, in a cluster, on any replica. autocert renews again at
-// once when RenewBefore exceeds the certificate's lifetime, every
-// replica's autocert renews the certificate it loaded, and a CA's renewal
-// information may keep asking: this keeps all of them from looping, and
-// from spending the CA's limits on duplicate certificates.
-func renewedLocked(d *domain, now time.Time) error {
-	if !renewedUntilLocked(d, now, 0).IsZero() {
-		return fmt.Errorf("%w: %s: renewed at %s already", ErrBackoff, d.name, d.fail.Renewed.UTC().Format(time.RFC3339))
-	}
-	return nil
-}
-
-// renewedUntilLocked returns until when d's last renewal bars another, if
-// it does at now: a quarter of the certificate's life after it, and at
-// most limit after it if limit is not zero. It is zero otherwise.
-func renewedUntilLocked(d *domain, now time.Time, limit time.Duration) time.Time {
-	at, bar := d.fail.Renewed, d.lifetime/4
-	if limit > 0 {
-		bar = min(bar, limit)
-	}
-	until := at.Add(bar)
-	if at.IsZero() || now.Before(at) || !now.Before(until) {
-		return time.Time{}
-	}
-	return until
-}
-
-// orderBudgetLocked returns why one more order, that may fail one
-// authorization, does not fit d's budget of failed authorizations or the
-// account's budget of new orders, or nil.
-func (m *Manager) orderBudgetLocked(d *domain, now time.Time) error {
-	if t := d.fail.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
-		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
-	}
-	return m.accountBudgetLocked(now)
-}
-
-// reservationID returns a new reservation's ID, unique to this Manager.
-func (m *Manager) reservationID() string {
-	return m.idPrefix + strconv.FormatUint(m.nextID.Add(1), 36)
-}
-
-// refused counts and logs an order refused locally.
-func (m *Manager) refused(err error) {
-	m.refusedOrders.Add(1)
-	m.warnOrderBudget(err)
-}
-
-// warnOrderBudget reports an attempt or order that the account's order
-// budget refused, at most once a minute.
-func (m *Manager) warnOrderBudget(err error) {
-	if errors.Is(err, errOrderBudget) && m.limits.allow("order budget", m.now()) {
-		m.emit(Event{Kind: EventOrderBudget, Time: m.now(), Err: err})
-	}
-}
-
-// observed records what the CA said about name's order: it settles the
-// order's reservation, and tells the attempt in flight. A renewal ends
-// here when the CA refused it, every challenge type failed, or a request
-// got no answer.
-func (m *Manager) observed(name string, ob observation) {
-	m.stateMu.Lock()
-	d := m.domains[name]
-	if d == nil {
-		m.stateMu.Unlock()
-		return
-	}
-	settled := ob.reservation != "" && (ob.authzFailed || ob.authzValid || ob.orderFailed) &&
-		d.fail.settle(ob.reservation, ob.authzFailed)
-	a := d.attempt
-	end := false
-	if a != nil {
-		if ob.order {
-			a.orders++
-		}
-		if ob.authzFailed {
-			a.authzFailed++
-		}
-		if ob.problem != "" {
-			a.problem = ob.problem
-		}
-		if ob.challenge != "" {
-			a.challenge = ob.challenge
-		}
-		a.rateLimited = a.rateLimited || ob.rateLimited
-		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
-		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
-	}
-	problem, fence, lost := "", "", (<-chan struct{})(nil)
-	if a != nil {
-		problem, fence, lost = a.problem, a.fence, a.lost
-	}
-	m.stateMu.Unlock()
-	if settled {
-		// Under the attempt's lock, if it holds one; an answer that came
-		// after its attempt ended settles the reservation it names, which
-		// no other replica's update overwrites.
-		m.storeRecord(name, fence, lost, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
-	}
-	if end {
-		m.finish(d, a, nil, errors.New(problem))
-	} else if settled {
-		m.saveState()
-	}
-}
-
-// certStored is called for every certificate written to the Cache:
-// autocert's first issuance and its renewals. The new certificate is
-// served from the next handshake on; a renewal in flight ends with it.
-func (m *Manager) certStored(key string, data []byte) {
-	k := certKeyOf(key)
-	c, err := parseCert(k, data, m.now())
-	if err != nil {
-		return
-	}
-	m.serve(k, c)
-	m.stateMu.Lock()
-	d := m.domains[k.domain]
-	var a *attempt
-	if d != nil && d.attempt != nil && d.attempt.path == PathRenewal {
-		a = d.attempt
-	}
-	m.stateMu.Unlock()
-	if a != nil {
-		m.finish(d, a, c, nil)
-	}
 }

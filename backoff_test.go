@@ -117,7 +117,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 			// A handshake: begin's gate, the cluster's lock and record if
 			// there is one, then a failed attempt.
 			m.stateMu.Lock()
-			gate := m.gateLocked(d)
+			gate := m.checkAttemptLocked(d)
 			var a *attempt
 			if gate == nil {
 				a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
@@ -134,7 +134,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 			}
 			err := m.lockDomain(context.Background(), d, a)
 			if err == nil && m.coord != nil {
-				err = m.gateOnRecord(context.Background(), d)
+				err = m.checkClusterRecord(context.Background(), d)
 			}
 			if err == nil {
 				orders()

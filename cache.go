@@ -2,11 +2,6 @@ package certmgr
 
 import (
 	"context"
-	"crypto"
-	"crypto/rsa"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"strconv"
 	"strings"
@@ -24,22 +19,31 @@ import (
 //   - keeps the certificates and state whose write failed, serves them to
 //     readers, and writes them again later, so that nothing obtained is lost.
 type certCache struct {
-	inner   autocert.Cache
-	onPut   func(key string, data []byte) // after a certificate key is written (or kept)
-	onError func(op, key string, err error)
-	// mayWriteToken reports whether domain's TLS-ALPN-01 certificate
-	// ("<domain>+token") may be written or deleted now; if nil, always.
-	// Replicas share that one key: only the holder of the domain's lock
-	// writes it, so that one that lost its lock neither overwrites nor
-	// deletes (in autocert's clean-up) the new holder's.
-	mayWriteToken func(domain string) bool
-	kick          chan struct{} // wakes the retry loop; buffered, 1
+	inner autocert.Cache
+	mgr   cacheOwner    // the Manager told of writes and failures
+	kick  chan struct{} // wakes the retry loop; buffered, 1
 
 	pendingMu sync.Mutex
 	pending   map[string][]byte // writes that failed, by key
 
 	writersMu sync.Mutex
 	writers   map[string]*keyWriter // keys being written; see lockKey
+}
+
+// cacheOwner is what the Cache wrapper tells and asks the Manager;
+// *Manager implements it.
+type cacheOwner interface {
+	// certStored is called after a certificate key was written, or kept
+	// for a retry of its write (handshake.go).
+	certStored(key string, data []byte)
+	// cacheFailed reports a failure of op on key (certmgr.go).
+	cacheFailed(op, key string, err error)
+	// mayWriteToken reports whether domain's TLS-ALPN-01 certificate
+	// ("<domain>+token") may be written or deleted now. Replicas share
+	// that one key: only the holder of the domain's lock writes it, so
+	// that one that lost its lock neither overwrites nor deletes (in
+	// autocert's clean-up) the new holder's (cluster.go).
+	mayWriteToken(domain string) bool
 }
 
 // keyWriter serialises the writes of one key.
@@ -73,11 +77,11 @@ func (c *certCache) lockKey(key string) (unlock func()) {
 	}
 }
 
-func newCertCache(inner autocert.Cache) *certCache {
+func newCertCache(inner autocert.Cache, mgr cacheOwner) *certCache {
 	if inner == nil {
 		inner = &memCache{m: make(map[string][]byte)}
 	}
-	return &certCache{inner: inner, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
+	return &certCache{inner: inner, mgr: mgr, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
 }
 
 // Get implements autocert.Cache. An error other than a miss is a
@@ -93,15 +97,15 @@ func (c *certCache) Get(ctx context.Context, key string) ([]byte, error) {
 	return data, err
 }
 
-// report hands a failure of op on key to onError. A miss is no failure.
+// report hands a failure of op on key to the Manager. A miss is no failure.
 func (c *certCache) report(op, key string, err error) {
 	var ce *cacheError
 	switch {
 	case err == nil || errors.Is(err, autocert.ErrCacheMiss) && !errors.As(err, &ce):
 	case errors.As(err, &ce):
-		c.onError(op, key, ce.err)
+		c.mgr.cacheFailed(op, key, ce.err)
 	default:
-		c.onError(op, key, err)
+		c.mgr.cacheFailed(op, key, err)
 	}
 }
 
@@ -180,7 +184,7 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 		}
 	}
 	if isCertKey(key) {
-		c.onPut(key, data)
+		c.mgr.certStored(key, data)
 	}
 	return err
 }
@@ -202,7 +206,7 @@ func (c *certCache) Delete(ctx context.Context, key string) error {
 // certificate, may be written or deleted now (see mayWriteToken).
 func (c *certCache) tokenWritable(key string) bool {
 	domain, ok := strings.CutSuffix(key, "+token")
-	return !ok || c.mayWriteToken == nil || c.mayWriteToken(domain)
+	return !ok || c.mgr.mayWriteToken(domain)
 }
 
 // retryLoop writes the kept entries again every interval until they are
@@ -253,7 +257,7 @@ func (c *certCache) flush(ctx context.Context) int {
 		}
 		unlock()
 		if err != nil {
-			c.onError("put", k, err)
+			c.mgr.cacheFailed("put", k, err)
 		}
 	}
 	c.pendingMu.Lock()
@@ -263,138 +267,3 @@ func (c *certCache) flush(ctx context.Context) int {
 
 // cacheTimeout bounds one Cache call made by certmgr itself.
 const cacheTimeout = 10 * time.Second
-
-// isCertKey reports whether key is one under which autocert stores a
-// domain's certificate: "example.com" (ECDSA) or "example.com+rsa".
-// Its other keys have other suffixes ("+token", "+http-01",
-// "acme_account+key"), or are autocert's former account key name
-// ("acme_account.key"), and certmgr's own start with "certmgr+".
-func isCertKey(key string) bool {
-	if key == oldAccountKeyName {
-		return false
-	}
-	i := strings.IndexByte(key, '+')
-	return i < 0 || key[i:] == "+rsa"
-}
-
-// certKey names one of a domain's certificates.
-type certKey struct {
-	domain string
-	rsa    bool
-}
-
-// cacheKey returns the autocert.Cache key of k.
-func (k certKey) cacheKey() string {
-	if k.rsa {
-		return k.domain + "+rsa"
-	}
-	return k.domain
-}
-
-func certKeyOf(cacheKey string) certKey {
-	if d, ok := strings.CutSuffix(cacheKey, "+rsa"); ok {
-		return certKey{domain: d, rsa: true}
-	}
-	return certKey{domain: cacheKey}
-}
-
-// parseCert decodes a certificate as autocert stores it and checks that
-// it is usable for k at now.
-func parseCert(k certKey, data []byte, now time.Time) (*tls.Certificate, error) {
-	c, err := decodeCert(data)
-	if err != nil {
-		return nil, err
-	}
-	leaf := c.Leaf
-	if now.Before(leaf.NotBefore) || !now.Before(leaf.NotAfter) {
-		return nil, errors.New("certmgr: cached certificate is not valid now")
-	}
-	if err := leaf.VerifyHostname(k.domain); err != nil {
-		return nil, err
-	}
-	if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != k.rsa {
-		return nil, errors.New("certmgr: cached certificate has the wrong key type")
-	}
-	return c, nil
-}
-
-// decodeCert decodes a certificate as autocert stores it: the private key
-// then the chain, in PEM. The leaf must match the key.
-func decodeCert(data []byte) (*tls.Certificate, error) {
-	keyBlock, rest := pem.Decode(data)
-	if keyBlock == nil || !strings.Contains(keyBlock.Type, "PRIVATE") {
-		return nil, errors.New("certmgr: cached certificate has no private key")
-	}
-	var chain [][]byte
-	for len(rest) > 0 {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		chain = append(chain, b.Bytes)
-	}
-	if len(chain) == 0 || len(strings.TrimSpace(string(rest))) > 0 {
-		return nil, errors.New("certmgr: cached certificate is malformed")
-	}
-	key, err := parsePrivateKey(keyBlock.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	leaf, err := x509.ParseCertificate(chain[0])
-	if err != nil {
-		return nil, err
-	}
-	if pub, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(key.Public()) {
-		return nil, errors.New("certmgr: cached certificate does not match its key")
-	}
-	return &tls.Certificate{Certificate: chain, PrivateKey: key, Leaf: leaf}, nil
-}
-
-func parsePrivateKey(der []byte) (crypto.Signer, error) {
-	if k, err := x509.ParsePKCS1PrivateKey(der); err == nil {
-		return k, nil
-	}
-	if k, err := x509.ParseECPrivateKey(der); err == nil {
-		return k, nil
-	}
-	k, err := x509.ParsePKCS8PrivateKey(der)
-	if err != nil {
-		return nil, errors.New("certmgr: cannot parse private key")
-	}
-	s, ok := k.(crypto.Signer)
-	if !ok {
-		return nil, errors.New("certmgr: private key cannot sign")
-	}
-	return s, nil
-}
-
-// memCache is the Cache of a Manager whose autocert.Manager has none:
-// state then lives as long as the process.
-type memCache struct {
-	mu sync.Mutex
-	m  map[string][]byte
-}
-
-func (c *memCache) Get(_ context.Context, key string) ([]byte, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if v, ok := c.m[key]; ok {
-		return v, nil
-	}
-	return nil, autocert.ErrCacheMiss
-}
-
-func (c *memCache) Put(_ context.Context, key string, data []byte) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.m[key] = data
-	return nil
-}
-
-func (c *memCache) Delete(_ context.Context, key string) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	delete(c.m, key)
-	return nil
-}

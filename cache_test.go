@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,10 +24,8 @@ import (
 // what it reported, one report a line.
 func newTestCertCache() (*certCache, *faultCache, *syncBuffer) {
 	fc := &faultCache{inner: &memCache{m: make(map[string][]byte)}}
-	c := newCertCache(fc)
 	reports := &syncBuffer{}
-	c.onPut = func(key string, _ []byte) { fmt.Fprintf(reports, "put %s\n", key) }
-	c.onError = func(op, key string, err error) { fmt.Fprintf(reports, "%s %s error\n", op, key) }
+	c := newCertCache(fc, &reportingOwner{w: reports})
 	return c, fc, reports
 }
 
@@ -206,9 +205,7 @@ func swapKey(t *testing.T, data []byte, key crypto.Signer) []byte {
 // over a newer write of the same key.
 func TestNewerWriteWinsOverRetry(t *testing.T) {
 	inner := &scriptedCache{m: map[string][]byte{}, failNext: true, writing: make(chan []byte, 4), release: make(chan struct{})}
-	c := newCertCache(inner)
-	c.onPut = func(string, []byte) {}
-	c.onError = func(string, string, error) {}
+	c := newCertCache(inner, &reportingOwner{w: io.Discard})
 	v1, v2 := []byte("old"), []byte("new")
 	if err := c.Put(context.Background(), "a.test", v1); err == nil {
 		t.Fatal("the first write should fail")
@@ -288,3 +285,15 @@ func (c *scriptedCache) Delete(_ context.Context, key string) error {
 	delete(c.m, key)
 	return nil
 }
+
+// reportingOwner is a cacheOwner that writes what it is told to w, one
+// report a line, and lets every token be written.
+type reportingOwner struct{ w io.Writer }
+
+func (o *reportingOwner) certStored(key string, _ []byte) { fmt.Fprintf(o.w, "put %s\n", key) }
+
+func (o *reportingOwner) cacheFailed(op, key string, _ error) {
+	fmt.Fprintf(o.w, "%s %s error\n", op, key)
+}
+
+func (o *reportingOwner) mayWriteToken(string) bool { return true }

@@ -304,26 +304,16 @@ func New(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("certmgr: fallback key: %w", err)
 	}
 	m.fallbacks = fb
-	m.cache = newCertCache(cfg.Autocert.Cache)
+	m.cache = newCertCache(cfg.Autocert.Cache, m)
 	m.coord = coordinatorOf(cfg.Autocert.Cache)
-	m.cache.onPut = m.certStored
-	m.cache.onError = m.cacheFailed
-	if m.coord != nil {
-		m.cache.mayWriteToken = m.holdsLock
-	}
 
 	var next http.RoundTripper
 	if user.HTTPClient != nil {
 		next = user.HTTPClient.Transport
 	}
-	m.obs = newACMEObserver(next)
+	m.obs = newACMEObserver(next, m)
 	m.obs.life = m.ctx
 	m.obs.timeout = m.hooks.requestTimeout
-	m.obs.admit = m.admitOrder
-	m.obs.proceed = m.orderHeld
-	m.obs.report = m.observed
-	m.obs.closed = m.closed.Load
-	m.obs.account = func(uri string) { m.account.Store(uri) }
 	m.base = m.newAutocert(nil, m.cache)
 	m.ariClient = &http.Client{Transport: m.obs}
 	m.ari.wake = make(chan struct{}, 1)
@@ -382,72 +372,6 @@ func (m *Manager) Close() error {
 	return nil
 }
 
-// GetCertificate implements tls.Config.GetCertificate. It returns:
-//   - for a TLS-ALPN-01 validation hello (acme.ALPNProto its only
-//     protocol), autocert's answer, with no other check;
-//   - for a name the HostPolicy refuses, an error wrapping ErrHostNotAllowed;
-//   - a valid certificate from memory or the Cache, if there is one;
-//   - otherwise the certificate of an ACME attempt, if one ends within
-//     HandshakeTimeout, and else a self-signed fallback certificate:
-//     at once while the domain backs off or waits for DNS.
-//
-// A domain certmgr already holds a certificate for, or already backs off
-// for, is answered from memory without asking the HostPolicy again: the
-// policy was asked when the domain was first seen.
-//
-// Anyone who builds their own tls.Config with this GetCertificate,
-// instead of using TLSConfig, must add acme.ALPNProto to its NextProtos,
-// or every TLS-ALPN-01 validation fails at the handshake.
-func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	if wantsTokenCert(hello) {
-		return m.tokenCert(hello)
-	}
-	// The hot path: the raw name, as most clients send it normalised.
-	k := certKey{domain: hello.ServerName, rsa: !supportsECDSA(hello)}
-	if c := m.answerNow(k); c != nil {
-		return c, nil
-	}
-	name, err := normalize(hello.ServerName)
-	if err != nil {
-		return nil, err
-	}
-	if k.domain != name {
-		k.domain = name
-		if c := m.answerNow(k); c != nil {
-			return c, nil
-		}
-	}
-	ctx, cancel := m.handshakeContext(hello)
-	defer cancel()
-	if err := m.hostPolicy(ctx, name); err != nil {
-		return nil, err
-	}
-	if cert, err := m.obtain(ctx, k, PathHandshake); err == nil {
-		return cert, nil
-	}
-	return m.fallback(k)
-}
-
-// handshakeContext returns the context of hello's handshake, ended after
-// HandshakeTimeout.
-func (m *Manager) handshakeContext(hello *tls.ClientHelloInfo) (context.Context, context.CancelFunc) {
-	parent := hello.Context()
-	if parent == nil {
-		parent = context.Background()
-	}
-	return context.WithTimeout(parent, m.timeout)
-}
-
-// hostPolicy runs the user's HostPolicy, if any.
-func (m *Manager) hostPolicy(ctx context.Context, name string) error {
-	if p := m.cfg.Autocert.HostPolicy; p != nil {
-		if err := p(ctx, name); err != nil {
-			return fmt.Errorf("%w: %s: %w", ErrHostNotAllowed, name, err)
-		}
-	}
-	return nil
-}
-
 // challengeTypes returns the validation methods attempts may use.
 func (m *Manager) challengeTypes() []string {
 	if m.http01.Load() {
@@ -456,30 +380,13 @@ func (m *Manager) challengeTypes() []string {
 	return []string{"tls-alpn-01"}
 }
 
+// isClosed reports whether Close began.
+func (m *Manager) isClosed() bool { return m.closed.Load() }
+
 // accountURI returns the ACME account's URI, or "" until the CA said it.
 func (m *Manager) accountURI() string {
 	uri, _ := m.account.Load().(string)
 	return uri
-}
-
-// endRenewals ends the renewals in flight, which run in autocert's own
-// goroutines: their requests were refused since Close began.
-func (m *Manager) endRenewals() {
-	type pair struct {
-		d *domain
-		a *attempt
-	}
-	var renewals []pair
-	m.stateMu.Lock()
-	for _, d := range m.domains {
-		if d.attempt != nil && d.attempt.path == PathRenewal {
-			renewals = append(renewals, pair{d, d.attempt})
-		}
-	}
-	m.stateMu.Unlock()
-	for _, r := range renewals {
-		m.finish(r.d, r.a, nil, errClosed)
-	}
 }
 
 // cacheFailed reports a Cache failure of op on key as an event, at most
@@ -503,3 +410,13 @@ func (m *Manager) cacheFailed(op, key string, err error) {
 	}
 	m.emit(ev)
 }
+
+// DefaultHandshakeTimeout is how long a handshake waits for a certificate
+// when Config.HandshakeTimeout is zero.
+const DefaultHandshakeTimeout = 10 * time.Second
+
+// The Manager is the owner of its ACME transport and its Cache wrapper.
+var (
+	_ acmeOwner  = (*Manager)(nil)
+	_ cacheOwner = (*Manager)(nil)
+)

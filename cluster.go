@@ -98,6 +98,16 @@ func (m *Manager) orderHeld(name string) error {
 	return nil
 }
 
+// mayWriteToken reports whether name's TLS-ALPN-01 certificate may be
+// written or deleted now: always without a Coordinator; with one, while
+// an attempt of this replica holds name's cluster lock.
+func (m *Manager) mayWriteToken(name string) bool {
+	if m.coord == nil {
+		return true
+	}
+	return m.holdsLock(name)
+}
+
 // holdsLock reports whether an attempt of this replica holds name's
 // cluster lock now.
 func (m *Manager) holdsLock(name string) bool {
@@ -313,13 +323,13 @@ func (m *Manager) refreshRecord(ctx context.Context, d *domain) error {
 	return nil
 }
 
-// gateOnRecord reads d's record from the store, once its lock is held,
+// checkClusterRecord reads d's record from the store, once its lock is held,
 // and returns why no attempt may start by it, or nil.
-func (m *Manager) gateOnRecord(ctx context.Context, d *domain) error {
+func (m *Manager) checkClusterRecord(ctx context.Context, d *domain) error {
 	if err := m.refreshRecord(ctx, d); err != nil {
 		return err
 	}
 	m.stateMu.Lock()
 	defer m.stateMu.Unlock()
-	return m.gateLocked(d)
+	return m.checkAttemptLocked(d)
 }

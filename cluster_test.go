@@ -238,7 +238,7 @@ func TestRenewalWaitsForTheLockBriefly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	am, err := m.autocertFor(context.Background(), d)
+	am, err := m.domainAutocert(context.Background(), d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -254,7 +254,7 @@ func TestRenewalWaitsForTheLockBriefly(t *testing.T) {
 		t.Errorf("a renewal while another replica holds the lock: %v, want ErrBackoff", err)
 	}
 	m.stateMu.Lock()
-	gate := m.gateLocked(d)
+	gate := m.checkAttemptLocked(d)
 	inFlight := d.attempt
 	m.stateMu.Unlock()
 	if gate != nil || inFlight != nil {

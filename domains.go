@@ -1,19 +1,15 @@
 package certmgr
 
 import (
-	"context"
-	"crypto"
 	"fmt"
-	"net/http"
 	"time"
 
-	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 )
 
 // This file holds the domain table: what certmgr knows of each name, how
-// a domain is created and dropped to make room, when it may start an
-// attempt, and its autocert.Manager.
+// a domain is created and dropped to make room, and when it may start an
+// attempt.
 
 // domain is what certmgr knows of one normalised name. Its fields are
 // guarded by Manager.stateMu.
@@ -107,13 +103,13 @@ func (m *Manager) idleLocked(d *domain, now time.Time) bool {
 		!m.waitingLocked(d, now) && d.fail.spentSince(now.Add(-budgetWindow), now) == 0
 }
 
-// gateLocked returns why no attempt may start for d now, or nil.
-func (m *Manager) gateLocked(d *domain) error {
+// checkAttemptLocked returns why no attempt may start for d now, or nil.
+func (m *Manager) checkAttemptLocked(d *domain) error {
 	now := m.now()
 	if m.stateUnread {
 		return fmt.Errorf("%w: %s: the persisted failure records could not be read yet", ErrBackoff, d.name)
 	}
-	if err := m.accountBudgetLocked(now); err != nil {
+	if err := m.checkAccountBudgetLocked(now); err != nil {
 		return err
 	}
 	if !m.waitingLocked(d, now) {
@@ -165,109 +161,4 @@ func (m *Manager) dnsNextLocked(d *domain, now time.Time) time.Time {
 // cacheRetry from now.
 func (m *Manager) localNextLocked(d *domain, now time.Time) time.Time {
 	return minTime(d.localNext, now.Add(m.hooks.cacheRetry))
-}
-
-// orderWindow is the window of the account's order budget: that of Let's
-// Encrypt's limit of new orders per account.
-const orderWindow = 3 * time.Hour
-
-// accountBudgetLocked returns an error wrapping ErrBackoff and
-// errOrderBudget if the account made OrderBudget orders in the last
-// orderWindow, or nil.
-func (m *Manager) accountBudgetLocked(now time.Time) error {
-	i := 0
-	for i < len(m.orders) && !m.orders[i].After(now.Add(-orderWindow)) {
-		i++
-	}
-	m.orders = m.orders[i:]
-	if len(m.orders) < m.cfg.OrderBudget {
-		return nil
-	}
-	return fmt.Errorf("%w: %w: %d new orders in the last %v (Config.OrderBudget); the next at %s", ErrBackoff, errOrderBudget,
-		len(m.orders), orderWindow, m.orders[0].Add(orderWindow).UTC().Format(time.RFC3339))
-}
-
-// cost is how many authorizations one attempt can fail: one per
-// challenge type autocert tries.
-func (m *Manager) cost() int {
-	if m.http01.Load() {
-		return 2
-	}
-	return 1
-}
-
-// autocertFor returns d's autocert.Manager, creating it if needed.
-func (m *Manager) autocertFor(ctx context.Context, d *domain) (*autocert.Manager, error) {
-	m.stateMu.Lock()
-	am := d.am
-	m.stateMu.Unlock()
-	if am != nil {
-		return am, nil
-	}
-	key, err := m.accountKey(ctx)
-	if err != nil {
-		return nil, err
-	}
-	http01 := m.http01.Load()
-	am = m.newAutocert(key, m.cache) // outside stateMu: it calls into autocert
-	m.stateMu.Lock()
-	if d.am == nil {
-		d.am = am
-	}
-	am = d.am
-	m.stateMu.Unlock()
-	if !http01 && m.http01.Load() {
-		am.HTTPHandler(nil) // HTTPHandler was called meanwhile and may have missed it
-	}
-	return am, nil
-}
-
-// autocertOf returns the autocert.Manager of name, or the base one.
-func (m *Manager) autocertOf(name string) *autocert.Manager {
-	m.stateMu.Lock()
-	defer m.stateMu.Unlock()
-	if d := m.domains[name]; d != nil && d.am != nil {
-		return d.am
-	}
-	return m.base
-}
-
-// newAutocert returns an autocert.Manager with the user's settings that
-// writes through certmgr's cache and talks to the CA with account key
-// through certmgr's observer. Each gets a client of its own whose
-// requests carry the Manager, so that the observer refuses orders from
-// one that is no longer its domain's (its renewal timers cannot be
-// stopped).
-func (m *Manager) newAutocert(key crypto.Signer, cache autocert.Cache) *autocert.Manager {
-	u := m.cfg.Autocert
-	am := &autocert.Manager{
-		Prompt:                 u.Prompt,
-		Cache:                  cache,
-		HostPolicy:             u.HostPolicy,
-		RenewBefore:            u.RenewBefore,
-		Email:                  u.Email,
-		ExtraExtensions:        u.ExtraExtensions,
-		ExternalAccountBinding: u.ExternalAccountBinding,
-	}
-	httpClient := &http.Client{Transport: senderTransport{am: am, next: m.obs}}
-	if t := m.client.HTTPClient; t != nil {
-		httpClient.Timeout = t.Timeout
-		httpClient.CheckRedirect = t.CheckRedirect
-		httpClient.Jar = t.Jar
-	}
-	am.Client = &acme.Client{
-		Key:          key,
-		HTTPClient:   httpClient,
-		DirectoryURL: m.client.DirectoryURL,
-		RetryBackoff: m.client.RetryBackoff,
-		UserAgent:    m.client.UserAgent,
-		KID:          m.client.KID,
-	}
-	if am.Prompt == nil {
-		am.Prompt = autocert.AcceptTOS
-	}
-	if m.http01.Load() {
-		am.HTTPHandler(nil) // let autocert try http-01 too
-	}
-	return am
 }

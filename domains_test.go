@@ -94,7 +94,7 @@ func TestEvictedDomainTakesItsCertificates(t *testing.T) {
 	}
 }
 
-// TestGateSaysWhy: gateLocked lets an attempt start, or says what it
+// TestGateSaysWhy: checkAttemptLocked lets an attempt start, or says what it
 // waits for: the schedule, the budget, the Cache or DNS.
 func TestGateSaysWhy(t *testing.T) {
 	clock := newFakeClock()
@@ -127,7 +127,7 @@ func TestGateSaysWhy(t *testing.T) {
 		d := tt.d
 		d.name = "a.test"
 		m.stateMu.Lock()
-		err := m.gateLocked(&d)
+		err := m.checkAttemptLocked(&d)
 		m.stateMu.Unlock()
 		switch {
 		case tt.want == "" && err != nil:
@@ -180,14 +180,14 @@ func TestAutocertPerDomain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.autocertOf("a.test") != m.base {
+	if m.challengeAutocert("a.test") != m.base {
 		t.Error("a domain without an autocert.Manager is not answered by the base one")
 	}
-	am, err := m.autocertFor(t.Context(), d)
+	am, err := m.domainAutocert(t.Context(), d)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again, _ := m.autocertFor(t.Context(), d); again != am || m.autocertOf("a.test") != am || am == m.base {
+	if again, _ := m.domainAutocert(t.Context(), d); again != am || m.challengeAutocert("a.test") != am || am == m.base {
 		t.Error("the domain's autocert.Manager is not its own, or not kept")
 	}
 	if am.Cache != m.cache || am.Email != "ops@example.com" || am.RenewBefore != 48*time.Hour || am.Client.Key == nil ||
@@ -240,7 +240,7 @@ func TestWaitsBoundedFromNow(t *testing.T) {
 	clock.advance(maxRetryAfter + budgetWindow + time.Second)
 	d, _ := m.domainFor("far.test")
 	m.stateMu.Lock()
-	gate := m.gateLocked(d)
+	gate := m.checkAttemptLocked(d)
 	m.stateMu.Unlock()
 	if gate != nil {
 		t.Errorf("after 8 days and the budget window: %v", gate)

@@ -54,7 +54,7 @@ func (m *Manager) HTTPHandler(fallback http.Handler) http.Handler {
 		}
 		r = r.Clone(r.Context())
 		r.Host = name
-		m.autocertOf(name).HTTPHandler(fallback).ServeHTTP(w, r)
+		m.challengeAutocert(name).HTTPHandler(fallback).ServeHTTP(w, r)
 	})
 }
 

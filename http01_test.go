@@ -108,7 +108,7 @@ func TestHTTPHandlerWhileATokenReadFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := m.autocertFor(context.Background(), d); err != nil {
+	if _, err := m.domainAutocert(context.Background(), d); err != nil {
 		t.Fatal(err)
 	}
 	h := m.HTTPHandler(nil)

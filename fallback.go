@@ -12,9 +12,8 @@ import (
 	"time"
 )
 
-// DefaultHandshakeTimeout is how long a handshake waits for a certificate
-// when Config.HandshakeTimeout is zero.
-const DefaultHandshakeTimeout = 10 * time.Second
+// This file holds the fallback store: the self-signed certificates a
+// handshake gets when no real one can be had in time.
 
 // fallbackLifetime is the validity of a fallback certificate. It is
 // reissued when it ends; clients never trust it anyway.
@@ -113,4 +112,28 @@ func (s *fallbackStore) create(name string, now time.Time) (*tls.Certificate, er
 func IsFallback(cert *tls.Certificate) bool {
 	return cert != nil && cert.Leaf != nil && len(cert.Leaf.Subject.Organization) == 1 &&
 		cert.Leaf.Subject.Organization[0] == "certmgr fallback" && cert.Leaf.Issuer.String() == cert.Leaf.Subject.String()
+}
+
+// fallback returns the certificate for a handshake that cannot have k's:
+// the valid RSA one if k is ECDSA and there is one (every client takes
+// it, and it beats a fallback), else the self-signed fallback, logged
+// once per change of the domain's state.
+func (m *Manager) fallback(k certKey) (*tls.Certificate, error) {
+	if !k.rsa {
+		if c := m.servedCert(certKey{domain: k.domain, rsa: true}); c != nil {
+			return c, nil
+		}
+	}
+	name := k.domain
+	m.stateMu.Lock()
+	d := m.domains[name]
+	first := d != nil && !d.logged
+	if first {
+		d.logged = true
+	}
+	m.stateMu.Unlock()
+	if first {
+		m.emit(Event{Kind: EventFallback, Time: m.now(), Domain: name})
+	}
+	return m.fallbacks.get(name)
 }

@@ -1,0 +1,259 @@
+package certmgr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// This file holds order admission: the ACME transport asks admitOrder
+// before every new order, which passes the order through the domain's
+// gate, its budget of failed authorizations and the account's order
+// budget, and reserves one authorization before the order goes out;
+// observed settles that reservation when the CA answers.
+
+// admitOrder is asked by the ACME transport before every new order, and
+// returns the order's reservation in the domain's budget of failed
+// authorizations, stored before the order goes out. An order inside an
+// attempt in flight passes if the budget holds one more authorization;
+// any other is a renewal by autocert's own timer, which must pass the same
+// schedule, budget and DNS pre-check as any attempt. An order of a
+// domain certmgr no longer tracks, or of an autocert.Manager it replaced
+// (whose renewal timer lives on), is refused.
+func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
+	now := m.now()
+	var renewal *attempt
+	m.stateMu.Lock()
+	d := m.domains[name]
+	err := m.checkOrderLocked(req, d, name, now)
+	if err == nil && d.attempt == nil {
+		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name)}
+		// Every attempt ends: a renewal that hears nothing more (autocert
+		// gave up without another request) ends here.
+		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
+			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: renewal gave no outcome within %v", name, m.hooks.renewalMaxAge))
+		})
+		d.attempt = renewal
+	}
+	m.stateMu.Unlock()
+	if err != nil {
+		m.refused(err)
+		return "", err
+	}
+	if renewal != nil && m.dns != nil {
+		ctx, cancel := context.WithTimeout(req.Context(), m.hooks.dnsCheckTimeout)
+		err := m.dnsChecked(d, m.dns.check(ctx, name))
+		cancel()
+		if err != nil {
+			m.finish(d, renewal, nil, err)
+			return "", err
+		}
+	}
+	if renewal != nil && m.coord != nil {
+		// A replica that holds the lock renews for all; one that renewed
+		// already stored the certificate.
+		ctx, cancel := context.WithTimeout(req.Context(), lockTimeoutRenewal)
+		err := m.lockDomain(ctx, d, renewal)
+		cancel()
+		if err == nil && (m.renewedElsewhere(req.Context(), name, renewal.since, false) ||
+			m.renewedElsewhere(req.Context(), name, renewal.since, true)) {
+			err = fmt.Errorf("%w: %s: another replica renewed it", ErrBackoff, name)
+		}
+		if err == nil {
+			err = m.checkClusterRecord(req.Context(), d) // the cluster's record, as it is now, decides
+		}
+		if err == nil {
+			m.stateMu.Lock()
+			err = checkRenewedLocked(d, m.now()) // by another replica meanwhile, as the record says
+			m.stateMu.Unlock()
+		}
+		if err != nil {
+			m.refused(err)
+			m.finish(d, renewal, nil, err)
+			return "", err
+		}
+	}
+	id := m.reservationID()
+	fence, lost := "", (<-chan struct{})(nil)
+	m.stateMu.Lock()
+	if m.domains[name] != d {
+		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	} else if err = m.checkOrderBudgetLocked(d, now); err == nil {
+		d.fail.reserve(now, id)
+		m.orders = append(m.orders, now)
+		if d.attempt != nil {
+			fence, lost = d.attempt.fence, d.attempt.lost
+		}
+	}
+	m.stateMu.Unlock()
+	if err == nil && m.coord != nil {
+		// The cluster's budget decides, and holds the reservation before
+		// the order goes out; without the store, no order.
+		err = m.updateRecord(req.Context(), name, fence, lost, func(r *failureRecord) error {
+			if t := r.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
+				return fmt.Errorf("%w: %s: the cluster's failed-authorization budget is spent until %s",
+					ErrBackoff, name, t.UTC().Format(time.RFC3339))
+			}
+			r.reserve(now, id)
+			return nil
+		})
+		if err != nil {
+			m.stateMu.Lock()
+			d.fail.settle(id, false)
+			m.stateMu.Unlock()
+		}
+	}
+	if err != nil {
+		m.refused(err)
+		if renewal != nil {
+			m.finish(d, renewal, nil, err)
+		}
+		return "", err
+	}
+	m.saveState() // the reservation is stored before the order goes out
+	return id, nil
+}
+
+// checkOrderLocked returns why d (the domain of name, or nil) may not
+// order now, or nil.
+func (m *Manager) checkOrderLocked(req *http.Request, d *domain, name string, now time.Time) error {
+	switch {
+	case d == nil:
+		return fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
+	case sender(req) != d.am && (d.attempt == nil || sender(req) != d.attempt.am):
+		return fmt.Errorf("certmgr: refusing an order for %s from a retired autocert.Manager", name)
+	case d.loading > 0:
+		return errLoading
+	case d.attempt != nil && (lockLostLocked(d.attempt) || m.coord != nil && d.attempt.lost == nil):
+		// With a Coordinator, an attempt orders only while it holds its
+		// domain's lock: an order while it waits for the lock is a renewal
+		// by autocert's timer, and another replica may be ordering.
+		return errLockLost
+	case d.attempt != nil && d.attempt.path == PathRenewalInfo && sender(req) != d.attempt.am:
+		// autocert's timer, while the renewal the CA asked for runs: it
+		// finds the new certificate in the Cache when it tries again.
+		return fmt.Errorf("%w: %s: a renewal is in flight", ErrBackoff, name)
+	case d.attempt != nil && d.attempt.authzFailed >= m.cost():
+		// autocert orders once more after every challenge type failed, and
+		// finds none left to try: that order would only reserve the
+		// budget and count against the CA's order limit.
+		return fmt.Errorf("certmgr: %s: every challenge type failed in this attempt", name)
+	case d.attempt != nil:
+		return nil // an order of the attempt in flight; checkOrderBudgetLocked decides
+	}
+	if err := m.checkAttemptLocked(d); err != nil {
+		return err
+	}
+	return checkRenewedLocked(d, now)
+}
+
+// checkOrderBudgetLocked returns why one more order, that may fail one
+// authorization, does not fit d's budget of failed authorizations or the
+// account's budget of new orders, or nil.
+func (m *Manager) checkOrderBudgetLocked(d *domain, now time.Time) error {
+	if t := d.fail.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
+		return fmt.Errorf("%w: %s: failed-authorization budget spent until %s", ErrBackoff, d.name, t.UTC().Format(time.RFC3339))
+	}
+	return m.checkAccountBudgetLocked(now)
+}
+
+// reservationID returns a new reservation's ID, unique to this Manager.
+func (m *Manager) reservationID() string {
+	return m.idPrefix + strconv.FormatUint(m.nextID.Add(1), 36)
+}
+
+// refused counts and logs an order refused locally.
+func (m *Manager) refused(err error) {
+	m.refusedOrders.Add(1)
+	m.warnOrderBudget(err)
+}
+
+// warnOrderBudget reports an attempt or order that the account's order
+// budget refused, at most once a minute.
+func (m *Manager) warnOrderBudget(err error) {
+	if errors.Is(err, errOrderBudget) && m.limits.allow("order budget", m.now()) {
+		m.emit(Event{Kind: EventOrderBudget, Time: m.now(), Err: err})
+	}
+}
+
+// observed records what the CA said about name's order: it settles the
+// order's reservation, and tells the attempt in flight. A renewal ends
+// here when the CA refused it, every challenge type failed, or a request
+// got no answer.
+func (m *Manager) observed(name string, ob observation) {
+	m.stateMu.Lock()
+	d := m.domains[name]
+	if d == nil {
+		m.stateMu.Unlock()
+		return
+	}
+	settled := ob.reservation != "" && (ob.authzFailed || ob.authzValid || ob.orderFailed) &&
+		d.fail.settle(ob.reservation, ob.authzFailed)
+	a := d.attempt
+	end := false
+	if a != nil {
+		if ob.order {
+			a.orders++
+		}
+		if ob.authzFailed {
+			a.authzFailed++
+		}
+		if ob.problem != "" {
+			a.problem = ob.problem
+		}
+		if ob.challenge != "" {
+			a.challenge = ob.challenge
+		}
+		a.rateLimited = a.rateLimited || ob.rateLimited
+		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
+		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
+	}
+	problem, fence, lost := "", "", (<-chan struct{})(nil)
+	if a != nil {
+		problem, fence, lost = a.problem, a.fence, a.lost
+	}
+	m.stateMu.Unlock()
+	if settled {
+		// Under the attempt's lock, if it holds one; an answer that came
+		// after its attempt ended settles the reservation it names, which
+		// no other replica's update overwrites.
+		m.storeRecord(name, fence, lost, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
+	}
+	if end {
+		m.finish(d, a, nil, errors.New(problem))
+	} else if settled {
+		m.saveState()
+	}
+}
+
+// orderWindow is the window of the account's order budget: that of Let's
+// Encrypt's limit of new orders per account.
+const orderWindow = 3 * time.Hour
+
+// checkAccountBudgetLocked returns an error wrapping ErrBackoff and
+// errOrderBudget if the account made OrderBudget orders in the last
+// orderWindow, or nil.
+func (m *Manager) checkAccountBudgetLocked(now time.Time) error {
+	i := 0
+	for i < len(m.orders) && !m.orders[i].After(now.Add(-orderWindow)) {
+		i++
+	}
+	m.orders = m.orders[i:]
+	if len(m.orders) < m.cfg.OrderBudget {
+		return nil
+	}
+	return fmt.Errorf("%w: %w: %d new orders in the last %v (Config.OrderBudget); the next at %s", ErrBackoff, errOrderBudget,
+		len(m.orders), orderWindow, m.orders[0].Add(orderWindow).UTC().Format(time.RFC3339))
+}
+
+// cost is how many authorizations one attempt can fail: one per
+// challenge type autocert tries.
+func (m *Manager) cost() int {
+	if m.http01.Load() {
+		return 2
+	}
+	return 1
+}

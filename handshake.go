@@ -1,0 +1,182 @@
+package certmgr
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"time"
+)
+
+// This file holds GetCertificate, the table of served certificates it
+// answers from, and the answers a handshake gets without waiting: a valid
+// certificate, or the fallback of a domain that can start no attempt now.
+// A certificate autocert writes to the Cache reaches the table through
+// certStored.
+
+// answerNow returns, at once and without allocating, the certificate for
+// a handshake that needs k: the valid one served for k, or the fallback of
+// a known domain that can start no attempt now (it backs off or waits for
+// DNS). It returns nil when the handshake must take the full path: a name
+// that is not a domain's normalised name, or whose Cache was not read yet.
+func (m *Manager) answerNow(k certKey) *tls.Certificate {
+	if c := m.servedCert(k); c != nil {
+		return c
+	}
+	now := m.now()
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	waiting := d != nil && m.loadedLocked(d, k, now) && d.attempt == nil && m.waitingLocked(d, now)
+	m.stateMu.Unlock()
+	if !waiting {
+		return nil
+	}
+	c, _ := m.fallback(k)
+	return c
+}
+
+// servedCert returns the valid certificate held for k, or nil.
+func (m *Manager) servedCert(k certKey) *tls.Certificate {
+	m.servedMu.RLock()
+	c := m.served[k]
+	m.servedMu.RUnlock()
+	if c != nil && m.now().Before(c.Leaf.NotAfter) {
+		return c
+	}
+	return nil
+}
+
+// serve makes c the certificate served for k, unless one issued later is.
+func (m *Manager) serve(k certKey, c *tls.Certificate) {
+	m.servedMu.Lock()
+	old := m.served[k]
+	newer := old == nil || !c.Leaf.NotBefore.Before(old.Leaf.NotBefore) // the later issued, whatever its lifetime
+	if newer {
+		m.served[k] = c
+	}
+	m.servedMu.Unlock()
+	if newer {
+		m.stateMu.Lock()
+		if d := m.domains[k.domain]; d != nil {
+			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
+			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
+			if d.served != nil {
+				close(d.served)
+				d.served = nil
+			}
+		}
+		m.stateMu.Unlock()
+		m.ari.track(k, c.Leaf, m.now())
+	}
+}
+
+// unserveLocked drops the certificates served for name, whose domain is
+// dropped. stateMu must be held; servedMu is taken after it.
+func (m *Manager) unserveLocked(name string) {
+	m.servedMu.Lock()
+	delete(m.served, certKey{domain: name})
+	delete(m.served, certKey{domain: name, rsa: true})
+	m.servedMu.Unlock()
+}
+
+// loadedLocked reports whether the Cache was read for k lately: a domain
+// that waits re-reads it every cacheRetry, so that a certificate another
+// process (or an operator) put there is found.
+func (m *Manager) loadedLocked(d *domain, k certKey, now time.Time) bool {
+	at := d.loadedAt[b2i(k.rsa)]
+	return !at.IsZero() && !now.Before(at) && now.Sub(at) < m.hooks.cacheRetry
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// GetCertificate implements tls.Config.GetCertificate. It returns:
+//   - for a TLS-ALPN-01 validation hello (acme.ALPNProto its only
+//     protocol), autocert's answer, with no other check;
+//   - for a name the HostPolicy refuses, an error wrapping ErrHostNotAllowed;
+//   - a valid certificate from memory or the Cache, if there is one;
+//   - otherwise the certificate of an ACME attempt, if one ends within
+//     HandshakeTimeout, and else a self-signed fallback certificate:
+//     at once while the domain backs off or waits for DNS.
+//
+// A domain certmgr already holds a certificate for, or already backs off
+// for, is answered from memory without asking the HostPolicy again: the
+// policy was asked when the domain was first seen.
+//
+// Anyone who builds their own tls.Config with this GetCertificate,
+// instead of using TLSConfig, must add acme.ALPNProto to its NextProtos,
+// or every TLS-ALPN-01 validation fails at the handshake.
+func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	if wantsTokenCert(hello) {
+		return m.tokenCert(hello)
+	}
+	// The hot path: the raw name, as most clients send it normalised.
+	k := certKey{domain: hello.ServerName, rsa: !supportsECDSA(hello)}
+	if c := m.answerNow(k); c != nil {
+		return c, nil
+	}
+	name, err := normalize(hello.ServerName)
+	if err != nil {
+		return nil, err
+	}
+	if k.domain != name {
+		k.domain = name
+		if c := m.answerNow(k); c != nil {
+			return c, nil
+		}
+	}
+	ctx, cancel := m.handshakeContext(hello)
+	defer cancel()
+	if err := m.hostPolicy(ctx, name); err != nil {
+		return nil, err
+	}
+	if cert, err := m.obtain(ctx, k, PathHandshake); err == nil {
+		return cert, nil
+	}
+	return m.fallback(k)
+}
+
+// handshakeContext returns the context of hello's handshake, ended after
+// HandshakeTimeout.
+func (m *Manager) handshakeContext(hello *tls.ClientHelloInfo) (context.Context, context.CancelFunc) {
+	parent := hello.Context()
+	if parent == nil {
+		parent = context.Background()
+	}
+	return context.WithTimeout(parent, m.timeout)
+}
+
+// hostPolicy runs the user's HostPolicy, if any.
+func (m *Manager) hostPolicy(ctx context.Context, name string) error {
+	if p := m.cfg.Autocert.HostPolicy; p != nil {
+		if err := p(ctx, name); err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrHostNotAllowed, name, err)
+		}
+	}
+	return nil
+}
+
+// certStored is called for every certificate written to the Cache:
+// autocert's first issuance and its renewals. The new certificate is
+// served from the next handshake on; a renewal in flight ends with it.
+func (m *Manager) certStored(key string, data []byte) {
+	k := certKeyOf(key)
+	c, err := parseCert(k, data, m.now())
+	if err != nil {
+		return
+	}
+	m.serve(k, c)
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	var a *attempt
+	if d != nil && d.attempt != nil && d.attempt.path == PathRenewal {
+		a = d.attempt
+	}
+	m.stateMu.Unlock()
+	if a != nil {
+		m.finish(d, a, c, nil)
+	}
+}
