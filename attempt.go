@@ -304,15 +304,10 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		a.timer.Stop()
 	}
 	unlock, fence, lost := a.unlock, a.fence, a.lost
-	var storeOp func(*failureRecord) // the same change, to the cluster's record
-	// What failed for certmgr's own reasons is local; an authorization the
-	// CA failed, or its rate limit, is not, even at Close. An attempt that
-	// lost its cluster lock leaves the record to the replica that took it
-	// over: the authorizations it spent stay reserved there.
-	var cacheErr *cacheError
-	local := (m.closed.Load() || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
-		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &cacheErr)) &&
-		a.authzFailed == 0 && !a.rateLimited || err != nil && lockLostLocked(a)
+	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
+	// change is the outcome's one change to the domain's failure record,
+	// made here and, in a cluster, to the cluster's record.
+	var change func(*failureRecord)
 	switch {
 	case err == nil:
 		kind := EventObtained
@@ -323,23 +318,20 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		case a.orders == 0:
 			kind = EventLoaded // autocert found it in the Cache: another replica's, say
 		}
-		d.fail.succeed(now)
-		if renewed {
-			d.fail.Renewed = now
-		}
-		storeOp = func(r *failureRecord) {
+		change = func(r *failureRecord) {
 			r.succeed(now)
 			if renewed {
 				r.Renewed = now
 			}
 		}
+		change(&d.fail)
 		d.lastErr = nil
 		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
 		d.logged = false
 		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
 			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
 	case local:
-		if cacheErr != nil {
+		if ce := (*cacheError)(nil); errors.As(err, &ce) {
 			// The Cache cannot be read: no attempt until it may work again,
 			// lest a certificate that is there be ordered anew.
 			d.localNext = now.Add(m.hooks.cacheRetry)
@@ -362,10 +354,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 				a.rateLimited = true
 			}
 		}
-		msg, rnd := err.Error(), m.hooks.rand()
-		d.fail.fail(now, msg, m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, rnd)
-		cost := m.cost()
-		storeOp = func(r *failureRecord) { r.fail(now, msg, cost, m.cfg.AuthzBudget, m.cfg.Backoff, retryAfter, rnd) }
+		msg, rnd, cost, budget, backoff := err.Error(), m.hooks.rand(), m.cost(), m.cfg.AuthzBudget, m.cfg.Backoff
+		change = func(r *failureRecord) { r.fail(now, msg, cost, budget, backoff, retryAfter, rnd) }
+		change(&d.fail)
 		d.lastErr = err
 		d.logged = false
 		if d.notAfter.IsZero() || !now.Before(d.notAfter) {
@@ -381,10 +372,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		}
 	}
 	a.cert, a.err = cert, err
-	persist := err == nil || !local
 	m.stateMu.Unlock()
-	if persist && storeOp != nil {
-		m.storeRecord(d.name, fence, lost, storeOp) // under the lock, if the attempt held it
+	if change != nil {
+		m.storeRecord(d.name, fence, lost, change) // under the lock, if the attempt held it
 	}
 	if unlock != nil {
 		unlock()
@@ -393,13 +383,37 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if cert != nil {
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
 	}
-	if persist {
+	if change != nil {
 		m.saveState() // before waking the waiters: what they see is stored
 	}
 	m.emit(events...) // and logged
 	close(a.done)
 }
 
+// failedLocally reports whether an attempt that ended with err failed for
+// certmgr's own reasons, which leave the domain's failure record as it is:
+// Close (closing), the DNS pre-check, a local refusal (ErrBackoff,
+// errLoading) or a Cache that cannot be read, if the CA failed no
+// authorization (authzFailed) and did not rate-limit it; an authorization
+// the CA failed, or its rate limit, is the CA's, even at Close. Any
+// failure of an attempt that lost its cluster lock (lockLost) is local
+// too: it leaves the record to the replica that took the lock over, where
+// the authorizations it spent stay reserved. A success is not local.
+func failedLocally(err error, closing bool, authzFailed int, rateLimited, lockLost bool) bool {
+	switch {
+	case err == nil:
+		return false
+	case lockLost:
+		return true
+	case authzFailed > 0 || rateLimited:
+		return false
+	}
+	var ce *cacheError
+	return closing || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
+		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &ce)
+}
+
+// isRSA reports whether c's key is an RSA key.
 func isRSA(c *tls.Certificate) bool {
 	_, ok := c.PrivateKey.(*rsa.PrivateKey)
 	return ok

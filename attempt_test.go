@@ -608,3 +608,40 @@ func TestOrdersInsideAnAttemptKeepTheBudget(t *testing.T) {
 		t.Errorf("persisted %+v, want the same 3", stored)
 	}
 }
+
+// TestFailedLocally: what failed for certmgr's own reasons leaves the
+// failure record alone; what the CA failed or rate-limited does not, even
+// at Close; an attempt that lost its cluster lock leaves the record to the
+// replica that took the lock over.
+func TestFailedLocally(t *testing.T) {
+	caErr := errors.New("urn:ietf:params:acme:error:connection")
+	for _, tt := range []struct {
+		name        string
+		err         error
+		closing     bool
+		authzFailed int
+		rateLimited bool
+		lockLost    bool
+		want        bool
+	}{
+		{name: "success", err: nil, want: false},
+		{name: "success while closing", err: nil, closing: true, want: false},
+		{name: "success after the lock was lost", err: nil, lockLost: true, want: false},
+		{name: "the CA's failure", err: caErr, want: false},
+		{name: "closed", err: errClosed, want: true},
+		{name: "any error while closing", err: caErr, closing: true, want: true},
+		{name: "DNS not ready", err: fmt.Errorf("%w: a.test", ErrDNSNotReady), want: true},
+		{name: "backoff", err: fmt.Errorf("%w: a.test", ErrBackoff), want: true},
+		{name: "loading", err: errLoading, want: true},
+		{name: "the Cache unreadable", err: &cacheError{op: "get", key: "a.test", err: caErr}, want: true},
+		{name: "closed after an authorization failed", err: errClosed, authzFailed: 1, want: false},
+		{name: "closing after an authorization failed", err: caErr, closing: true, authzFailed: 2, want: false},
+		{name: "backoff after a rate limit", err: fmt.Errorf("%w: a.test", ErrBackoff), rateLimited: true, want: false},
+		{name: "the CA's failure after the lock was lost", err: caErr, authzFailed: 1, lockLost: true, want: true},
+		{name: "rate-limited after the lock was lost", err: caErr, rateLimited: true, lockLost: true, want: true},
+	} {
+		if got := failedLocally(tt.err, tt.closing, tt.authzFailed, tt.rateLimited, tt.lockLost); got != tt.want {
+			t.Errorf("%s: failedLocally = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}

@@ -142,34 +142,6 @@ func (h testHooks) withDefaults() testHooks {
 // Manager obtains, renews and serves certificates through autocert, with
 // backoff, a DNS pre-check, a handshake timeout and status reporting. Create
 // one with New; its methods are safe for concurrent use.
-//
-// # Concurrency
-//
-// A Manager has four mutexes, each declared above what it guards:
-//   - persistMu serialises writes of the persisted state, so that the last
-//     one written is the newest. It is held across that one Cache Put.
-//   - stateMu guards the domain table (domains, queue, inFlight, orders,
-//     dormant, stateUnread) and every field of every domain and attempt. A
-//     function or method named ...Locked is called with stateMu held; no
-//     other lock is meant.
-//   - servedMu guards served, the certificates handshakes get.
-//   - accountMu guards key.
-//
-// The lock order is persistMu, then stateMu, then servedMu; accountMu is
-// taken alone. Under stateMu, servedMu and accountMu certmgr makes no call
-// out: no OnEvent callback or log line (emit), no HostPolicy, no Cache
-// call and no call into an autocert.Manager. autocert holds locks of its
-// own while it calls the Cache, whose errors go to OnEvent, which may
-// call Status: so autocert's locks come before stateMu, and stateMu is
-// never held around autocert.
-//
-// The Cache wrapper (certCache) holds one lock per key being written
-// across that write, so that the newest write of a key lands last;
-// persistMu comes before the state key's. The helpers' other locks are
-// leaves, never held while another lock is taken or a call goes out:
-// acmeObserver.urlsMu, certCache.pendingMu and writersMu,
-// fallbackStore.certsMu, dnsChecker.cacheMu, limiter.lastMu and
-// renewals.mu.
 type Manager struct {
 	cfg       Config    // defaults applied
 	hooks     testHooks // defaults applied
@@ -193,6 +165,33 @@ type Manager struct {
 	ari       renewals      // the CA's renewal information (ari.go)
 	ariClient *http.Client  // GETs renewal information through obs
 
+	// Concurrency. A Manager has four mutexes, each declared above what
+	// it guards:
+	//   - persistMu serialises writes of the persisted state, so that the
+	//     last one written is the newest. It is held across that one
+	//     Cache Put.
+	//   - stateMu guards the domain table (domains, queue, inFlight,
+	//     orders, dormant, stateUnread) and every field of every domain
+	//     and attempt. A function or method named ...Locked is called
+	//     with stateMu held; no other lock is meant.
+	//   - servedMu guards served, the certificates handshakes get.
+	//   - accountMu guards key.
+	//
+	// The lock order is persistMu, then stateMu, then servedMu; accountMu
+	// is taken alone. Under stateMu, servedMu and accountMu certmgr makes
+	// no call out: no OnEvent callback or log line (emit), no HostPolicy,
+	// no Cache call and no call into an autocert.Manager. autocert holds
+	// locks of its own while it calls the Cache, whose errors go to
+	// OnEvent, which may call Status: so autocert's locks come before
+	// stateMu, and stateMu is never held around autocert.
+	//
+	// The Cache wrapper (certCache) holds one lock per key being written
+	// across that write, so that the newest write of a key lands last;
+	// persistMu comes before the state key's. The helpers' other locks
+	// are leaves, never held while another lock is taken or a call goes
+	// out: acmeObserver.urlsMu, certCache.pendingMu and writersMu,
+	// fallbackStore.certsMu, the DNS checker's cache lock, limiter.lastMu
+	// and renewals.mu.
 	persistMu sync.Mutex // serialises saveState's writes
 
 	stateMu  sync.Mutex

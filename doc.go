@@ -70,6 +70,40 @@
 // lock): a certificate the CA revokes is replaced after the next poll.
 // autocert's own timer (RenewBefore) renews too, whichever comes first.
 //
+// # Reading the code: one handshake
+//
+// A handshake for a name without a certificate crosses six files, through
+// direct calls and two small interfaces that *Manager implements
+// (acmeOwner for the ACME transport, cacheOwner for the Cache wrapper):
+//
+//  1. handshake.go: GetCertificate answers from memory with answerNow (a
+//     valid certificate, or the fallback at once while the domain waits);
+//     otherwise it normalises the name (normalize, names.go) and asks
+//     hostPolicy.
+//  2. attempt.go: obtain finds the domain (domainFor, domains.go), reads
+//     the Cache once (load), and joins or starts the domain's attempt
+//     (begin, which asks checkAttemptLocked in domains.go). The attempt's
+//     goroutine, run, makes the DNS pre-check (dnsChecked), takes the
+//     domain's cluster lock with a Coordinator (lockDomain, cluster.go),
+//     and asks autocert (fetch).
+//  3. autocert.go: domainAutocert gives the domain's autocert.Manager,
+//     made by newAutocert with the account key (accountKey, account.go);
+//     its GetCertificate runs the ACME flow.
+//  4. acme.go: every ACME request goes through acmeObserver.RoundTrip,
+//     which asks before a new order and reports what the CA answered.
+//  5. admit.go: admitOrder admits the order and reserves its
+//     authorization in the budget (saveState, persist.go, stores it
+//     before the order goes out); observed settles the reservation and
+//     tells the attempt what the CA said.
+//  6. cache.go: autocert writes the certificate through certCache.Put,
+//     which calls certStored (handshake.go): serve makes it the one
+//     handshakes get.
+//
+// Back in attempt.go, finish records the outcome: one change to the
+// domain's failure record (and the cluster's, storeRecord in cluster.go),
+// saveState, and the event (emit, events.go); then it wakes the
+// handshakes that wait.
+//
 // # Tests
 //
 // Package certmgrtest runs Let's Encrypt's test CA and a DNS server in
