@@ -45,7 +45,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	}
 	if renewal != nil && m.dns != nil {
 		ctx, cancel := context.WithTimeout(req.Context(), m.hooks.dnsCheckTimeout)
-		err := m.dnsChecked(d, m.dns.check(ctx, name))
+		err := m.dnsChecked(d, checkDNS(ctx, m.dns, name))
 		cancel()
 		if err != nil {
 			m.finish(d, renewal, nil, err)

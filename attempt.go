@@ -197,7 +197,7 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 	defer m.wg.Done()
 	if m.dns != nil {
 		ctx, cancel := context.WithTimeout(m.ctx, m.hooks.dnsCheckTimeout)
-		err := m.dnsChecked(d, m.dns.check(ctx, d.name))
+		err := m.dnsChecked(d, checkDNS(ctx, m.dns, d.name))
 		cancel()
 		if err != nil {
 			m.finish(d, a, nil, err)

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/certmgr/certmgr/internal/dnscheck"
 	"github.com/certmgr/certmgr/internal/testhooks"
 )
 
@@ -151,8 +152,8 @@ type Manager struct {
 	cache     *certCache
 	client    *acme.Client // the user's client settings, for newAutocert
 	obs       *acmeObserver
-	dns       *dnsChecker // nil when DNS.KnownIPs is empty
-	coord     Coordinator // the Cache's, if it is one: replicas act as one
+	dns       *dnscheck.Checker // nil when DNS.KnownIPs is empty
+	coord     Coordinator       // the Cache's, if it is one: replicas act as one
 	fallbacks *fallbackStore
 	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
 	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
@@ -288,14 +289,18 @@ func New(cfg Config) (*Manager, error) {
 		if len(opts.CAAIdentities) == 0 && isLetsEncrypt(m.client.DirectoryURL) {
 			opts.CAAIdentities = []string{"letsencrypt.org"}
 		}
-		m.dns = newDNSChecker(opts, m.cfg.DNSRecheck.step(1), m.now)
-		if m.dns.err != nil {
+		dc, err := dnscheck.New(dnscheck.Config(opts), dnscheck.Options{
+			MaxCache: m.cfg.DNSRecheck.step(1),
+			Now:      m.now,
+			Life:     m.ctx,
+			Methods:  m.challengeTypes,
+			Account:  m.accountURI,
+		})
+		if err != nil {
 			m.cancel()
-			return nil, m.dns.err
+			return nil, err
 		}
-		m.dns.life = m.ctx
-		m.dns.methods = m.challengeTypes
-		m.dns.account = m.accountURI
+		m.dns = dc
 	}
 	fb, err := newFallbackStore(m.cfg.MaxFallbacks, m.now)
 	if err != nil {

@@ -1,6 +1,10 @@
 package certmgr
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/certmgr/certmgr/internal/dnscheck"
+)
 
 // Errors that callers branch on with errors.Is. Each error certmgr returns
 // for one of these reasons wraps the sentinel together with the detail.
@@ -10,8 +14,9 @@ var (
 	// ErrBackoff reports that the domain's next ACME attempt is not yet due.
 	ErrBackoff = errors.New("certmgr: backing off")
 	// ErrDNSNotReady reports that the domain's DNS does not point at the
-	// cluster (or a CAA record forbids the CA).
-	ErrDNSNotReady = errors.New("certmgr: DNS not ready")
+	// cluster (or a CAA record forbids the CA). Its text is
+	// "certmgr: DNS not ready".
+	ErrDNSNotReady = dnscheck.ErrNotReady
 )
 
 // errClosed is returned for ACME requests and attempts after Close.

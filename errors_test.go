@@ -48,8 +48,4 @@ func TestSentinelsAreDistinct(t *testing.T) {
 			}
 		}
 	}
-	e := &dnsNotReadyError{domain: "a.test", reason: "no A or AAAA record"}
-	if !errors.Is(e, ErrDNSNotReady) || e.Error() != "certmgr: DNS not ready: a.test: no A or AAAA record" {
-		t.Errorf("dnsNotReadyError %q: not ErrDNSNotReady", e)
-	}
 }

@@ -71,7 +71,7 @@ func (m *Manager) Retry(domain string) {
 	}
 	m.stateMu.Unlock()
 	if m.dns != nil {
-		m.dns.forget(name)
+		m.dns.Forget(name)
 	}
 	m.emit(ev)
 	m.saveState()
