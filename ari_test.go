@@ -19,6 +19,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestCertIDIsRFC9773s: the example of RFC 9773, section 4.1.
@@ -307,7 +308,7 @@ func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 			policy = autocert.HostWhitelist("other.test") // a replica that does not serve name
 		}
 		m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
-			HostPolicy: policy}, Logger: newTestLogger(&syncBuffer{}),
+			HostPolicy: policy}, Logger: newTestLogger(&testsupport.Buffer{}),
 			hooks: testHooks{renewalInfoMinPoll: 100 * time.Millisecond, renewalInfoMaxPoll: 100 * time.Millisecond}})
 		if err != nil {
 			t.Fatal(err)
@@ -435,9 +436,9 @@ func TestRenewalInfoAttemptIsOfItsKeyType(t *testing.T) {
 	if err := replica.Put(t.Context(), name+"+rsa", pemCert(t, rsaCert)); err != nil {
 		t.Fatal(err)
 	}
-	clock := &fakeClock{t: now}
+	clock := testsupport.NewClock(now)
 	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica, Client: ca.NewClient(),
-		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), hooks: testHooks{now: clock.now}})
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{}), hooks: testHooks{now: clock.Now}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -448,7 +449,7 @@ func TestRenewalInfoAttemptIsOfItsKeyType(t *testing.T) {
 	}
 	k := certKey{domain: name}
 	m.serve(k, selfSigned(t, name, ecKey(t), "this replica", now.Add(-time.Minute), now.Add(time.Hour)))
-	clock.advance(2 * time.Hour) // the ECDSA certificate expired
+	clock.Advance(2 * time.Hour) // the ECDSA certificate expired
 	a, err := m.begin(d, k, PathRenewalInfo)
 	if err != nil {
 		t.Fatal(err)
@@ -484,7 +485,7 @@ func TestRenewalInfoAttemptOrdersAlone(t *testing.T) {
 		return req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
 	}
 	m.stateMu.Lock()
-	d.attempt = &attempt{key: certKey{domain: "a.test"}, path: PathRenewalInfo, start: clock.now(), done: make(chan struct{})}
+	d.attempt = &attempt{key: certKey{domain: "a.test"}, path: PathRenewalInfo, start: clock.Now(), done: make(chan struct{})}
 	m.stateMu.Unlock()
 	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
 		t.Errorf("the domain's autocert ordering while the renewal's has not started: %v, want ErrBackoff", err)

@@ -36,7 +36,7 @@ func startAttempt(m *Manager, d *domain, path Path) *attempt {
 // authorization; the CA's failures do, with its detail, its Retry-After
 // and its rate limit. finish itself spends no budget: orders reserve it.
 func TestFinishRecordsOutcome(t *testing.T) {
-	t0 := newFakeClock().now()
+	t0 := newFakeClock().Now()
 	retryAt := t0.Add(2 * time.Hour)
 	rateLimited := &acme.Error{StatusCode: http.StatusTooManyRequests, ProblemType: "urn:ietf:params:acme:error:rateLimited",
 		Detail: "too many", Header: http.Header{"Retry-After": {retryAt.Format(http.TimeFormat)}}}
@@ -137,7 +137,7 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	}
 	m.stateMu.Lock()
 	d.loading = 0
-	d.fail.fail(clock.now(), "failed", 1, 4, m.cfg.Backoff, time.Time{}, 0)
+	d.fail.fail(clock.Now(), "failed", 1, 4, m.cfg.Backoff, time.Time{}, 0)
 	m.stateMu.Unlock()
 	if _, err := m.admitOrder(order(current), "a.test"); !errors.Is(err, ErrBackoff) {
 		t.Errorf("order in backoff: %v, want ErrBackoff", err)
@@ -145,13 +145,13 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	if n := m.refusedOrders.Load(); n != 4 {
 		t.Errorf("%d orders refused, want 4", n)
 	}
-	clock.advance(time.Hour)
+	clock.Advance(time.Hour)
 	id, err := m.admitOrder(order(current), "a.test")
 	if err != nil || id == "" {
 		t.Fatalf("due order: %q, %v", id, err)
 	}
 	m.stateMu.Lock()
-	renewal, spent := d.attempt, d.fail.spentSince(clock.now().Add(-time.Hour), clock.now())
+	renewal, spent := d.attempt, d.fail.spentSince(clock.Now().Add(-time.Hour), clock.Now())
 	m.stateMu.Unlock()
 	if renewal == nil || renewal.path != PathRenewal || spent != 1 {
 		t.Fatalf("attempt %+v, %d authorization(s) reserved; want a renewal in flight and 1", renewal, spent)
@@ -165,7 +165,7 @@ func TestAdmitOrderGatesRenewals(t *testing.T) {
 	m.observed("a.test", observation{reservation: id, authzValid: true})
 	m.observed("a.test", observation{reservation: id2, authzFailed: true, problem: "Connection refused"})
 	m.stateMu.Lock()
-	spent = d.fail.spentSince(clock.now().Add(-time.Hour), clock.now())
+	spent = d.fail.spentSince(clock.Now().Add(-time.Hour), clock.Now())
 	settled := len(d.fail.Spends) == 1 && d.fail.Spends[0].ID == ""
 	m.stateMu.Unlock()
 	if spent != 1 || !settled {
@@ -578,7 +578,7 @@ func TestOrdersInsideAnAttemptKeepTheBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
-	a := &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
+	a := &attempt{path: PathHandshake, start: clock.Now(), done: make(chan struct{})}
 	m.stateMu.Lock()
 	d.attempt = a
 	m.inFlight++
@@ -600,11 +600,11 @@ func TestOrdersInsideAnAttemptKeepTheBudget(t *testing.T) {
 	m.finish(d, a, nil, errors.New("acme/autocert: missing certificate"))
 	m.observed("a.test", observation{reservation: ids[1], authzFailed: true}) // after the end: still counts
 	rec := failureOf(m, "a.test")
-	if got := rec.spentSince(clock.now().Add(-budgetWindow), clock.now()); got != 3 {
+	if got := rec.spentSince(clock.Now().Add(-budgetWindow), clock.Now()); got != 3 {
 		t.Errorf("%d authorizations counted, want 3: two reserved, one failed after the end", got)
 	}
-	stored := persistedAt(t, m.cache, clock.now())["a.test"]
-	if got := stored.spentSince(clock.now().Add(-budgetWindow), clock.now()); got != 3 {
+	stored := persistedAt(t, m.cache, clock.Now())["a.test"]
+	if got := stored.spentSince(clock.Now().Add(-budgetWindow), clock.Now()); got != 3 {
 		t.Errorf("persisted %+v, want the same 3", stored)
 	}
 }

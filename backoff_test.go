@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestBackoffDelays: the default schedule's waits, with at most 10%
@@ -58,7 +60,7 @@ func TestScheduleKeepsBudget(t *testing.T) {
 		m := newPureManager(t, clock, func(c *Config) { c.hooks.rand = rand.New(rand.NewPCG(1, 2)).Float64 })
 		m.http01.Store(http01)
 		spends := simulateFailures(t, clock, []*Manager{m})
-		checkBudget48h(t, fmt.Sprintf("http01=%v", http01), spends, newFakeClock().now())
+		checkBudget48h(t, fmt.Sprintf("http01=%v", http01), spends, newFakeClock().Now())
 	}
 }
 
@@ -69,7 +71,7 @@ const simName = "sim.test"
 // Managers ms, which share clock and take turns a minute each: autocert's
 // renewal timer and handshake attempts alternate, every authorization
 // fails. It returns the time of each failed authorization.
-func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time {
+func simulateFailures(t *testing.T, clock *testsupport.Clock, ms []*Manager) []time.Time {
 	t.Helper()
 	ds := make([]*domain, len(ms))
 	for i, m := range ms {
@@ -79,10 +81,10 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 		}
 		ds[i] = d
 	}
-	start := clock.now()
+	start := clock.Now()
 	var spends []time.Time // one per failed authorization
 	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
-	for i := 0; clock.now().Sub(start) < 48*time.Hour; i++ {
+	for i := 0; clock.Now().Sub(start) < 48*time.Hour; i++ {
 		m, d := ms[i%len(ms)], ds[i%len(ms)]
 		// One order: admitted (its authorization reserved) or refused,
 		// then its authorization fails.
@@ -93,7 +95,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 			}
 			m.observed(simName, observation{reservation: id, order: true})
 			m.observed(simName, observation{reservation: id, authzFailed: true, problem: "Connection refused"})
-			spends = append(spends, clock.now())
+			spends = append(spends, clock.Now())
 			return true
 		}
 		orders := func() {
@@ -120,7 +122,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 			gate := m.checkAttemptLocked(d)
 			var a *attempt
 			if gate == nil {
-				a = &attempt{path: PathHandshake, start: clock.now(), done: make(chan struct{})}
+				a = &attempt{path: PathHandshake, start: clock.Now(), done: make(chan struct{})}
 				d.attempt = a
 				m.inFlight++
 			}
@@ -129,7 +131,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 				if !errors.Is(gate, ErrBackoff) {
 					t.Fatalf("gate: %v", gate)
 				}
-				clock.advance(time.Minute)
+				clock.Advance(time.Minute)
 				continue
 			}
 			err := m.lockDomain(context.Background(), d, a)
@@ -142,7 +144,7 @@ func simulateFailures(t *testing.T, clock *fakeClock, ms []*Manager) []time.Time
 			}
 			m.finish(d, a, nil, err)
 		}
-		clock.advance(time.Minute)
+		clock.Advance(time.Minute)
 	}
 	return spends
 }

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // benchCache returns a cache holding a Pebble-issued ECDSA certificate
@@ -57,24 +58,12 @@ func benchManagers(b *testing.B, name string) (*Manager, *autocert.Manager, *cer
 	return m, bare, ca
 }
 
-// A modern browser's hello: TLS 1.3 and 1.2, ECDSA offered.
-func benchHello(name string) *tls.ClientHelloInfo {
-	return &tls.ClientHelloInfo{
-		ServerName:        name,
-		SupportedVersions: []uint16{tls.VersionTLS13, tls.VersionTLS12},
-		SignatureSchemes:  []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.PSSWithSHA256, tls.PKCS1WithSHA256},
-		SupportedCurves:   []tls.CurveID{tls.X25519, tls.CurveP256},
-		CipherSuites: []uint16{tls.TLS_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
-	}
-}
-
 // GetCertificate for a domain whose valid certificate is cached: certmgr
 // beside bare autocert, and the DNS queries the pre-check costs there.
 func BenchmarkGetCertificateCached(b *testing.B) {
 	const name = "bench.test"
 	m, bare, ca := benchManagers(b, name)
-	hello := benchHello(name)
+	hello := testsupport.Hello(name)
 	for _, tt := range []struct {
 		name string
 		get  func(*tls.ClientHelloInfo) (*tls.Certificate, error)
@@ -104,7 +93,7 @@ func BenchmarkGetCertificateCached(b *testing.B) {
 func BenchmarkGetCertificateCachedRenewalInfo(b *testing.B) {
 	const name = "bench.test"
 	cache, ca := benchCache(b, name)
-	hello := benchHello(name)
+	hello := testsupport.Hello(name)
 	newManager := func(noRenewalInfo bool) *Manager {
 		cfg := Config{
 			Autocert: &autocert.Manager{Cache: cache, HostPolicy: autocert.HostWhitelist(name), Client: ca.NewClient()},
@@ -159,7 +148,7 @@ func BenchmarkGetCertificateBackoff(b *testing.B) {
 	if err := m.Provision(context.Background(), name); err == nil {
 		b.Fatal("Provision succeeded")
 	}
-	hello := benchHello(name)
+	hello := testsupport.Hello(name)
 	if c, err := m.GetCertificate(hello); err != nil || !IsFallback(c) {
 		b.Fatalf("not the fallback: %v", err)
 	}

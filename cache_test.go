@@ -18,13 +18,15 @@ import (
 	"time"
 
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // newTestCertCache returns a certCache over a faultCache over memory, and
 // what it reported, one report a line.
-func newTestCertCache() (*certCache, *faultCache, *syncBuffer) {
+func newTestCertCache() (*certCache, *faultCache, *testsupport.Buffer) {
 	fc := &faultCache{inner: &memCache{m: make(map[string][]byte)}}
-	reports := &syncBuffer{}
+	reports := &testsupport.Buffer{}
 	c := newCertCache(fc, &reportingOwner{w: reports})
 	return c, fc, reports
 }
@@ -140,7 +142,7 @@ func TestCertKeys(t *testing.T) {
 // type, and while it is valid; decodeCert wants the key then a chain that
 // matches it.
 func TestParseCert(t *testing.T) {
-	now := newFakeClock().now()
+	now := newFakeClock().Now()
 	key := ecKey(t)
 	cert := selfSigned(t, "a.test", key, "test", now.Add(-time.Hour), now.Add(time.Hour))
 	data := pemCert(t, cert)

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // replicas is a cluster of Managers on one in-memory store, served on
@@ -51,7 +52,7 @@ func startReplicas(t *testing.T, n int, names ...string) *replicas {
 		wg.Go(func() {
 			r.ms[i], errs[i] = New(Config{
 				Autocert: &autocert.Manager{Cache: r.store.Open(), Client: r.ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
-				Logger:   newTestLogger(&syncBuffer{}),
+				Logger:   newTestLogger(&testsupport.Buffer{}),
 			})
 		})
 	}
@@ -145,7 +146,7 @@ func TestReplicasShareOneAccount(t *testing.T) {
 	ms := make([]*Manager, 3)
 	for i := range ms {
 		cache := &barrierReplica{MemoryReplica: store.Open(), readers: &readers}
-		m, err := New(Config{Autocert: &autocert.Manager{Cache: cache, Client: ca.NewClient()}, Logger: newTestLogger(&syncBuffer{})})
+		m, err := New(Config{Autocert: &autocert.Manager{Cache: cache, Client: ca.NewClient()}, Logger: newTestLogger(&testsupport.Buffer{})})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -384,7 +385,7 @@ func TestReplicasTakeUpTheSingleProcessState(t *testing.T) {
 	ms := make([]*Manager, 2)
 	for i := range ms {
 		m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
-			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{})})
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{})})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -423,7 +424,7 @@ func TestReplicaCutOffFromTheStore(t *testing.T) {
 	ca.DNS.SetA(name, "127.0.0.1")
 	replica := certmgrtest.NewMemoryStore().Open()
 	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica, Client: ca.NewClient(),
-		HostPolicy: autocert.HostWhitelist(kept, name)}, Logger: newTestLogger(&syncBuffer{}),
+		HostPolicy: autocert.HostWhitelist(kept, name)}, Logger: newTestLogger(&testsupport.Buffer{}),
 		HandshakeTimeout: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -510,7 +511,7 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 			ms[i].http01.Store(http01)
 		}
 		spends := simulateFailures(t, clock, ms)
-		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().now())
+		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().Now())
 	}
 }
 
@@ -527,7 +528,7 @@ func TestReplicaTakesOverALostLock(t *testing.T) {
 	ms := make([]*Manager, 2)
 	for i := range ms {
 		m, err := New(Config{Autocert: &autocert.Manager{Cache: replicas[i], Client: ca.NewClient(),
-			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{})})
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{})})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -583,7 +584,7 @@ func TestLostReplicaKeepsToTheStoresToken(t *testing.T) {
 	store := certmgrtest.NewMemoryStore()
 	lost, other := store.Open(), store.Open()
 	m, err := New(Config{Autocert: &autocert.Manager{Cache: lost, Client: ca.NewClient(),
-		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), HandshakeTimeout: time.Second})
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{}), HandshakeTimeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -654,7 +655,7 @@ func TestWaitingHandshakeTakesTheWatchedCertificate(t *testing.T) {
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	store := certmgrtest.NewMemoryStore()
 	m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(),
-		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&syncBuffer{}), HandshakeTimeout: time.Minute})
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{}), HandshakeTimeout: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestStaleFailuresMakeRoom: names whose failures are over make room for
@@ -26,7 +28,7 @@ func TestStaleFailuresMakeRoom(t *testing.T) {
 	if _, err := m.domainFor("legit.test"); err == nil {
 		t.Fatal("a new name displaced a domain that backs off")
 	}
-	clock.advance(2 * time.Hour) // backoffs and the spent authorizations are over
+	clock.Advance(2 * time.Hour) // backoffs and the spent authorizations are over
 	if _, err := m.domainFor("legit.test"); err != nil {
 		t.Fatalf("stale failures kept the table full: %v", err)
 	}
@@ -39,7 +41,7 @@ func TestStaleFailuresMakeRoom(t *testing.T) {
 func TestIdleDomains(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	now := clock.now()
+	now := clock.Now()
 	for _, tt := range []struct {
 		name string
 		d    domain
@@ -73,7 +75,7 @@ func TestIdleDomains(t *testing.T) {
 func TestEvictedDomainTakesItsCertificates(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, func(c *Config) { c.MaxDomains = 1 })
-	now := clock.now()
+	now := clock.Now()
 	old := selfSigned(t, "old.test", ecKey(t), "test", now.Add(-time.Hour), now.Add(time.Hour))
 	if _, err := m.domainFor("old.test"); err != nil {
 		t.Fatal(err)
@@ -82,7 +84,7 @@ func TestEvictedDomainTakesItsCertificates(t *testing.T) {
 	if _, err := m.domainFor("new.test"); err == nil {
 		t.Fatal("a new name displaced a domain with a valid certificate")
 	}
-	clock.advance(2 * time.Hour)
+	clock.Advance(2 * time.Hour)
 	if _, err := m.domainFor("new.test"); err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +101,7 @@ func TestEvictedDomainTakesItsCertificates(t *testing.T) {
 func TestGateSaysWhy(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	now := clock.now()
+	now := clock.Now()
 	errDNS := fmt.Errorf("%w: a.test: no A or AAAA record", ErrDNSNotReady)
 	spends := func(n int) []spend {
 		s := make([]spend, n)
@@ -147,7 +149,7 @@ func TestWaitsAreCappedFromNow(t *testing.T) {
 		c.Backoff = Backoff{Steps: []time.Duration{time.Minute, 10 * time.Minute}, Jitter: -1}
 		c.DNSRecheck = Backoff{Steps: []time.Duration{time.Minute}, Jitter: -1}
 	})
-	now := clock.now()
+	now := clock.Now()
 	far := now.Add(1000 * time.Hour)
 	d := &domain{name: "a.test", fail: failureRecord{Failures: 1, NextAttempt: far, RetryAfter: far}, dnsErr: ErrDNSNotReady, dnsNext: far, localNext: far}
 	m.stateMu.Lock()
@@ -159,11 +161,11 @@ func TestWaitsAreCappedFromNow(t *testing.T) {
 	}
 	d.fail.RetryAfter = time.Time{}
 	d.fail.NextAttempt = far
-	clock.advance(-24 * time.Hour) // the clock goes back: the cap holds from the new now
+	clock.Advance(-24 * time.Hour) // the clock goes back: the cap holds from the new now
 	m.stateMu.Lock()
-	m.capWaitsLocked(d, clock.now())
+	m.capWaitsLocked(d, clock.Now())
 	m.stateMu.Unlock()
-	if want := clock.now().Add(10 * time.Minute); !d.fail.NextAttempt.Equal(want) {
+	if want := clock.Now().Add(10 * time.Minute); !d.fail.NextAttempt.Equal(want) {
 		t.Errorf("NextAttempt %v, want %v", d.fail.NextAttempt, want)
 	}
 }
@@ -229,7 +231,7 @@ func TestWaitsBoundedFromNow(t *testing.T) {
 		`"spends":[{"at":"9999-12-31T00:00:00Z","authz":1000000000},{"at":"2025-01-01T00:00:00Z","authz":-5}]}}}`)
 	cache := &memCache{m: map[string][]byte{stateKey: data}}
 	m := newPureManager(t, clock, func(c *Config) { c.Autocert.Cache = cache })
-	limit := clock.now().Add(maxRetryAfter)
+	limit := clock.Now().Add(maxRetryAfter)
 	if st := m.Status("far.test"); st.NextAttempt.After(limit) || st.NextAttempt.IsZero() {
 		t.Errorf("Status.NextAttempt = %v, want within %v and set", st.NextAttempt, limit)
 	}
@@ -237,7 +239,7 @@ func TestWaitsBoundedFromNow(t *testing.T) {
 	if st := m.Status("far.test"); st.NextAttempt.After(limit) {
 		t.Errorf("after Retry, NextAttempt = %v, want within %v", st.NextAttempt, limit)
 	}
-	clock.advance(maxRetryAfter + budgetWindow + time.Second)
+	clock.Advance(maxRetryAfter + budgetWindow + time.Second)
 	d, _ := m.domainFor("far.test")
 	m.stateMu.Lock()
 	gate := m.checkAttemptLocked(d)
@@ -247,15 +249,15 @@ func TestWaitsBoundedFromNow(t *testing.T) {
 	}
 
 	// A 429 met while the clock ran a year ahead.
-	ahead := clock.now().Add(365 * 24 * time.Hour)
+	ahead := clock.Now().Add(365 * 24 * time.Hour)
 	var rec failureRecord
 	rec.fail(ahead, "rate limited", 1, 4, defaultBackoff, ahead.Add(maxRetryAfter), 0)
 	d2, _ := m.domainFor("ahead.test")
 	m.stateMu.Lock()
 	d2.fail = rec
 	m.stateMu.Unlock()
-	if st := m.Status("ahead.test"); st.NextAttempt.After(clock.now().Add(maxRetryAfter)) {
-		t.Errorf("with the clock back, NextAttempt = %v, want within 8 days of %v", st.NextAttempt, clock.now())
+	if st := m.Status("ahead.test"); st.NextAttempt.After(clock.Now().Add(maxRetryAfter)) {
+		t.Errorf("with the clock back, NextAttempt = %v, want within 8 days of %v", st.NextAttempt, clock.Now())
 	}
 }
 
@@ -263,7 +265,7 @@ func TestWaitsBoundedFromNow(t *testing.T) {
 // domain is busy is logged and counted in an event, at most once a minute.
 func TestFullDomainTableIsReported(t *testing.T) {
 	clock := newFakeClock()
-	logs := &syncBuffer{}
+	logs := &testsupport.Buffer{}
 	events := &eventLog{}
 	m := newPureManager(t, clock, func(c *Config) {
 		c.MaxDomains = 1
@@ -275,7 +277,7 @@ func TestFullDomainTableIsReported(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.stateMu.Lock()
-	d.fail.NextAttempt = clock.now().Add(time.Hour) // backing off: kept
+	d.fail.NextAttempt = clock.Now().Add(time.Hour) // backing off: kept
 	m.stateMu.Unlock()
 	for range 10 {
 		c, err := m.GetCertificate(&tls.ClientHelloInfo{ServerName: "new.test"})
@@ -289,7 +291,7 @@ func TestFullDomainTableIsReported(t *testing.T) {
 	if !strings.Contains(logs.String(), "level=WARN msg=\"domain table full\"") {
 		t.Errorf("no warning logged:\n%s", logs)
 	}
-	clock.advance(time.Minute)
+	clock.Advance(time.Minute)
 	m.GetCertificate(&tls.ClientHelloInfo{ServerName: "new.test"})
 	if n := events.count(EventTableFull); n != 2 {
 		t.Errorf("%d table-full events after a minute more, want 2", n)

@@ -6,7 +6,6 @@ package certmgr
 // self-signed certificates.
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -25,7 +24,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -34,6 +32,7 @@ import (
 
 	"github.com/certmgr/certmgr/certmgrtest"
 	"github.com/certmgr/certmgr/internal/leakcheck"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // envOptions configure an env. The zero value is usable.
@@ -60,8 +59,8 @@ type env struct {
 	opts    envOptions
 	cache   autocert.Cache
 	names   []string
-	logs    *syncBuffer
-	clock   *fakeClock              // the Managers' clock with envOptions.clock; else nil
+	logs    *testsupport.Buffer
+	clock   *testsupport.Clock      // the Managers' clock with envOptions.clock; else nil
 	cur     atomic.Pointer[Manager] // the Manager TLSListener serves
 	started []*Manager              // every Manager started, in order
 	slowest atomic.Int64            // the slowest handshake, in nanoseconds
@@ -75,7 +74,7 @@ const envBudget = 4
 func newEnv(t *testing.T, o envOptions) *env {
 	t.Helper()
 	checkLeaks(t)
-	e := &env{Server: certmgrtest.Start(t, o.pebble), opts: o, names: o.names, logs: &syncBuffer{}}
+	e := &env{Server: certmgrtest.Start(t, o.pebble), opts: o, names: o.names, logs: &testsupport.Buffer{}}
 	for _, n := range o.names {
 		e.DNS.SetA(n, "127.0.0.1")
 	}
@@ -85,7 +84,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		e.cache = autocert.DirCache(t.TempDir())
 	}
 	if o.clock {
-		e.clock = &fakeClock{t: time.Now()}
+		e.clock = testsupport.NewClock(time.Now())
 	}
 	if !o.ownTLS {
 		e.serveTLS(t, &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
@@ -123,7 +122,7 @@ func (e *env) config(mod func(*Config)) Config {
 		Logger: newTestLogger(e.logs),
 	}
 	if e.clock != nil {
-		cfg.hooks.now = e.clock.now
+		cfg.hooks.now = e.clock.Now
 	}
 	if e.opts.dnsCheck {
 		cfg = dnsConfig(e.Server, cfg)
@@ -369,7 +368,7 @@ func intermediates(c *tls.Certificate) *x509.CertPool {
 // memory Cache, the clock's time (the real time if clock is nil), no
 // jitter and a discarded log. mod, if not nil, changes its Config first.
 // It is closed when t ends.
-func newPureManager(t *testing.T, clock *fakeClock, mod func(*Config)) *Manager {
+func newPureManager(t *testing.T, clock *testsupport.Clock, mod func(*Config)) *Manager {
 	t.Helper()
 	cfg := Config{
 		Autocert: &autocert.Manager{},
@@ -377,7 +376,7 @@ func newPureManager(t *testing.T, clock *fakeClock, mod func(*Config)) *Manager 
 		hooks:    testHooks{rand: func() float64 { return 0 }},
 	}
 	if clock != nil {
-		cfg.hooks.now = clock.now
+		cfg.hooks.now = clock.Now
 	}
 	if mod != nil {
 		mod(&cfg)
@@ -390,50 +389,14 @@ func newPureManager(t *testing.T, clock *fakeClock, mod func(*Config)) *Manager 
 	return m
 }
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
 // newFakeClock returns a clock at 2026-01-01 00:00 UTC.
-func newFakeClock() *fakeClock {
-	return &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
+func newFakeClock() *testsupport.Clock {
+	return testsupport.NewClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 }
 
 // newTestLogger logs everything, Debug included, to w.
 func newTestLogger(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // waitFor polls cond until it holds or d passes.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // eventLog collects OnEvent's events.
@@ -59,7 +60,7 @@ func (l *eventLog) last(k EventKind) Event {
 }
 
 // logLines returns the log's lines that mention domain.
-func logLines(logs *syncBuffer, domain string) []string {
+func logLines(logs *testsupport.Buffer, domain string) []string {
 	var out []string
 	for _, l := range strings.Split(logs.String(), "\n") {
 		if strings.Contains(l, "domain="+domain) {
@@ -124,7 +125,7 @@ func TestEventString(t *testing.T) {
 // TestEmitLogsAndCalls: emit logs each event, at its level with its
 // fields, and hands it to OnEvent, in order.
 func TestEmitLogsAndCalls(t *testing.T) {
-	logs := &syncBuffer{}
+	logs := &testsupport.Buffer{}
 	var got []EventKind
 	m := newPureManager(t, newFakeClock(), func(c *Config) {
 		c.Logger = newTestLogger(logs)

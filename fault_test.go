@@ -40,6 +40,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 const (
@@ -930,33 +931,33 @@ func faultCases() []faultCase {
 				if err := m.Provision(context.Background(), "back.test"); err == nil {
 					t.Fatal("Provision succeeded; validation should fail")
 				}
-				if st := m.Status("back.test"); st.State != StateBackoff || !st.NextAttempt.Equal(e.clock.now().Add(time.Minute)) {
+				if st := m.Status("back.test"); st.State != StateBackoff || !st.NextAttempt.Equal(e.clock.Now().Add(time.Minute)) {
 					t.Fatalf("Status = %+v, want backoff for a minute", st)
 				}
-				e.clock.advance(-24 * time.Hour)
+				e.clock.Advance(-24 * time.Hour)
 				return func() { e.DNS.SetA("back.test", "127.0.0.1") }
 			},
 			want: func(t *testing.T, e *env, m *Manager, heal func()) {
 				const back = "back.test"
 				longest := 10 * time.Minute
 				orders := e.Proxy.Counts(back).Orders
-				if st := m.Status(back); st.NextAttempt.Sub(e.clock.now()) > longest {
+				if st := m.Status(back); st.NextAttempt.Sub(e.clock.Now()) > longest {
 					t.Errorf("after the jump back, Status.NextAttempt is %v ahead, want at most the schedule's longest wait %v",
-						st.NextAttempt.Sub(e.clock.now()), longest)
+						st.NextAttempt.Sub(e.clock.Now()), longest)
 				}
 				e.checkKept(t)
 				e.expectFallback(t, back)
 				if err := m.Provision(context.Background(), back); !errors.Is(err, ErrBackoff) {
 					t.Errorf("Provision right after the jump = %v, want ErrBackoff", err)
 				}
-				if st := m.Status(back); st.NextAttempt.Sub(e.clock.now()) > longest {
-					t.Errorf("after a handshake, Status.NextAttempt is %v ahead, want at most %v", st.NextAttempt.Sub(e.clock.now()), longest)
+				if st := m.Status(back); st.NextAttempt.Sub(e.clock.Now()) > longest {
+					t.Errorf("after a handshake, Status.NextAttempt is %v ahead, want at most %v", st.NextAttempt.Sub(e.clock.Now()), longest)
 				}
 				if n := e.Proxy.Counts(back).Orders; n != orders {
 					t.Errorf("%d orders in backoff", n-orders)
 				}
 				heal()
-				e.clock.advance(longest)
+				e.clock.Advance(longest)
 				if err := m.Provision(context.Background(), back); err != nil {
 					t.Fatalf("Provision once the longest wait passed: %v", err)
 				}
@@ -979,7 +980,7 @@ func faultCases() []faultCase {
 					t.Errorf("Provision = %v, want ErrBackoff", err)
 				}
 				e.DNS.SetA("fwd.test", "127.0.0.1")
-				e.clock.advance(24 * time.Hour)
+				e.clock.Advance(24 * time.Hour)
 				return nil
 			},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
@@ -1001,8 +1002,8 @@ func faultCases() []faultCase {
 			env:  envOptions{clock: true, config: clockJumpConfig},
 			fault: func(t *testing.T, e *env) func() {
 				closeWithin(t, e.cur.Load(), time.Second)
-				behind := &fakeClock{t: time.Now().Add(-24 * time.Hour)}
-				e.start(t, func(c *Config) { c.hooks.now = behind.now })
+				behind := testsupport.NewClock(time.Now().Add(-24 * time.Hour))
+				e.start(t, func(c *Config) { c.hooks.now = behind.Now })
 				return nil
 			},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {

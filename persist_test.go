@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestStateRoundTrip: what encodeState writes, decodeState reads back
@@ -103,7 +105,7 @@ func TestDecodeStateBoundsRecords(t *testing.T) {
 func TestNewLoadsPersistedState(t *testing.T) {
 	clock := newFakeClock()
 	cache := &memCache{m: make(map[string][]byte)}
-	now := clock.now()
+	now := clock.Now()
 	state, err := encodeState(map[string]failureRecord{
 		"backoff.test": {Failures: 2, LastError: "certmgr: backoff.test: Connection refused", LastFailure: now, NextAttempt: now.Add(10 * time.Minute)},
 		"valid.test":   {},
@@ -148,7 +150,7 @@ func TestNewLoadsPersistedState(t *testing.T) {
 func TestSaveStateWritesWhatMatters(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	now := clock.now()
+	now := clock.Now()
 	for name, set := range map[string]func(d *domain){
 		"failed.test":  func(d *domain) { d.fail.fail(now, "refused", 1, 4, m.cfg.Backoff, time.Time{}, 0) },
 		"valid.test":   func(d *domain) { d.notAfter = now.Add(time.Hour) },
@@ -204,7 +206,7 @@ func TestRestartKeepsBackoff(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	logs := &syncBuffer{}
+	logs := &testsupport.Buffer{}
 	// The second Manager's ACME requests, counted apart from what the
 	// first one's detached work may still send.
 	requests := &countingTransport{next: e.HTTPClient.Transport}

@@ -22,7 +22,7 @@ func TestRetryClearsBackoffOnly(t *testing.T) {
 	clock := newFakeClock()
 	var events []Event
 	m := newPureManager(t, clock, func(c *Config) { c.OnEvent = func(e Event) { events = append(events, e) } })
-	now := clock.now()
+	now := clock.Now()
 	d, err := m.domainFor("a.test")
 	if err != nil {
 		t.Fatal(err)

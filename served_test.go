@@ -15,7 +15,7 @@ import (
 func TestServeKeepsTheLaterIssued(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	now := clock.now()
+	now := clock.Now()
 	key := ecKey(t)
 	older := selfSigned(t, "a.test", key, "older", now.Add(-2*time.Hour), now.Add(90*24*time.Hour))
 	newer := selfSigned(t, "a.test", key, "newer", now.Add(-time.Hour), now.Add(2*time.Hour))
@@ -34,7 +34,7 @@ func TestServeKeepsTheLaterIssued(t *testing.T) {
 	if c := m.servedCert(certKey{domain: "a.test", rsa: true}); c != nil {
 		t.Error("an ECDSA certificate served for the RSA key")
 	}
-	clock.advance(3 * time.Hour)
+	clock.Advance(3 * time.Hour)
 	if c := m.servedCert(k); c != nil {
 		t.Error("an expired certificate served")
 	}
@@ -46,7 +46,7 @@ func TestServeKeepsTheLaterIssued(t *testing.T) {
 func TestAnswerNow(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	now := clock.now()
+	now := clock.Now()
 	valid := selfSigned(t, "valid.test", ecKey(t), "test", now.Add(-time.Hour), now.Add(time.Hour))
 	for name, set := range map[string]func(d *domain){
 		"valid.test":   func(d *domain) {},
@@ -89,7 +89,7 @@ func TestAnswerNow(t *testing.T) {
 		}
 	}
 	// The Cache is read again every cacheRetry while the domain waits.
-	clock.advance(30 * time.Second)
+	clock.Advance(30 * time.Second)
 	if c := m.answerNow(certKey{domain: "backoff.test"}); c != nil {
 		t.Error("answerNow answered a domain whose Cache read is stale")
 	}
@@ -109,7 +109,7 @@ func TestFallbackPrefersValidRSA(t *testing.T) {
 			}
 		}
 	})
-	now := clock.now()
+	now := clock.Now()
 	rsaKey, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)

@@ -15,7 +15,7 @@ import (
 // backoff is 24 h, the longest DNS recheck 10 min).
 func TestStatusComputation(t *testing.T) {
 	clock := newFakeClock()
-	now := clock.now()
+	now := clock.Now()
 	m := newPureManager(t, clock, func(c *Config) {
 		c.Backoff.Jitter = -1
 		c.DNSRecheck.Jitter = -1
@@ -88,9 +88,9 @@ func TestStatusComputation(t *testing.T) {
 func TestStatusOfPersistedFailure(t *testing.T) {
 	clock := newFakeClock()
 	m := newPureManager(t, clock, nil)
-	d := &domain{name: "a.test", fail: failureRecord{Failures: 1, LastError: "certmgr: a.test: Connection refused", NextAttempt: clock.now().Add(time.Minute)}}
+	d := &domain{name: "a.test", fail: failureRecord{Failures: 1, LastError: "certmgr: a.test: Connection refused", NextAttempt: clock.Now().Add(time.Minute)}}
 	m.stateMu.Lock()
-	st := m.statusLocked(d, clock.now())
+	st := m.statusLocked(d, clock.Now())
 	m.stateMu.Unlock()
 	var ae *AttemptError
 	if !errors.As(st.LastError, &ae) || ae.Domain != "a.test" || ae.Detail != "Connection refused" ||
@@ -123,7 +123,7 @@ func TestDomainsSorted(t *testing.T) {
 			t.Fatal(err)
 		}
 		m.stateMu.Lock()
-		d.notAfter = clock.now().Add(time.Hour)
+		d.notAfter = clock.Now().Add(time.Hour)
 		m.stateMu.Unlock()
 	}
 	if _, err := m.GetCertificate(helloFor("refused.test")); !errors.Is(err, ErrHostNotAllowed) {

@@ -12,7 +12,7 @@ import (
 // while it is held and valid, and gets a new one once it expired.
 func TestFallbackStoreIsBounded(t *testing.T) {
 	clock := newFakeClock()
-	s, err := newFallbackStore(3, clock.now)
+	s, err := newFallbackStore(3, clock.Now)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,11 +44,11 @@ func TestFallbackStoreIsBounded(t *testing.T) {
 		t.Errorf("the store holds %d, want 3", n)
 	}
 	c := get("n4.test")
-	if !c.Leaf.NotAfter.Equal(clock.now().Add(fallbackLifetime)) {
+	if !c.Leaf.NotAfter.Equal(clock.Now().Add(fallbackLifetime)) {
 		t.Errorf("fallback valid until %v, want %v from now", c.Leaf.NotAfter, fallbackLifetime)
 	}
-	clock.advance(fallbackLifetime)
-	if again := get("n4.test"); again == c || !clock.now().Before(again.Leaf.NotAfter) {
+	clock.Advance(fallbackLifetime)
+	if again := get("n4.test"); again == c || !clock.Now().Before(again.Leaf.NotAfter) {
 		t.Error("an expired fallback was served again")
 	}
 }

@@ -18,6 +18,8 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // The benchmarks of replicas on etcd (see BENCHMARKS.md, "Replicas on
@@ -79,18 +81,6 @@ func serveReplicas(tb testing.TB, ca *certmgrtest.Server, current *atomic.Pointe
 	}}, nil)
 	if err != nil {
 		tb.Fatal(err)
-	}
-}
-
-// hello is a modern browser's: TLS 1.3 and 1.2, ECDSA offered.
-func hello(name string) *tls.ClientHelloInfo {
-	return &tls.ClientHelloInfo{
-		ServerName:        name,
-		SupportedVersions: []uint16{tls.VersionTLS13, tls.VersionTLS12},
-		SignatureSchemes:  []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.PSSWithSHA256, tls.PKCS1WithSHA256},
-		SupportedCurves:   []tls.CurveID{tls.X25519, tls.CurveP256},
-		CipherSuites: []uint16{tls.TLS_AES_128_GCM_SHA256, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256},
 	}
 }
 
@@ -229,7 +219,7 @@ func revision(tb testing.TB, cli *clientv3.Client) int64 {
 func BenchmarkReplicaGetCertificateCached(b *testing.B) {
 	const name = "cached.bench.test"
 	ctx := context.Background()
-	endpoint := startEtcd(b).endpoint()
+	endpoint := etcdtest.Start(b).Endpoint()
 	direct := clientOf(b, endpoint)
 	ca := certmgrtest.Start(b, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")
@@ -263,7 +253,7 @@ func BenchmarkReplicaGetCertificateCached(b *testing.B) {
 	}
 	single := replicaTB(b, ca, dir, policy)
 
-	h := hello(name)
+	h := testsupport.Hello(name)
 	var serial string
 	for _, m := range []*certmgr.Manager{single, replica} {
 		c, err := m.GetCertificate(h) // loads it from the store
@@ -320,7 +310,7 @@ func burst(tb testing.TB, ms []*certmgr.Manager, name string) (first time.Durati
 	start := time.Now()
 	for i := range burstSize {
 		wg.Go(func() {
-			c, err := ms[i%len(ms)].GetCertificate(hello(name))
+			c, err := ms[i%len(ms)].GetCertificate(testsupport.Hello(name))
 			if err != nil || certmgr.IsFallback(c) {
 				failed.Add(1)
 				return
@@ -352,7 +342,7 @@ func BenchmarkReplicaFirstCertificateSlowCA(b *testing.B) {
 
 func benchFirstCertificate(b *testing.B, opts certmgrtest.Options) {
 	const suffix = ".first.bench.test"
-	endpoint := startEtcd(b).endpoint()
+	endpoint := etcdtest.Start(b).Endpoint()
 	ca := certmgrtest.Start(b, opts)
 	policy := suffixPolicy(suffix)
 	var current atomic.Pointer[[]*certmgr.Manager]
@@ -397,7 +387,7 @@ func benchFirstCertificate(b *testing.B, opts certmgrtest.Options) {
 // when it stores a certificate Pebble just issued), or 150 ms later;
 // reported is how long after the unlock replica 2 holds the lock.
 func BenchmarkLockHandoff(b *testing.B) {
-	endpoint := startEtcd(b).endpoint()
+	endpoint := etcdtest.Start(b).Endpoint()
 	one := cacheTB(b, clientOf(b, endpoint), "/handoff/")
 	two := cacheTB(b, clientOf(b, endpoint), "/handoff/")
 	ctx := context.Background()

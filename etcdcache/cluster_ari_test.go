@@ -80,7 +80,7 @@ func (ac *ariCluster) obtain(t *testing.T) *tls.Certificate {
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	locks := watchLockEntries(t, ac.cluster, ac.name)
-	_, _, unlock, err := newCache(t, ac.etcd.client(t), "/cluster/").Lock(ctx, "domain/"+ac.name)
+	_, _, unlock, err := newCache(t, clientOf(t, ac.etcd.Endpoint()), "/cluster/").Lock(ctx, "domain/"+ac.name)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestBudgetBindsEveryReplica: with validation failing, Retry on one
@@ -195,7 +196,7 @@ func TestRenewalOnceForTheCluster(t *testing.T) {
 	// The test holds the domain's lock while the renewals fall due, as a
 	// replica busy with the domain would: the three renewals are then in
 	// flight together, each waiting for the lock, before any renewed.
-	_, _, unlock, err := newCache(t, c.etcd.client(t), "/cluster/").Lock(ctx, "domain/"+name)
+	_, _, unlock, err := newCache(t, clientOf(t, c.etcd.Endpoint()), "/cluster/").Lock(ctx, "domain/"+name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -287,7 +288,7 @@ type lockEntries struct {
 // etcd from now on, until t ends.
 func watchLockEntries(t *testing.T, c *cluster, name string) *lockEntries {
 	t.Helper()
-	cli := c.etcd.client(t)
+	cli := clientOf(t, c.etcd.Endpoint())
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel) // before cli's Close
 	le := &lockEntries{live: make(map[string]bool)}
@@ -320,24 +321,6 @@ func (le *lockEntries) count() int {
 	return len(le.live)
 }
 
-// simClock is a clock that moves only when told.
-type simClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *simClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *simClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // TestBudgetHoldsFor48SimulatedHours: for 48 simulated hours of failing
 // validation, a handshake every simulated minute on the replicas in turn,
 // one replica restarted every 6 hours and one cut off from etcd for a
@@ -346,24 +329,24 @@ func (c *simClock) advance(d time.Duration) {
 // budget is what binds.
 func TestBudgetHoldsFor48SimulatedHours(t *testing.T) {
 	const name = "sim.test"
-	clock := &simClock{t: time.Now()}
+	clock := testsupport.NewClock(time.Now())
 	c := startCluster(t, clusterOptions{
 		names: []string{name},
-		now:   clock.now,
+		now:   clock.Now,
 		config: func(_ int, cfg *certmgr.Config) {
 			cfg.Backoff = certmgr.Backoff{Steps: []time.Duration{time.Minute}, Jitter: -1}
 			cfg.HandshakeTimeout = 2 * time.Second
 		},
 	})
 	c.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
-	start := clock.now()
+	start := clock.Now()
 	var (
 		spends   []time.Time // on the simulated clock, one per failed authorization
 		restarts int
 		cut      *replica
 	)
-	for step := 0; clock.now().Sub(start) < 48*time.Hour; step++ {
-		elapsed := clock.now().Sub(start)
+	for step := 0; clock.Now().Sub(start) < 48*time.Hour; step++ {
+		elapsed := clock.Now().Sub(start)
 		switch {
 		case step > 0 && elapsed%(6*time.Hour) == 0:
 			c.replicas[restarts%3].restart()
@@ -398,9 +381,9 @@ func TestBudgetHoldsFor48SimulatedHours(t *testing.T) {
 			return true
 		})
 		for n := c.ca.Proxy.Counts(name).FailedAuthzs; len(spends) < n; {
-			spends = append(spends, clock.now())
+			spends = append(spends, clock.Now())
 		}
-		clock.advance(time.Minute)
+		clock.Advance(time.Minute)
 	}
 
 	offsets := make([]time.Duration, len(spends))

@@ -56,7 +56,7 @@ func TestCrashTakeover(t *testing.T) {
 	took := make(chan error, 1)
 	go func() { took <- survivor.manager().Provision(ctx, name) }()
 
-	direct := c.etcd.client(t)
+	direct := clientOf(t, c.etcd.Endpoint())
 	var expired, ordered time.Time
 	for ordered.IsZero() {
 		// The order count is read before the lease: an order seen while
@@ -135,7 +135,7 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 	for _, r := range c.replicas {
 		r.link.cut()
 	}
-	c.etcd.stop()
+	c.etcd.Stop()
 	if after := c.serials(served); strings.Join(after, " ") != strings.Join(before, " ") {
 		t.Errorf("serials served while etcd is down: %v, want %v", after, before)
 	}
@@ -149,7 +149,7 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 		t.Errorf("%d orders while etcd is down, want none", n)
 	}
 
-	c.etcd.start(t)
+	c.etcd.Start(t)
 	for _, r := range c.replicas {
 		r.link.heal()
 	}

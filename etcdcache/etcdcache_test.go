@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"runtime"
 	"strings"
 	"sync"
@@ -15,9 +14,9 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
 	"github.com/certmgr/certmgr/internal/leakcheck"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"golang.org/x/crypto/acme/autocert"
 )
@@ -31,78 +30,6 @@ var (
 // testTTL is the lease TTL of the tests' Caches: as short as etcd allows
 // with its default timing.
 const testTTL = 2 * time.Second
-
-// etcdServer is an etcd server in this process, on loopback.
-type etcdServer struct {
-	cfg *embed.Config
-	mu  sync.Mutex // guards e
-	e   *embed.Etcd
-}
-
-// freeURL returns an http URL on a loopback port that is free now.
-func freeURL(t testing.TB) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return url.URL{Scheme: "http", Host: l.Addr().String()}
-}
-
-// startEtcd starts an etcd server with its data in a temporary
-// directory, and stops it in t's cleanup.
-func startEtcd(t testing.TB) *etcdServer {
-	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = t.TempDir()
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	cu, pu := freeURL(t), freeURL(t)
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	s := &etcdServer{cfg: cfg}
-	s.start(t)
-	t.Cleanup(s.stop)
-	return s
-}
-
-func (s *etcdServer) start(t testing.TB) {
-	t.Helper()
-	e, err := embed.StartEtcd(s.cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		e.Close()
-		t.Fatal("etcd not ready within 30s")
-	}
-	s.mu.Lock()
-	s.e = e
-	s.mu.Unlock()
-}
-
-func (s *etcdServer) stop() {
-	s.mu.Lock()
-	e := s.e
-	s.e = nil
-	s.mu.Unlock()
-	if e != nil {
-		e.Close()
-	}
-}
-
-func (s *etcdServer) endpoint() string { return s.cfg.AdvertiseClientUrls[0].String() }
-
-// client returns a client of s, closed in t's cleanup.
-func (s *etcdServer) client(t testing.TB) *clientv3.Client {
-	t.Helper()
-	return clientOf(t, s.endpoint())
-}
 
 // clientOf returns a client of the etcd server at endpoint, closed in
 // t's cleanup.
@@ -150,8 +77,8 @@ func testContext(t *testing.T) context.Context {
 // client closes.) The partition heals once etcd has expired the lease,
 // as the suite asks: the same Cache then gets locks with a new lease.
 func TestConformance(t *testing.T) {
-	srv := startEtcd(t)
-	direct := srv.client(t)
+	srv := etcdtest.Start(t)
+	direct := clientOf(t, srv.Endpoint())
 	var (
 		mu      sync.Mutex // guards proxies
 		proxies = make(map[*Cache]*proxy)
@@ -159,7 +86,7 @@ func TestConformance(t *testing.T) {
 	)
 	t.Cleanup(healing.Wait)
 	open := func() certmgrtest.Coordinator {
-		p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+		p := startProxy(t, srv.Host())
 		c := newCache(t, clientOf(t, "http://"+p.addr()), "/conformance/")
 		mu.Lock()
 		proxies[c] = p
@@ -290,8 +217,8 @@ func (p *proxy) close() {
 
 func TestCache(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	cli := srv.client(t)
+	srv := etcdtest.Start(t)
+	cli := clientOf(t, srv.Endpoint())
 	c := newCache(t, cli, "/a/")
 	other := newCache(t, cli, "/b/")
 	if _, err := c.Get(ctx, "k"); err != autocert.ErrCacheMiss {
@@ -360,8 +287,8 @@ func TestCache(t *testing.T) {
 
 func TestClose(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	cli := srv.client(t)
+	srv := etcdtest.Start(t)
+	cli := clientOf(t, srv.Endpoint())
 	c := newCache(t, cli, "/close/")
 	_, lost, _, err := c.Lock(ctx, "l")
 	if err != nil {
@@ -397,9 +324,9 @@ func TestClose(t *testing.T) {
 // so, and nothing is left once the client is closed.
 func TestCloseUnreachable(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
+	srv := etcdtest.Start(t)
 	before := len(ours())
-	p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+	p := startProxy(t, srv.Host())
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.addr()}, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
@@ -438,8 +365,8 @@ func TestCloseUnreachable(t *testing.T) {
 // watch and keep-alive streams to end.
 func TestRestart(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	p := startProxy(t, srv.cfg.AdvertiseClientUrls[0].Host)
+	srv := etcdtest.Start(t)
+	p := startProxy(t, srv.Host())
 	c := newCache(t, clientOf(t, "http://"+p.addr()), "/restart/")
 	var (
 		mu     sync.Mutex // guards events
@@ -467,7 +394,7 @@ func TestRestart(t *testing.T) {
 
 	stopping := time.Now()
 	p.cut()
-	srv.stop()
+	srv.Stop()
 	stopped := time.Now()
 	t.Logf("etcd stopped in %v", stopped.Sub(stopping).Round(time.Millisecond))
 	select {
@@ -485,7 +412,7 @@ func TestRestart(t *testing.T) {
 		t.Fatalf("Lock while etcd is down: %v, want context.DeadlineExceeded", err)
 	}
 
-	srv.start(t)
+	srv.Start(t)
 	p.heal()
 	restarted := time.Now()
 	t.Logf("etcd restarted in %v", restarted.Sub(stopped).Round(time.Millisecond))
@@ -529,8 +456,8 @@ func TestRestart(t *testing.T) {
 // revision, and then the later writes.
 func TestWatchCompacted(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	cli := srv.client(t)
+	srv := etcdtest.Start(t)
+	cli := clientOf(t, srv.Endpoint())
 	c := newCache(t, cli, "/compact/")
 	var (
 		mu     sync.Mutex // guards events
@@ -595,10 +522,10 @@ func TestWatchCompacted(t *testing.T) {
 // after which another Cache takes the lock before this one may notice.
 func TestFenceInTxn(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	cli := srv.client(t)
+	srv := etcdtest.Start(t)
+	cli := clientOf(t, srv.Endpoint())
 	c := newCache(t, cli, "/txn/")
-	other := newCache(t, srv.client(t), "/txn/")
+	other := newCache(t, clientOf(t, srv.Endpoint()), "/txn/")
 
 	fence1, _, unlock, err := c.Lock(ctx, "l")
 	if err != nil {
@@ -676,8 +603,8 @@ func TestFenceInTxn(t *testing.T) {
 // back: the lease is gone, as Close wants, and Close does not fail.
 func TestCloseRevoked(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	cli := srv.client(t)
+	srv := etcdtest.Start(t)
+	cli := clientOf(t, srv.Endpoint())
 	c, err := New(cli, Options{Prefix: "/revoked/", LeaseTTL: testTTL})
 	if err != nil {
 		t.Fatal(err)
@@ -701,8 +628,8 @@ func TestCloseRevoked(t *testing.T) {
 // leaves nothing behind.
 func TestSameProcess(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
-	c := newCache(t, srv.client(t), "/same/")
+	srv := etcdtest.Start(t)
+	c := newCache(t, clientOf(t, srv.Endpoint()), "/same/")
 	var (
 		inside, most int
 		mu           sync.Mutex // guards inside, most
@@ -781,12 +708,12 @@ func waitGoroutinesGone(t *testing.T, before int, list func() []string) {
 
 func TestNoGoroutinesLeft(t *testing.T) {
 	ctx := testContext(t)
-	srv := startEtcd(t)
+	srv := etcdtest.Start(t)
 	before := len(ours())
 	func() {
 		var caches [2]*Cache
 		for i := range caches {
-			cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.endpoint()}, Logger: zap.NewNop()})
+			cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint()}, Logger: zap.NewNop()})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
 	"github.com/certmgr/certmgr/internal/testhooks"
 )
 
@@ -31,7 +32,7 @@ import (
 type cluster struct {
 	t        *testing.T
 	opts     clusterOptions
-	etcd     *etcdServer
+	etcd     *etcdtest.Server
 	ca       *certmgrtest.Server
 	replicas []*replica
 	tlsLB    *certmgrtest.Balancer // on the CA's TLS-ALPN-01 port
@@ -81,14 +82,14 @@ func startCluster(t *testing.T, opts clusterOptions) *cluster {
 	if opts.replicas == 0 {
 		opts.replicas = 3
 	}
-	c := &cluster{t: t, opts: opts, etcd: startEtcd(t)}
+	c := &cluster{t: t, opts: opts, etcd: etcdtest.Start(t)}
 	c.ca = certmgrtest.Start(t, opts.caOpts)
 	for _, name := range opts.names {
 		c.ca.DNS.SetA(name, "127.0.0.1")
 	}
 	var tlsAddrs, httpAddrs []string
 	for range opts.replicas {
-		r := &replica{c: c, link: startProxy(t, c.etcd.cfg.AdvertiseClientUrls[0].Host)}
+		r := &replica{c: c, link: startProxy(t, c.etcd.Host())}
 		var err error
 		if r.tlsL, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
 			t.Fatal(err)

@@ -32,6 +32,8 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 var (
@@ -51,7 +53,7 @@ func TestScaleEtcdProcess(t *testing.T) {
 	if os.Getenv(scaleEtcdEnv) == "" {
 		t.Skip("the etcd server of TestScale, which runs it")
 	}
-	fmt.Printf("etcd-endpoint %s\n", startEtcd(t).endpoint())
+	fmt.Printf("etcd-endpoint %s\n", etcdtest.Start(t).Endpoint())
 	io.Copy(io.Discard, os.Stdin)
 }
 
@@ -530,7 +532,7 @@ func TestScale(t *testing.T) {
 		watched.take()
 		locks.take()
 		if handshakes == 1 {
-			if c, err := ms[0].GetCertificate(hello(name)); err != nil || certmgr.IsFallback(c) {
+			if c, err := ms[0].GetCertificate(testsupport.Hello(name)); err != nil || certmgr.IsFallback(c) {
 				t.Fatalf("%s: %v", name, err)
 			}
 		} else {
@@ -624,7 +626,7 @@ func TestScale(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
-				if c, err := m.GetCertificate(hello(scaleName(i))); err != nil || certmgr.IsFallback(c) {
+				if c, err := m.GetCertificate(testsupport.Hello(scaleName(i))); err != nil || certmgr.IsFallback(c) {
 					t.Errorf("%s: %v", scaleName(i), err)
 					return
 				}
@@ -644,7 +646,7 @@ func TestScale(t *testing.T) {
 		polledTime.Round(time.Millisecond), heap0, heap1, served)
 	reqs0 = kv.n.Load()
 	for i := range n {
-		if _, err := m.GetCertificate(hello(scaleName(i))); err != nil {
+		if _, err := m.GetCertificate(testsupport.Hello(scaleName(i))); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -691,7 +693,7 @@ func TestScale(t *testing.T) {
 	rewrite = nil
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
-		if _, err := m2.GetCertificate(hello(sentinel)); err == nil {
+		if _, err := m2.GetCertificate(testsupport.Hello(sentinel)); err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -713,7 +715,7 @@ func TestScale(t *testing.T) {
 		heap2-heap0, byWatch, len(tracked), slices.ContainsFunc(tracked, func(s certmgr.Status) bool { return s.Domain == sentinel }))
 	reqs0 = kv2.n.Load()
 	for i := range n {
-		if c, err := m2.GetCertificate(hello(scaleName(i))); err != nil || certmgr.IsFallback(c) {
+		if c, err := m2.GetCertificate(testsupport.Hello(scaleName(i))); err != nil || certmgr.IsFallback(c) {
 			t.Fatalf("%s: %v", scaleName(i), err)
 		}
 	}

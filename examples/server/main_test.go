@@ -1,11 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -13,14 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
-)
 
-// demoDomains are the domains -pebble serves by default.
-var demoDomains = []string{"a.pebble.test", "b.pebble.test"}
+	"github.com/certmgr/certmgr/internal/testsupport"
+)
 
 const (
 	// statusPath is where the status page is served.
@@ -37,72 +33,21 @@ type domainStatus struct {
 	NotAfter time.Time `json:"not_after"`
 }
 
-// lockedBuffer is a bytes.Buffer safe for concurrent use.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// scanLines sends r's lines to the returned channel, which is closed at EOF.
-func scanLines(r io.Reader) <-chan string {
-	lines := make(chan string, 64)
-	go func() {
-		defer close(lines)
-		s := bufio.NewScanner(r)
-		for s.Scan() {
-			lines <- s.Text()
-		}
-	}()
-	return lines
-}
-
 // waitStatusURL returns the URL of the line "status: URL" from lines.
 func waitStatusURL(t *testing.T, lines <-chan string) string {
 	t.Helper()
-	timeout := time.After(30 * time.Second)
-	for {
-		select {
-		case line, ok := <-lines:
-			if !ok {
-				t.Fatal("the server's output ended without a status line")
-			}
-			if url, ok := strings.CutPrefix(line, "status: "); ok {
-				if !strings.HasPrefix(url, "https://127.0.0.1:") || !strings.HasSuffix(url, statusPath) {
-					t.Fatalf("status URL %q, want https://127.0.0.1:PORT%s", url, statusPath)
-				}
-				return url
-			}
-		case <-timeout:
-			t.Fatal("no status line within 30 s")
-		}
+	url := testsupport.WaitLines(t, lines, "status: ")["status: "]
+	if !strings.HasPrefix(url, "https://127.0.0.1:") || !strings.HasSuffix(url, statusPath) {
+		t.Fatalf("status URL %q, want https://127.0.0.1:PORT%s", url, statusPath)
 	}
+	return url
 }
 
 // statusClient returns a client that trusts only the root certificate in
 // the PEM file rootFile and expects the certificate of serverName.
 func statusClient(t *testing.T, rootFile, serverName string) *http.Client {
 	t.Helper()
-	pemData, err := os.ReadFile(rootFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(pemData) {
-		t.Fatalf("%s holds no PEM certificate", rootFile)
-	}
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: serverName}}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: testsupport.RootPool(t, rootFile), ServerName: serverName}}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
 }
@@ -137,7 +82,7 @@ func get(t *testing.T, c *http.Client, url, accept string) (body, contentType st
 // as valid, over connections verified for each domain.
 func checkJSONStatus(t *testing.T, url, rootFile string) {
 	t.Helper()
-	for _, d := range demoDomains {
+	for _, d := range testsupport.PebbleDomains {
 		c := statusClient(t, rootFile, d)
 		for _, tc := range []struct{ url, accept string }{
 			{url, "application/json"},
@@ -160,7 +105,7 @@ func checkJSONStatus(t *testing.T, url, rootFile string) {
 					t.Errorf("%s: valid, but not_after is %v", s.Domain, s.NotAfter)
 				}
 			}
-			for _, want := range demoDomains {
+			for _, want := range testsupport.PebbleDomains {
 				if states[want] != "valid" {
 					t.Errorf("%s: state %q, want valid\n%s", want, states[want], body)
 				}
@@ -172,39 +117,24 @@ func checkJSONStatus(t *testing.T, url, rootFile string) {
 // TestPebble runs the server in process against the embedded CA.
 func TestPebble(t *testing.T) {
 	rootFile := filepath.Join(t.TempDir(), "root.pem")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pr, pw := io.Pipe()
-	var stderr lockedBuffer
-	done := make(chan int, 1)
-	go func() {
-		done <- run(ctx, []string{"-pebble", "-pebble-root-out", rootFile}, pw, &stderr)
-		pw.Close()
-	}()
-	defer func() { t.Logf("server log:\n%s", stderr.String()) }()
+	srv := testsupport.StartServer(t, "run", func(ctx context.Context, stdout, stderr io.Writer) int {
+		return run(ctx, []string{"-pebble", "-pebble-root-out", rootFile}, stdout, stderr)
+	})
 
-	url := waitStatusURL(t, scanLines(pr))
+	url := waitStatusURL(t, srv.Lines)
 	checkJSONStatus(t, url, rootFile)
 
-	body, ctype := get(t, statusClient(t, rootFile, demoDomains[0]), url, "text/html")
+	body, ctype := get(t, statusClient(t, rootFile, testsupport.PebbleDomains[0]), url, "text/html")
 	if !strings.HasPrefix(ctype, "text/html") {
 		t.Errorf("HTML status page: Content-Type %q", ctype)
 	}
-	for _, want := range append([]string{"<table>", "<td>valid</td>"}, demoDomains...) {
+	for _, want := range append([]string{"<table>", "<td>valid</td>"}, testsupport.PebbleDomains...) {
 		if !strings.Contains(body, want) {
 			t.Errorf("HTML status page lacks %q:\n%s", want, body)
 		}
 	}
 
-	cancel()
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Errorf("run returned %d, want 0", code)
-		}
-	case <-time.After(shutdownTimeout):
-		t.Fatalf("run still running %v after its context ended", shutdownTimeout)
-	}
+	srv.Stop(t, shutdownTimeout)
 }
 
 // TestSIGTERM builds the command, runs it with -pebble, checks its status
@@ -231,7 +161,7 @@ func TestSIGTERM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pr.Close()
-	var stderr lockedBuffer
+	var stderr testsupport.Buffer
 	cmd.Stdout, cmd.Stderr = pw, &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -248,7 +178,7 @@ func TestSIGTERM(t *testing.T) {
 		t.Logf("server log:\n%s", stderr.String())
 	}()
 
-	url := waitStatusURL(t, scanLines(pr))
+	url := waitStatusURL(t, testsupport.Lines(pr))
 	checkJSONStatus(t, url, rootFile)
 
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {

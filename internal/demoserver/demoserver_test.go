@@ -1,7 +1,6 @@
 package demoserver
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -12,28 +11,11 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
-
-// lockedBuffer is a bytes.Buffer safe for concurrent use.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
 
 // TestUsage checks that wrong command lines are refused before anything
 // starts.
@@ -162,39 +144,14 @@ func (c *recordingCache) close() error {
 // once, after the Manager is done with it.
 func TestHooksCache(t *testing.T) {
 	cache := &recordingCache{Cache: autocert.DirCache(t.TempDir()), put: make(map[string]bool)}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pr, pw := io.Pipe()
-	var stderr lockedBuffer
-	done := make(chan int, 1)
-	go func() {
-		done <- Run(ctx, []string{"-pebble", "-store"}, pw, &stderr, testHooks(cache, cache.close))
-		pw.Close()
-	}()
-	defer func() { t.Logf("server log:\n%s", stderr.String()) }()
+	srv := testsupport.StartServer(t, "Run", func(ctx context.Context, stdout, stderr io.Writer) int {
+		return Run(ctx, []string{"-pebble", "-store"}, stdout, stderr, testHooks(cache, cache.close))
+	})
 
 	// The status line comes once every domain is provisioned.
-	lines := make(chan string, 16)
-	go func() {
-		defer close(lines)
-		for s := bufio.NewScanner(pr); s.Scan(); {
-			lines <- s.Text()
-		}
-	}()
-	timeout := time.After(30 * time.Second)
-	for status := false; !status; {
-		select {
-		case line, ok := <-lines:
-			if !ok {
-				t.Fatal("the server's output ended without a status line")
-			}
-			status = strings.HasPrefix(line, "status: ")
-		case <-timeout:
-			t.Fatal("no status line within 30 s")
-		}
-	}
+	testsupport.WaitLines(t, srv.Lines, "status: ")
 	cache.mu.Lock()
-	for _, d := range []string{"a.pebble.test", "b.pebble.test"} {
+	for _, d := range testsupport.PebbleDomains {
 		if !cache.put[d] {
 			t.Errorf("no certificate of %s put in the hooks' Cache (keys put: %v)", d, cache.put)
 		}
@@ -204,15 +161,7 @@ func TestHooksCache(t *testing.T) {
 	}
 	cache.mu.Unlock()
 
-	cancel()
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Errorf("Run returned %d, want 0", code)
-		}
-	case <-time.After(shutdownTimeout):
-		t.Fatalf("Run still running %v after its context ended", shutdownTimeout)
-	}
+	srv.Stop(t, shutdownTimeout)
 	cache.mu.Lock()
 	defer cache.mu.Unlock()
 	if cache.closes != 1 {

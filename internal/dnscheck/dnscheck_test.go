@@ -13,6 +13,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 func testConfig(resolvers ...string) Config {
@@ -29,24 +30,6 @@ func check(ctx context.Context, domain string, cfg Config) error {
 		return err
 	}
 	return c.Check(ctx, domain)
-}
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
 }
 
 // TestCheckDNS: what Check finds ready or not, and why, against a DNS
@@ -195,10 +178,10 @@ func TestDNSCache(t *testing.T) {
 	s := certmgrtest.StartDNS(t)
 	s.SetA("a.test", "127.0.0.1")
 	s.SetRcode("servfail.test", dns.RcodeServerFailure)
-	clock := &fakeClock{t: time.Unix(1e9, 0)}
+	clock := testsupport.NewClock(time.Unix(1e9, 0))
 	cfg := testConfig(s.Addr())
 	cfg.CAAIdentities = []string{"pebble.test"}
-	c, err := New(cfg, Options{MaxCache: time.Minute, Now: clock.now})
+	c, err := New(cfg, Options{MaxCache: time.Minute, Now: clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,11 +217,11 @@ func TestDNSCache(t *testing.T) {
 	flood("a.test", true)
 	flood("servfail.test", false)
 	queries(1)
-	clock.advance(59 * time.Second)
+	clock.Advance(59 * time.Second)
 	flood("a.test", true)
 	flood("servfail.test", false)
 	queries(1)
-	clock.advance(time.Second)
+	clock.Advance(time.Second)
 	flood("a.test", true)
 	flood("servfail.test", false)
 	queries(2)
@@ -247,8 +230,8 @@ func TestDNSCache(t *testing.T) {
 // TestDNSCacheBound: a full cache drops its expired entries or, with
 // none, its oldest.
 func TestDNSCacheBound(t *testing.T) {
-	clock := &fakeClock{t: time.Unix(1e9, 0)}
-	c, err := New(testConfig("127.0.0.1:1"), Options{MaxCache: time.Minute, Now: clock.now})
+	clock := testsupport.NewClock(time.Unix(1e9, 0))
+	c, err := New(testConfig("127.0.0.1:1"), Options{MaxCache: time.Minute, Now: clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +242,7 @@ func TestDNSCacheBound(t *testing.T) {
 			ttl = 10 * time.Second
 		}
 		c.store(key(i), &cacheEntry{ans: &answer{ttl: ttl}})
-		clock.advance(time.Millisecond)
+		clock.Advance(time.Millisecond)
 	}
 	// Full, nothing expired: the oldest entry goes.
 	c.store(key(-1), &cacheEntry{ans: &answer{ttl: -1}})
@@ -267,7 +250,7 @@ func TestDNSCacheBound(t *testing.T) {
 		t.Fatalf("after overflow: %d entries, oldest kept: %v", len(c.cache), c.cached(key(0)) != nil)
 	}
 	// Full, entries 1 to 7 expired: they all go, and no other.
-	clock.advance(10 * time.Second)
+	clock.Advance(10 * time.Second)
 	c.store(key(-2), &cacheEntry{err: errors.New("x")})
 	if n := len(c.cache); n != maxCacheEntries-6 || c.cached(key(8)) == nil {
 		t.Fatalf("after expiry: %d entries, want %d", n, maxCacheEntries-6)

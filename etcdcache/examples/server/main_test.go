@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -9,76 +8,18 @@ import (
 	"encoding/pem"
 	"io"
 	"net"
-	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
 	"github.com/certmgr/certmgr/internal/leakcheck"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
-
-// lockedBuffer is a bytes.Buffer safe for concurrent use.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-// freeURL returns an http URL on a loopback port that is free now.
-func freeURL(t *testing.T) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return url.URL{Scheme: "http", Host: l.Addr().String()}
-}
-
-// startEtcd starts a one-member etcd server on loopback with its data in
-// a temporary directory, stops it in t's cleanup, and returns its client
-// endpoint.
-func startEtcd(t *testing.T) string {
-	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = t.TempDir()
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	cu, pu := freeURL(t), freeURL(t)
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(30 * time.Second):
-		t.Fatal("etcd not ready within 30 s")
-	}
-	return cu.String()
-}
 
 // ours returns the stacks of the goroutines of certmgr (the server, the
 // Manager, the Cache, the embedded CA), autocert, acme and etcd clients,
@@ -99,30 +40,6 @@ func ours() []string {
 	return found
 }
 
-// waitLines reads lines until one starts with each prefix of want, and
-// returns the rest of those lines by prefix.
-func waitLines(t *testing.T, lines <-chan string, want ...string) map[string]string {
-	t.Helper()
-	got := make(map[string]string)
-	timeout := time.After(30 * time.Second)
-	for len(got) < len(want) {
-		select {
-		case line, ok := <-lines:
-			if !ok {
-				t.Fatalf("the server's output ended; lines seen: %v", got)
-			}
-			for _, p := range want {
-				if rest, ok := strings.CutPrefix(line, p); ok {
-					got[p] = rest
-				}
-			}
-		case <-timeout:
-			t.Fatalf("not all of %q within 30 s; lines seen: %v", want, got)
-		}
-	}
-	return got
-}
-
 // TestEtcd runs the server in process with -pebble and -etcd: a
 // handshake verified against the CA's root gets the certificate that is
 // stored in etcd under -etcd-prefix, where every key the server wrote is;
@@ -130,7 +47,7 @@ func waitLines(t *testing.T, lines <-chan string, want ...string) map[string]str
 func TestEtcd(t *testing.T) {
 	const prefix = "/replicas/"
 	const domain = "a.pebble.test"
-	endpoint := startEtcd(t)
+	endpoint := etcdtest.Start(t).Endpoint()
 	before := len(ours())
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: dialTimeout, Logger: zap.NewNop()})
 	if err != nil {
@@ -139,34 +56,13 @@ func TestEtcd(t *testing.T) {
 	defer cli.Close()
 
 	rootFile := filepath.Join(t.TempDir(), "root.pem")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	pr, pw := io.Pipe()
-	var stderr lockedBuffer
-	done := make(chan int, 1)
-	go func() {
-		done <- run(ctx, []string{"-pebble", "-pebble-root-out", rootFile, "-etcd", endpoint, "-etcd-prefix", prefix}, pw, &stderr)
-		pw.Close()
-	}()
-	defer func() { t.Logf("server log:\n%s", stderr.String()) }()
-	lines := make(chan string, 16)
-	go func() {
-		defer close(lines)
-		for s := bufio.NewScanner(pr); s.Scan(); {
-			lines <- s.Text()
-		}
-	}()
-	got := waitLines(t, lines, "https: ", "status: ")
+	srv := testsupport.StartServer(t, "run", func(ctx context.Context, stdout, stderr io.Writer) int {
+		return run(ctx, []string{"-pebble", "-pebble-root-out", rootFile, "-etcd", endpoint, "-etcd-prefix", prefix}, stdout, stderr)
+	})
+	got := testsupport.WaitLines(t, srv.Lines, "https: ", "status: ")
 
 	// A handshake, verified against the CA's root.
-	pemRoot, err := os.ReadFile(rootFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	if !roots.AppendCertsFromPEM(pemRoot) {
-		t.Fatalf("%s holds no certificate", rootFile)
-	}
+	roots := testsupport.RootPool(t, rootFile)
 	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", got["https: "], &tls.Config{RootCAs: roots, ServerName: domain})
 	if err != nil {
 		t.Fatalf("handshake for %s: %v", domain, err)
@@ -220,15 +116,7 @@ func TestEtcd(t *testing.T) {
 		}
 	}
 
-	cancel()
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Errorf("run returned %d, want 0", code)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run still running 10 s after its context ended")
-	}
+	srv.Stop(t, 10*time.Second)
 
 	// The Cache gave up its lease at shutdown: no lock entry is left.
 	locks, err := cli.Get(ectx, prefix+"locks/", clientv3.WithPrefix(), clientv3.WithKeysOnly())

@@ -1,0 +1,86 @@
+// Package etcdtest runs etcd servers in the tests' process, for the tests
+// of the etcdcache module's packages.
+package etcdtest
+
+import (
+	"net"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// Server is a one-member etcd server in this process, on loopback.
+type Server struct {
+	cfg *embed.Config
+	mu  sync.Mutex // guards e
+	e   *embed.Etcd
+}
+
+// freeURL returns an http URL on a loopback port that is free now.
+func freeURL(t testing.TB) url.URL {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return url.URL{Scheme: "http", Host: l.Addr().String()}
+}
+
+// Start starts an etcd server with its data in a temporary directory,
+// and stops it in t's cleanup.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	cfg := embed.NewConfig()
+	cfg.Name = "test"
+	cfg.Dir = t.TempDir()
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	cfg.UnsafeNoFsync = true
+	cu, pu := freeURL(t), freeURL(t)
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+	cfg.InitialCluster = cfg.Name + "=" + pu.String()
+	s := &Server{cfg: cfg}
+	s.Start(t)
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// Start starts s again, on the same addresses and data, after Stop.
+func (s *Server) Start(t testing.TB) {
+	t.Helper()
+	e, err := embed.StartEtcd(s.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-time.After(30 * time.Second):
+		e.Close()
+		t.Fatal("etcd not ready within 30s")
+	}
+	s.mu.Lock()
+	s.e = e
+	s.mu.Unlock()
+}
+
+// Stop stops s, if it runs.
+func (s *Server) Stop() {
+	s.mu.Lock()
+	e := s.e
+	s.e = nil
+	s.mu.Unlock()
+	if e != nil {
+		e.Close()
+	}
+}
+
+// Endpoint returns the URL of s's client endpoint.
+func (s *Server) Endpoint() string { return s.cfg.AdvertiseClientUrls[0].String() }
+
+// Host returns the host and port of s's client endpoint.
+func (s *Server) Host() string { return s.cfg.AdvertiseClientUrls[0].Host }
