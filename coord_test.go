@@ -8,8 +8,8 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 )
 
-// certmgrtest's in-memory store implements Coordinator, and so does its
-// copy of the interface: the two declare the same methods.
+// certmgrtest's in-memory store implements Coordinator, and
+// certmgrtest.Coordinator is the same interface: both name internal/coord's.
 var (
 	_ Coordinator             = (*certmgrtest.MemoryReplica)(nil)
 	_ Coordinator             = certmgrtest.Coordinator(nil)

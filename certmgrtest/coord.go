@@ -11,45 +11,21 @@ import (
 	"time"
 
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/internal/coord"
 )
 
-// Coordinator is certmgr.Coordinator, declared here with the same methods
-// so that this package need not import certmgr: any type that implements
-// one implements the other. See certmgr.Coordinator for the contract that
-// CoordinatorConformance checks; in short:
-type Coordinator interface {
-	// Lock blocks until this process holds the lock name, or ctx ends. A
-	// second Lock of the name in the same process waits for the first's
-	// unlock. fence is a token of this hold alone; lost is closed when
-	// the hold ends, by unlock or when this process counts its lease as
-	// lost, within the lease's TTL of the last renewal it saw; unlock
-	// returns at once, and may be called more than once.
-	Lock(ctx context.Context, name string) (fence string, lost <-chan struct{}, unlock func(), err error)
-
-	// GetRevision returns key's value and revision. A missing key is
-	// autocert.ErrCacheMiss with revision 0.
-	GetRevision(ctx context.Context, key string) (value []byte, rev int64, err error)
-
-	// PutIf writes value under key if key's revision is still rev (0: the
-	// key is absent) and, if fence is not empty, only while the hold that
-	// fence names is current. It returns the new revision and true, or
-	// false with no error when a condition failed.
-	PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (newRev int64, ok bool, err error)
-
-	// DeleteIf deletes key if its revision is still rev, which must be
-	// greater than 0 (a missing key is never deleted), and, with fence,
-	// only while fence's hold is current. It reports whether it deleted
-	// key.
-	DeleteIf(ctx context.Context, key string, rev int64, fence string) (ok bool, err error)
-
-	// Watch calls f for every write (delete: a nil value) of a key that
-	// starts with prefix with a revision greater than fromRev (0: the
-	// current one), in order, with the write's revision, until ctx ends.
-	// If those writes can no longer be replayed, it reports the current
-	// value and revision of every key under prefix written after
-	// fromRev instead. It returns once it watches.
-	Watch(ctx context.Context, prefix string, fromRev int64, f func(key string, value []byte, rev int64)) error
-}
+// Coordinator is certmgr.Coordinator, the same type: a lock per domain
+// that a lost replica gives up by itself, and records that are read with
+// their revision and written or deleted only if nobody wrote them
+// meanwhile and, when fenced, only while the writer's hold of its lock is
+// still current. Both name the one declaration in internal/coord, so that
+// this package need not import certmgr. The documentation of
+// certmgr.Coordinator sums up the contract that CoordinatorConformance
+// checks; that of each method, on the declaration, gives it in full:
+//
+//	go doc github.com/certmgr/certmgr/internal/coord.Coordinator
+type Coordinator = coord.Coordinator
 
 // Bounds of CoordinatorConformance.
 const (
