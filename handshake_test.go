@@ -5,8 +5,19 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
+	"errors"
+	"fmt"
+	mathrand "math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/crypto/acme"
+	"golang.org/x/crypto/acme/autocert"
 )
 
 // TestServeKeepsTheLaterIssued: serve replaces a certificate only with one
@@ -182,5 +193,128 @@ func TestRSAInsteadOfFallback(t *testing.T) {
 		if got := e.handshake(t, name, &tls.Config{MinVersion: tls.VersionTLS13}); !got.Equal(leaf) {
 			t.Errorf("a TLS 1.3 client got %v, want the valid RSA certificate", got.Subject)
 		}
+	}
+}
+
+// TestGetCertificateNormalisesServerName: every spelling of a name gets
+// the one certificate of its normalised form, from one order.
+func TestGetCertificateNormalisesServerName(t *testing.T) {
+	e := newEnv(t, envOptions{cache: memoryCache, names: []string{"example.com"}})
+	m := e.start(t, nil)
+	leaf := e.handshake(t, "example.com", nil)
+	for _, sni := range []string{"Example.COM.", "EXAMPLE.com", "example.com."} {
+		c, err := m.GetCertificate(helloFor(sni))
+		if err != nil {
+			t.Fatalf("GetCertificate(%q): %v", sni, err)
+		}
+		if !c.Leaf.Equal(leaf) {
+			t.Errorf("GetCertificate(%q) returned another certificate", sni)
+		}
+	}
+	if got := e.Proxy.Counts("example.com").Orders; got != 1 {
+		t.Errorf("%d orders, want 1", got)
+	}
+	if _, err := m.GetCertificate(helloFor("other.com")); !errors.Is(err, ErrHostNotAllowed) {
+		t.Errorf("refused name: err = %v, want ErrHostNotAllowed", err)
+	}
+}
+
+// TestGetCertificateRefusedNamesLeaveNothing: names the HostPolicy refuses
+// leave no domain, no fallback and no goroutine.
+func TestGetCertificateRefusedNamesLeaveNothing(t *testing.T) {
+	checkLeaks(t)
+	m := newPureManager(t, newFakeClock(), func(c *Config) {
+		c.Autocert.HostPolicy = autocert.HostWhitelist("only.test")
+	})
+	before := runtime.NumGoroutine()
+	for i := 0; i < 10000; i++ {
+		name := fmt.Sprintf("r%d-%x.test", i, mathrand.Uint64())
+		if _, err := m.GetCertificate(&tls.ClientHelloInfo{ServerName: name}); !errors.Is(err, ErrHostNotAllowed) {
+			t.Fatalf("GetCertificate(%s) = %v, want ErrHostNotAllowed", name, err)
+		}
+	}
+	if n := len(m.Domains()); n != 0 {
+		t.Errorf("%d domains kept", n)
+	}
+	if n := m.fallbacks.len(); n != 0 {
+		t.Errorf("%d fallbacks kept", n)
+	}
+	if after := runtime.NumGoroutine(); after > before {
+		t.Errorf("goroutines: %d before, %d after", before, after)
+	}
+}
+
+// TestGetCertificateRefusesInvalidNames: a name no certificate can carry
+// is refused before the HostPolicy is asked.
+func TestGetCertificateRefusesInvalidNames(t *testing.T) {
+	asked := 0
+	m := newPureManager(t, newFakeClock(), func(c *Config) {
+		c.Autocert.HostPolicy = func(context.Context, string) error { asked++; return nil }
+	})
+	for _, name := range []string{"", "localhost", "a..test", "127.0.0.1", strings.Repeat("a", 64) + ".test"} {
+		if c, err := m.GetCertificate(&tls.ClientHelloInfo{ServerName: name}); err == nil || c != nil {
+			t.Errorf("GetCertificate(%q) = %v, %v; want an error", name, c, err)
+		}
+	}
+	if asked != 0 || len(m.Domains()) != 0 {
+		t.Errorf("HostPolicy asked %d times, %d domains; want none", asked, len(m.Domains()))
+	}
+}
+
+// TestHostPolicyErrorWrapsBoth: a refusal wraps ErrHostNotAllowed and the
+// policy's own error.
+func TestHostPolicyErrorWrapsBoth(t *testing.T) {
+	errNotOurs := errors.New("not ours")
+	m := newPureManager(t, newFakeClock(), func(c *Config) {
+		c.Autocert.HostPolicy = func(context.Context, string) error { return errNotOurs }
+	})
+	err := m.hostPolicy(context.Background(), "a.test")
+	if !errors.Is(err, ErrHostNotAllowed) || !errors.Is(err, errNotOurs) || !strings.Contains(err.Error(), "a.test") {
+		t.Errorf("hostPolicy = %v, want both errors and the name", err)
+	}
+	if err := newPureManager(t, newFakeClock(), nil).hostPolicy(context.Background(), "a.test"); err != nil {
+		t.Errorf("no HostPolicy: %v, want every name allowed", err)
+	}
+
+}
+
+// TestRemoteNamesMakeNoCacheErrors: names and token paths a remote client
+// chooses are checked before any Cache call, and what the Cache cannot
+// store is reported at most once a minute.
+func TestRemoteNamesMakeNoCacheErrors(t *testing.T) {
+	var cacheErrors atomic.Int64
+	m := newPureManager(t, nil, func(c *Config) {
+		c.Autocert.Cache = autocert.DirCache(t.TempDir())
+		c.OnEvent = func(e Event) {
+			if e.Kind == EventCacheError {
+				cacheErrors.Add(1)
+			}
+		}
+	})
+	label := strings.Repeat("a", 63)
+	for i := range 20 {
+		// 253 bytes in labels of at most 63: a valid name whose "+token"
+		// key is too long for a file name.
+		name := strings.Join([]string{label, label, label, fmt.Sprintf("%02d", i) + strings.Repeat("c", 59)}, ".")
+		hello := &tls.ClientHelloInfo{ServerName: name, SupportedProtos: []string{acme.ALPNProto}}
+		if _, err := m.GetCertificate(hello); err == nil {
+			t.Fatal("a validation hello with no token got a certificate")
+		}
+		long := &tls.ClientHelloInfo{ServerName: strings.Repeat("b", 70) + ".test", SupportedProtos: []string{acme.ALPNProto}}
+		if _, err := m.GetCertificate(long); err == nil {
+			t.Fatal("a validation hello for a label of 70 bytes got a certificate")
+		}
+	}
+	h := m.HTTPHandler(nil)
+	for range 20 {
+		r := httptest.NewRequest(http.MethodGet, "http://a.test/.well-known/acme-challenge/"+strings.Repeat("x", 250), nil)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusNotFound {
+			t.Errorf("a token path of 250 bytes: %d, want 404", w.Code)
+		}
+	}
+	if n := cacheErrors.Load(); n > 1 {
+		t.Errorf("%d cache-error events from remote clients' names, want at most 1 a minute", n)
 	}
 }
