@@ -142,6 +142,7 @@ func TestOldAccountKeyNameIsTheAccount(t *testing.T) {
 // TestAccountURIFromCA: the account's URI is what the CA answered to the
 // new-account request.
 func TestAccountURIFromCA(t *testing.T) {
+	t.Parallel()
 	const name = "acct.test"
 	e := newEnv(t, envOptions{names: []string{name}, cache: memoryCache})
 	m := e.start(t, nil)

@@ -112,6 +112,7 @@ func TestOrderOfUnknownOrRetiredManagerIsRefused(t *testing.T) {
 // TestOrderBudgetBinds: the account makes at most OrderBudget orders in 3
 // hours; the next is refused with ErrBackoff and a warning.
 func TestOrderBudgetBinds(t *testing.T) {
+	t.Parallel()
 	names := []string{"o1.test", "o2.test", "o3.test"}
 	e := newEnv(t, envOptions{names: append([]string{keptName}, names...)})
 	events := &eventLog{}

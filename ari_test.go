@@ -103,6 +103,7 @@ func polls(e *env) int { return e.Proxy.Requests(certmgrtest.ClassOther) }
 // the new one is served from the next handshake on, and Status.NotAfter
 // moves.
 func TestOpenRenewalWindowRenewsOnce(t *testing.T) {
+	t.Parallel()
 	const name = "ari.test"
 	e, m, events := ariEnv(t, name)
 	leaf := e.expectIssued(t, name)
@@ -159,6 +160,7 @@ func TestOpenRenewalWindowRenewsOnce(t *testing.T) {
 // the handshakes meanwhile all get a CA-issued certificate, never the
 // fallback.
 func TestRevokedCertificateIsReplaced(t *testing.T) {
+	t.Parallel()
 	const name = "revoked.test"
 	e, m, _ := ariEnv(t, name)
 	if err := m.Provision(t.Context(), name); err != nil {
@@ -207,6 +209,7 @@ func TestRevokedCertificateIsReplaced(t *testing.T) {
 // malformed, inverted, far off, or an error answer makes no order and
 // one log line, however many polls.
 func TestBadRenewalInfoChangesNothing(t *testing.T) {
+	t.Parallel()
 	now := time.Now()
 	window := func(start, end time.Time) string {
 		return fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`, start.Format(time.RFC3339), end.Format(time.RFC3339))
@@ -224,6 +227,7 @@ func TestBadRenewalInfoChangesNothing(t *testing.T) {
 		{name: "500", status: 500},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			const name = "bad.test"
 			e, m, events := ariEnv(t, name)
 			leaf := e.expectIssued(t, name)
@@ -257,6 +261,7 @@ func TestBadRenewalInfoChangesNothing(t *testing.T) {
 // the renewal's first order), and the valid certificate keeps being
 // served.
 func TestSuggestedRenewalWaitsForTheSchedule(t *testing.T) {
+	t.Parallel()
 	const name = "wait.test"
 	e, m, _ := ariEnv(t, name)
 	leaf := e.expectIssued(t, name)
@@ -292,6 +297,7 @@ func TestSuggestedRenewalWaitsForTheSchedule(t *testing.T) {
 // certificate, this one replaces it. A replica whose HostPolicy refuses
 // the name does not take it up.
 func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
+	t.Parallel()
 	const name = "watched.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")
@@ -349,6 +355,7 @@ func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 // asks for a renewal of every certificate, the new one included, gets one
 // renewal, not one per poll.
 func TestRenewalInfoThatAlwaysAsksRenewsOnce(t *testing.T) {
+	t.Parallel()
 	const name = "loop.test"
 	e, m, events := ariEnv(t, name)
 	leaf := e.expectIssued(t, name)
@@ -374,6 +381,7 @@ func TestRenewalInfoThatAlwaysAsksRenewsOnce(t *testing.T) {
 // has no renewalInfo is never polled; autocert's timer renews as it
 // always did.
 func TestCAWithoutRenewalInfoLeavesRenewalToAutocert(t *testing.T) {
+	t.Parallel()
 	const name = "noari.test"
 	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Hour}})
 	res, err := e.HTTPClient.Get(e.DirectoryURL)

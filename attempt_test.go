@@ -109,6 +109,7 @@ func TestFinishRecordsOutcome(t *testing.T) {
 // HandshakeTimeout + 100 ms; Status shows the backoff; the ACME observer
 // keeps nothing of the attempt once it ended.
 func TestHandshakesShareOneAttempt(t *testing.T) {
+	t.Parallel()
 	const name = "refused.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, nil)
@@ -180,6 +181,7 @@ func TestHandshakesShareOneAttempt(t *testing.T) {
 // its 1 s timeout; the rate limit shows in Status within 1 s of the 429,
 // with the CA's error reachable by errors.As; no further order is made.
 func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
+	t.Parallel()
 	const name = "limited.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = time.Second })
@@ -223,6 +225,7 @@ func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 // handshake timeout is recorded when it succeeds later, and served from
 // then on.
 func TestLateSuccessIsRecordedAndServed(t *testing.T) {
+	t.Parallel()
 	const name = "late.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 200 * time.Millisecond })
@@ -253,6 +256,7 @@ func TestLateSuccessIsRecordedAndServed(t *testing.T) {
 // being served, and the rest of autocert's renewal flow is refused
 // locally by the schedule.
 func TestFailedRenewalKeepsServing(t *testing.T) {
+	t.Parallel()
 	const name = "renew.test"
 	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Minute}})
 	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
@@ -293,6 +297,7 @@ func TestFailedRenewalKeepsServing(t *testing.T) {
 // gets a new certificate from a new order, not the expired one autocert
 // still holds in memory.
 func TestExpiredCertificateIsReplacedAfterFailedRenewals(t *testing.T) {
+	t.Parallel()
 	const name = "expiring.test"
 	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: 3 * time.Second}})
 	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
@@ -329,6 +334,7 @@ func TestExpiredCertificateIsReplacedAfterFailedRenewals(t *testing.T) {
 // TestDNSCheckTimeoutIsNoFailure: a pre-check that runs out of time is
 // "DNS not ready", not a failed attempt: nothing is spent, no backoff.
 func TestDNSCheckTimeoutIsNoFailure(t *testing.T) {
+	t.Parallel()
 	const name = "slowdns.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	m := e.start(t, func(c *Config) {
@@ -351,6 +357,7 @@ func TestDNSCheckTimeoutIsNoFailure(t *testing.T) {
 // (the CA holds it past the request timeout) ends at once, failed and
 // logged, instead of holding the domain until autocert's next order.
 func TestRenewalCutAtTransportEnds(t *testing.T) {
+	t.Parallel()
 	const name = "renew.test"
 	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: time.Minute}})
 	if err := e.start(t, nil).Provision(context.Background(), name); err != nil {
@@ -389,6 +396,7 @@ func TestRenewalCutAtTransportEnds(t *testing.T) {
 // validations: what an attempt may have spent is stored before its
 // order goes out.
 func TestGracefulRestartsSpendAtMostTheBudget(t *testing.T) {
+	t.Parallel()
 	const name = "restart.test"
 	e := newEnv(t, envOptions{names: []string{keptName, name}, hsBound: faultHSTimeout + faultHSMargin,
 		config: func(c *Config) { c.HandshakeTimeout = faultHSTimeout }})

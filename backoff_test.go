@@ -39,6 +39,7 @@ func TestBackoffDelays(t *testing.T) {
 // every rolling hour stay within the budget of 4, and after the first day
 // within 2 a day.
 func TestScheduleKeepsBudget(t *testing.T) {
+	t.Parallel()
 	for _, http01 := range []bool{false, true} {
 		clock := newFakeClock()
 		m := newPureManager(t, clock, func(c *Config) { c.hooks.rand = rand.New(rand.NewPCG(1, 2)).Float64 })

@@ -29,6 +29,7 @@ func TestCertKeys(t *testing.T) {
 // type, and while it is valid; decodeCert wants the key then a chain that
 // matches it.
 func TestParseCert(t *testing.T) {
+	t.Parallel()
 	now := newFakeClock().Now()
 	key := ecKey(t)
 	cert := selfSigned(t, "a.test", key, "test", now.Add(-time.Hour), now.Add(time.Hour))

@@ -76,6 +76,7 @@ func startReplicas(t *testing.T, n int, names ...string) *replicas {
 // order; every replica serves the one certificate, through the store's
 // watch, without a handshake of its own.
 func TestReplicasOrderOnce(t *testing.T) {
+	t.Parallel()
 	const name = "cluster.test"
 	r := startReplicas(t, 3, name)
 	var wg sync.WaitGroup
@@ -124,6 +125,7 @@ func TestReplicasOrderOnce(t *testing.T) {
 // TestReplicasWatchServesAtOnce: a certificate one replica obtains is
 // served by the others within a second, without a Cache read of theirs.
 func TestReplicasWatchServesAtOnce(t *testing.T) {
+	t.Parallel()
 	const name = "watch.test"
 	r := startReplicas(t, 3, name)
 	if err := r.ms[0].Provision(context.Background(), name); err != nil {
@@ -197,6 +199,7 @@ func (r *barrierReplica) Get(ctx context.Context, key string) ([]byte, error) {
 // domain's lock, an attempt here waits and orders nothing, and an order
 // that comes meanwhile (autocert's renewal timer) is refused.
 func TestReplicaOrdersOnlyUnderItsLock(t *testing.T) {
+	t.Parallel()
 	const name = "locked.test"
 	r := startReplicas(t, 2, name)
 	other := r.store.Open() // a third replica, that holds the lock
@@ -232,6 +235,7 @@ func TestReplicaOrdersOnlyUnderItsLock(t *testing.T) {
 // replica whose domain's lock another replica holds orders nothing, and
 // that is no failure of the store: the domain can attempt again at once.
 func TestRenewalWaitsForTheLockBriefly(t *testing.T) {
+	t.Parallel()
 	const name = "renewing.test"
 	r := startReplicas(t, 1, name)
 	m := r.ms[0]
@@ -301,6 +305,7 @@ func TestReplicasShareOneFailureRecord(t *testing.T) {
 // replica's next attempt starts at once; a Retry of a name that no
 // replica knows writes no record.
 func TestRetryReachesReplicasThatNeverSawTheName(t *testing.T) {
+	t.Parallel()
 	const name, unknown = "failing.test", "unknown.test"
 	r := startReplicas(t, 2, name, unknown)
 	r.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
@@ -336,6 +341,7 @@ func TestRetryReachesReplicasThatNeverSawTheName(t *testing.T) {
 // next, in turn: the cluster spends at most 4 failed authorizations in
 // the hour, and then every replica refuses.
 func TestReplicasShareOneBudget(t *testing.T) {
+	t.Parallel()
 	const name = "budget.test"
 	r := startReplicas(t, 3, name)
 	r.ca.DNS.SetA(name, "127.0.0.3")
@@ -415,6 +421,7 @@ func TestReplicasTakeUpTheSingleProcessState(t *testing.T) {
 // once the store is back, the name that waited gets one order at its
 // next handshakes.
 func TestReplicaCutOffFromTheStore(t *testing.T) {
+	t.Parallel()
 	const (
 		kept = "kept.test"
 		name = "waiting.test"
@@ -498,6 +505,7 @@ func TestReplicasObeyOneRateLimit(t *testing.T) {
 // autocert's renewals alike) spend at most 4 failed authorizations in
 // any rolling hour for the cluster, and at most 2 a day after the first.
 func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
+	t.Parallel()
 	for _, http01 := range []bool{false, true} {
 		clock := newFakeClock()
 		rng := rand.New(rand.NewPCG(1, 2))
@@ -520,6 +528,7 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 // that order's requests, so it never finalizes, and another replica then
 // takes the lock, orders, and gets the certificate.
 func TestReplicaTakesOverALostLock(t *testing.T) {
+	t.Parallel()
 	const name = "takeover.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")
@@ -578,6 +587,7 @@ func TestReplicaTakesOverALostLock(t *testing.T) {
 // autocert's clean-up of the order it gave up leaves the new holder's
 // token in the store.
 func TestLostReplicaKeepsToTheStoresToken(t *testing.T) {
+	t.Parallel()
 	const name = "token.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.1")

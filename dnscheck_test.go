@@ -27,6 +27,7 @@ func testDNSCheck(resolvers ...string) DNSCheck {
 // DNSCheck on to the check, which internal/dnscheck tests, and its errors
 // for domains that are not ready are ErrDNSNotReady.
 func TestCheckDNS(t *testing.T) {
+	t.Parallel()
 	s := certmgrtest.StartDNS(t)
 	addr := s.Addr()
 
@@ -124,6 +125,7 @@ func TestCheckDNSInvalid(t *testing.T) {
 // TestPreCheckWaitsForDNS: a foreign A record stops the attempt before any
 // order; once DNS points at the cluster, the recheck lets Provision through.
 func TestPreCheckWaitsForDNS(t *testing.T) {
+	t.Parallel()
 	const name = "migrating.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	m := e.start(t, func(c *Config) { c.DNSRecheck = Backoff{Steps: []time.Duration{200 * time.Millisecond}, Jitter: -1} })
@@ -160,6 +162,7 @@ func TestPreCheckWaitsForDNS(t *testing.T) {
 // TestPreCheckRecords: AAAA records count too, and CAA must authorise the
 // CA; Domains then lists each name with its state.
 func TestPreCheckRecords(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{"stale-aaaa.test", "good-aaaa.test", "caa-other.test", "www.caa-parent.test"},
 		dnsCheck: true, pebble: certmgrtest.Options{IPv6: true}})
 	m := e.start(t, func(c *Config) { c.DNS.CAAIdentities = []string{"pebble.test"} })
@@ -208,6 +211,7 @@ func TestPreCheckRecords(t *testing.T) {
 // wrong make no order, all get the fallback promptly, and cost at most 2
 // queries per record type.
 func TestPreCheckHandshakeFlood(t *testing.T) {
+	t.Parallel()
 	const name = "wrong.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	e.start(t, func(c *Config) { c.DNS.CAAIdentities = []string{"pebble.test"} })
@@ -257,6 +261,7 @@ func TestPreCheckHandshakeFlood(t *testing.T) {
 
 // TestPreCheckResolverFailures: resolver failures are "not ready" too.
 func TestPreCheckResolverFailures(t *testing.T) {
+	t.Parallel()
 	names := []string{"nx.test", "servfail.test", "noaddr.test", "silent.test"}
 	e := newEnv(t, envOptions{cache: memoryCache, names: names, dnsCheck: true})
 	m := e.start(t, nil)

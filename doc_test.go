@@ -14,6 +14,7 @@ import (
 // method or struct field without a doc comment: what `go doc` shows must
 // say what everything is.
 func TestExportedIdentifiersDocumented(t *testing.T) {
+	t.Parallel()
 	fset := token.NewFileSet()
 	names, err := filepath.Glob("*.go")
 	if err != nil {

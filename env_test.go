@@ -22,6 +22,7 @@ import (
 	"math/big"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -427,8 +428,9 @@ func waitForCond(d time.Duration, cond func() bool) bool {
 // certmgr, autocert or acme are still running after a grace period in which
 // detached work (autocert deactivating authorizations) ends.
 func checkLeaks(t *testing.T) {
+	labelTest(t)
 	t.Cleanup(func() {
-		if left := settle(10*time.Second, nil); len(left) > 0 {
+		if left := settle(t, 10*time.Second, nil); len(left) > 0 {
 			t.Errorf("%d goroutine(s) left behind:\n%s", len(left), strings.Join(left, "\n\n"))
 		}
 	})
@@ -439,7 +441,7 @@ func checkLeaks(t *testing.T) {
 func waitDetached(t *testing.T) {
 	t.Helper()
 	autocertOnly := func(stack string) bool { return strings.Contains(stack, "acme/autocert.") }
-	if left := settle(10*time.Second, autocertOnly); len(left) > 0 {
+	if left := settle(t, 10*time.Second, autocertOnly); len(left) > 0 {
 		t.Fatalf("autocert's detached work did not end:\n%s", strings.Join(left, "\n\n"))
 	}
 }
@@ -447,19 +449,45 @@ func waitDetached(t *testing.T) {
 // waitNoLeaks waits until no goroutine of certmgr, autocert or acme runs.
 func waitNoLeaks(t *testing.T, d time.Duration) {
 	t.Helper()
-	if left := settle(d, nil); len(left) > 0 {
+	if left := settle(t, d, nil); len(left) > 0 {
 		t.Fatalf("%d goroutine(s) still running %v after Close:\n%s", len(left), d, strings.Join(left, "\n\n"))
 	}
 }
 
-// settle polls until no goroutine of certmgr, autocert or acme that keep
-// selects (all, if keep is nil) is running, or d passes; it returns those
-// still running.
-func settle(d time.Duration, keep func(stack string) bool) []string {
+// TestMain runs the tests, then wants no goroutine of certmgr, autocert or
+// acme left at all, labelled or not: a test's own checks see only the
+// goroutines it labelled (labelTest).
+func TestMain(m *testing.M) {
+	code := m.Run()
+	deadline := time.Now().Add(10 * time.Second)
+	for left := leakedGoroutines(leakcheck.Stacks()[1:]); code == 0 && len(left) > 0; left = leakedGoroutines(leakcheck.Stacks()[1:]) {
+		if time.Now().After(deadline) {
+			fmt.Fprintf(os.Stderr, "%d goroutine(s) left behind after the tests:\n%s\n", len(left), strings.Join(left, "\n\n"))
+			code = 1
+		}
+		time.Sleep(5 * time.Millisecond) // polling with a deadline
+	}
+	os.Exit(code)
+}
+
+// labelTest labels t's goroutine, so that the goroutines it starts from
+// now on (its servers', its Managers' and theirs) are t's (see settle),
+// even while other tests run in parallel.
+func labelTest(t *testing.T) {
+	leakcheck.Label(testLabel, t.Name())
+}
+
+// testLabel is the pprof label that names a goroutine's test.
+const testLabel = "certmgr-test"
+
+// settle polls until no goroutine of t's (see labelTest) of certmgr,
+// autocert or acme that keep selects (all, if keep is nil) is running,
+// or d passes; it returns those still running.
+func settle(t *testing.T, d time.Duration, keep func(stack string) bool) []string {
 	deadline := time.Now().Add(d)
 	for {
 		var left []string
-		for _, g := range leakedGoroutines() {
+		for _, g := range leakedGoroutines(leakcheck.Labelled(testLabel, t.Name())) {
 			if keep == nil || keep(g) {
 				left = append(left, g)
 			}
@@ -472,10 +500,11 @@ func settle(d time.Duration, keep func(stack string) bool) []string {
 }
 
 // leakedGoroutines returns the stacks of the goroutines of certmgr,
-// autocert and acme, the test harness's and the tests' own left out.
-func leakedGoroutines() []string {
+// autocert and acme among stacks, the test harness's and the tests' own
+// left out.
+func leakedGoroutines(stacks []string) []string {
 	var leaked []string
-	for _, g := range leakcheck.Stacks() {
+	for _, g := range stacks {
 		if strings.Contains(g, "leakedGoroutines") || strings.Contains(g, "pebble/v2") || strings.Contains(g, "certmgr/certmgrtest.") {
 			continue
 		}

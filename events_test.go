@@ -148,6 +148,7 @@ func TestEmitLogsAndCalls(t *testing.T) {
 // silent), the operator's Retry, the certificate obtained, renewed by
 // autocert's timer, and loaded from the cache after a restart.
 func TestEventStory(t *testing.T) {
+	t.Parallel()
 	const name = "story.test"
 	var events eventLog
 	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{CertValidity: 30 * time.Second}})

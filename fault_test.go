@@ -21,6 +21,7 @@ import (
 	"crypto/tls"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -72,6 +73,9 @@ type faultCase struct {
 func TestFaultMatrix(t *testing.T) {
 	for _, tc := range faultCases() {
 		t.Run(tc.name, func(t *testing.T) {
+			if !strings.HasPrefix(tc.name, "abuse-") {
+				t.Parallel() // the abuse rows measure the heap: they run alone
+			}
 			o := tc.env
 			o.names = append([]string{keptName}, o.names...)
 			o.hsBound = faultHSTimeout + faultHSMargin
@@ -1019,8 +1023,9 @@ func faultCases() []faultCase {
 		// Abuse
 
 		{
-			// 100,000 random names the HostPolicy refuses leave no domain,
-			// no fallback, no DNS query and no ACME request.
+			// Random names (-abuse.names, 10,000 by default) that the
+			// HostPolicy refuses leave no domain, no fallback, no DNS query
+			// and no ACME request.
 			name: "abuse-refused-names",
 			env: envOptions{dnsCheck: true, config: func(c *Config) {
 				c.Autocert.HostPolicy = func(_ context.Context, name string) error {
@@ -1031,7 +1036,7 @@ func faultCases() []faultCase {
 				}
 			}},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
-				names := randomNames(abuseNames, ".abuse.test")
+				names := randomNames(*abuseNames, ".abuse.test")
 				requests := e.Proxy.Requests(certmgrtest.ClassAny)
 				heap := heapAlloc()
 				start := time.Now()
@@ -1066,8 +1071,8 @@ func faultCases() []faultCase {
 			},
 		},
 		{
-			// 100,000 random names under a wildcard the HostPolicy accepts,
-			// none of which resolves (NXDOMAIN), with the DNS pre-check on:
+			// Random names (-abuse.names) under a wildcard the HostPolicy
+			// accepts, none of which resolves (NXDOMAIN), with the DNS pre-check on:
 			// memory, domains and fallbacks stay bounded, each name is asked
 			// of DNS at most once per record type, no ACME request is made,
 			// and every answer is a fallback in time.
@@ -1084,7 +1089,7 @@ func faultCases() []faultCase {
 			}},
 			want: func(t *testing.T, e *env, m *Manager, _ func()) {
 				const maxDomains, maxFallbacks = 1000, 500
-				names := randomNames(abuseNames, ".abuse.test")
+				names := randomNames(*abuseNames, ".abuse.test")
 				requests := e.Proxy.Requests(certmgrtest.ClassAny)
 				heap := heapAlloc()
 				start := time.Now()
@@ -1332,8 +1337,11 @@ func clockJumpConfig(c *Config) {
 	c.Backoff = Backoff{Steps: []time.Duration{time.Minute, 10 * time.Minute}, Jitter: -1}
 }
 
-// abuseNames is how many distinct random SNI names an abuse row sends.
-const abuseNames = 100_000
+// abuseNames is how many distinct random SNI names an abuse row sends:
+// ten times MaxDomains and twenty times MaxFallbacks of those rows, so
+// that every bound is reached many times over. -abuse.names 100000 is the
+// long run.
+var abuseNames = flag.Int("abuse.names", 10_000, "how many distinct random SNI names each abuse row of TestFaultMatrix sends")
 
 // randomNames returns n distinct random names under suffix.
 func randomNames(n int, suffix string) []string {

@@ -111,6 +111,7 @@ func TestAnswerNow(t *testing.T) {
 // rather than the fallback; the fallback is logged once per change of the
 // domain's state.
 func TestFallbackPrefersValidRSA(t *testing.T) {
+	t.Parallel()
 	clock := newFakeClock()
 	var fallbacks int
 	m := newPureManager(t, clock, func(c *Config) {
@@ -145,6 +146,7 @@ func TestFallbackPrefersValidRSA(t *testing.T) {
 // TestCacheRereadWhileWaiting: while a domain backs off, a certificate
 // another process puts in the shared Cache is served within cacheRetry.
 func TestCacheRereadWhileWaiting(t *testing.T) {
+	t.Parallel()
 	const name = "shared.test"
 	e := newEnv(t, envOptions{names: []string{name}})
 	m := e.start(t, func(c *Config) { c.hooks.cacheRetry = 50 * time.Millisecond })
@@ -180,6 +182,7 @@ var rsaOnly = &tls.Config{MaxVersion: tls.VersionTLS12, CipherSuites: []uint16{t
 // ECDSA attempt fails serves the RSA certificate to modern clients, not
 // the fallback.
 func TestRSAInsteadOfFallback(t *testing.T) {
+	t.Parallel()
 	const name = "rsa.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	e.start(t, func(c *Config) { c.HandshakeTimeout = 5 * time.Second })
@@ -199,6 +202,7 @@ func TestRSAInsteadOfFallback(t *testing.T) {
 // TestGetCertificateNormalisesServerName: every spelling of a name gets
 // the one certificate of its normalised form, from one order.
 func TestGetCertificateNormalisesServerName(t *testing.T) {
+	t.Parallel()
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{"example.com"}})
 	m := e.start(t, nil)
 	leaf := e.handshake(t, "example.com", nil)

@@ -17,6 +17,7 @@ import (
 // TestHTTPHandlerObtainsOverHTTP01: http-01 through HTTPHandler obtains a
 // certificate when no TLS port is reachable.
 func TestHTTPHandlerObtainsOverHTTP01(t *testing.T) {
+	t.Parallel()
 	const name = "http01.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	m := e.start(t, nil)
@@ -88,6 +89,7 @@ func TestHTTPHandlerAnswers(t *testing.T) {
 // certmgr's while it takes autocert's: autocert reads a token from the
 // Cache under its own lock, the read fails, and OnEvent calls Status.
 func TestHTTPHandlerWhileATokenReadFails(t *testing.T) {
+	t.Parallel()
 	const name = "lock.test"
 	entered, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once

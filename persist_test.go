@@ -398,6 +398,7 @@ func FuzzDecodeState(f *testing.F) {
 // read, no order is made and nothing is written over them; once they can,
 // they bind. A record whose HostPolicy check errors is kept as it is.
 func TestUnreadableStateLosesNothing(t *testing.T) {
+	t.Parallel()
 	const (
 		limited = "limited.test"
 		other   = "other.test"

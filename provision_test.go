@@ -72,6 +72,7 @@ func TestProvisionRefusesInvalidNames(t *testing.T) {
 // the ECDSA one a TLS 1.3 client, and a TLS 1.2 client offering ECDSA, are
 // served.
 func TestProvisionServesModernClients(t *testing.T) {
+	t.Parallel()
 	const name = "modern.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	m := e.start(t, nil)
@@ -96,6 +97,7 @@ func TestProvisionServesModernClients(t *testing.T) {
 // TestProvisionCancelled: Provision honours its context; the attempt it
 // started goes on and its outcome is recorded.
 func TestProvisionCancelled(t *testing.T) {
+	t.Parallel()
 	const name = "cancel.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, dnsCheck: true})
 	m := e.start(t, nil)
@@ -146,6 +148,7 @@ func TestProvisionHostNotAllowed(t *testing.T) {
 // TestProvisionAfterRSAAttempt: Provision that joins an attempt for the
 // RSA certificate still ends with the ECDSA one.
 func TestProvisionAfterRSAAttempt(t *testing.T) {
+	t.Parallel()
 	const name = "both.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 100 * time.Millisecond })

@@ -20,6 +20,7 @@ import (
 // replica never served: the attempt orders, and ends with the CA's answer,
 // not with a certificate it does not have.
 func TestRenewalInfoAttemptIsOfItsKeyType(t *testing.T) {
+	t.Parallel()
 	const name = "keytype.test"
 	ca := certmgrtest.Start(t, certmgrtest.Options{})
 	ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: the order's validation fails

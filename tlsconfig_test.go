@@ -21,6 +21,7 @@ import (
 // handshake, with exactly one order and one authorization; the second
 // handshake makes no ACME request.
 func TestTLSConfigObtainsOverTLSALPN(t *testing.T) {
+	t.Parallel()
 	const name = "alpn.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	m := e.start(t, nil)
@@ -54,6 +55,7 @@ func TestTLSConfigObtainsOverTLSALPN(t *testing.T) {
 // spends a second order (and authorization) on http-01: the incident
 // certmgr's TLSConfig prevents.
 func TestHandMadeConfigWithoutALPNProtoFails(t *testing.T) {
+	t.Parallel()
 	const name = "noalpn.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 30 * time.Second })
@@ -90,6 +92,7 @@ func TestHandMadeConfigWithoutALPNProtoFails(t *testing.T) {
 // TestTLSConfigSurvivesNextProtosEdit: a validation still works after the
 // config's NextProtos lost acme-tls/1.
 func TestTLSConfigSurvivesNextProtosEdit(t *testing.T) {
+	t.Parallel()
 	const name = "edited.test"
 	e := newEnv(t, envOptions{cache: memoryCache, names: []string{name}, ownTLS: true})
 	conf := e.start(t, nil).TLSConfig()
