@@ -175,6 +175,7 @@ func (ac *ariCluster) expectOneRenewal(t *testing.T, old *tls.Certificate, since
 // cluster makes one renewal order; every replica serves the renewed
 // certificate.
 func TestRenewalInfoRenewsOnceForTheCluster(t *testing.T) {
+	t.Parallel()
 	const name = "ari.test"
 	ac := startARICluster(t, name)
 	cert := ac.obtain(t)
@@ -194,6 +195,7 @@ func TestRenewalInfoRenewsOnceForTheCluster(t *testing.T) {
 // a window already past, which each replica sees, and the cluster makes
 // one order for its replacement; every replica serves it.
 func TestRevokedCertificateReplacedOnceForTheCluster(t *testing.T) {
+	t.Parallel()
 	const name = "revoked.test"
 	ac := startARICluster(t, name)
 	cert := ac.obtain(t)

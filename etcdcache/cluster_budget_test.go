@@ -25,6 +25,7 @@ import (
 // the cluster's budget of 4 failed authorizations per rolling hour, and
 // no order reaches the CA for it.
 func TestBudgetBindsEveryReplica(t *testing.T) {
+	t.Parallel()
 	const name = "budget.test"
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	c.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
@@ -81,6 +82,7 @@ func TestBudgetBindsEveryReplica(t *testing.T) {
 // replica does not lift it, neither there nor in the cluster's record (a
 // restarted replica, which reads the record from etcd, refuses too).
 func TestCARetryAfterBindsEveryReplica(t *testing.T) {
+	t.Parallel()
 	const name = "limited.test"
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	c.ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name,
@@ -142,6 +144,7 @@ func TestCARetryAfterBindsEveryReplica(t *testing.T) {
 // order, and every replica serves the renewed certificate within a
 // second of its issuance.
 func TestRenewalOnceForTheCluster(t *testing.T) {
+	t.Parallel()
 	const name = "renewal.test"
 	var renewing atomic.Bool // the replicas opened from now on renew at once
 	type renewal struct {
@@ -328,6 +331,7 @@ func (le *lockEntries) count() int {
 // rolling hour. The backoff is a minute after every failure, so that the
 // budget is what binds.
 func TestBudgetHoldsFor48SimulatedHours(t *testing.T) {
+	t.Parallel()
 	const name = "sim.test"
 	clock := testsupport.NewClock(time.Now())
 	c := startCluster(t, clusterOptions{

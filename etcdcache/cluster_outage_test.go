@@ -38,6 +38,7 @@ func leaseOf(t *testing.T, r *replica) clientv3.LeaseID {
 // survivor's. When it is back, the holder serves the survivor's
 // certificate.
 func TestCrashTakeover(t *testing.T) {
+	t.Parallel()
 	const name = "takeover.test"
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	holder, survivor := c.replicas[0], c.replicas[1]
@@ -116,6 +117,7 @@ func TestCrashTakeover(t *testing.T) {
 // restarted, resume by themselves: the name that waited gets one order,
 // and every replica serves its certificate.
 func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
+	t.Parallel()
 	const served, waited = "served.test", "waited.test"
 	const handshakeTimeout = time.Second
 	c := startCluster(t, clusterOptions{names: []string{served, waited},
@@ -195,6 +197,7 @@ func fallbackHandshake(t *testing.T, r *replica, name string, timeout time.Durat
 // and a failing name's backoff holds: no order for it before its next
 // attempt, on any replica, which all show the same one.
 func TestWholeClusterRestart(t *testing.T) {
+	t.Parallel()
 	const good, failing = "good.test", "failing.test"
 	c := startCluster(t, clusterOptions{names: []string{good, failing},
 		config: func(_ int, cfg *certmgr.Config) { cfg.HandshakeTimeout = 5 * time.Second }})

@@ -18,6 +18,7 @@ import (
 // every replica serves the same certificate, through the watch, within a
 // second of its issuance.
 func TestBurstMakesOneOrder(t *testing.T) {
+	t.Parallel()
 	const name = "burst.test"
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	var (
@@ -62,6 +63,7 @@ func TestBurstMakesOneOrder(t *testing.T) {
 // they answer its challenges from the shared store, for TLS-ALPN-01 and
 // for HTTP-01.
 func TestValidationOnReplicasThatDidNotOrder(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		opts clusterOptions
@@ -106,6 +108,7 @@ func TestValidationOnReplicasThatDidNotOrder(t *testing.T) {
 // three replicas makes one validation for the cluster, and every replica
 // shows the same next attempt, within a second of the first.
 func TestFailingValidationOneAttempt(t *testing.T) {
+	t.Parallel()
 	const name = "failing.test"
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	c.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails

@@ -77,6 +77,7 @@ func testContext(t *testing.T) context.Context {
 // client closes.) The partition heals once etcd has expired the lease,
 // as the suite asks: the same Cache then gets locks with a new lease.
 func TestConformance(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.Start(t)
 	direct := clientOf(t, srv.Endpoint())
 	var (
@@ -216,6 +217,7 @@ func (p *proxy) close() {
 }
 
 func TestCache(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	cli := clientOf(t, srv.Endpoint())
@@ -286,6 +288,7 @@ func TestCache(t *testing.T) {
 }
 
 func TestClose(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	cli := clientOf(t, srv.Endpoint())
@@ -364,6 +367,7 @@ func TestCloseUnreachable(t *testing.T) {
 // etcd stops, as a crash would: etcd's own stop waits 7 s for the open
 // watch and keep-alive streams to end.
 func TestRestart(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	p := startProxy(t, srv.Host())
@@ -455,6 +459,7 @@ func TestRestart(t *testing.T) {
 // reports the current value of each key written since, with its
 // revision, and then the later writes.
 func TestWatchCompacted(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	cli := clientOf(t, srv.Endpoint())
@@ -521,6 +526,7 @@ func TestWatchCompacted(t *testing.T) {
 // revision), and one whose lease was revoked behind the Cache's back,
 // after which another Cache takes the lock before this one may notice.
 func TestFenceInTxn(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	cli := clientOf(t, srv.Endpoint())
@@ -602,6 +608,7 @@ func TestFenceInTxn(t *testing.T) {
 // TestCloseRevoked closes a Cache whose lease was revoked behind its
 // back: the lease is gone, as Close wants, and Close does not fail.
 func TestCloseRevoked(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	cli := clientOf(t, srv.Endpoint())
@@ -627,6 +634,7 @@ func TestCloseRevoked(t *testing.T) {
 // lease) take turns with a lock, and that a waiting Lock that gives up
 // leaves nothing behind.
 func TestSameProcess(t *testing.T) {
+	t.Parallel()
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
 	c := newCache(t, clientOf(t, srv.Endpoint()), "/same/")
