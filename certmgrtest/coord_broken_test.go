@@ -251,6 +251,7 @@ func TestConformanceFindsFaults(t *testing.T) {
 		{"noRevision", func(r *MemoryReplica) Coordinator { return noRevision{r} }, "revisions that do not grow"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			s := NewMemoryStore()
 			replicas := make(map[Coordinator]*MemoryReplica)
 			var tb failTB

@@ -12,6 +12,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/leakcheck"
 )
 
 // leaseOf returns the ID of the lease r's Cache holds its locks under.
@@ -250,25 +251,27 @@ func TestWholeClusterRestart(t *testing.T) {
 // client are closed, none of their goroutines is left, nor any of
 // autocert's.
 func TestReplicasLeaveNoGoroutine(t *testing.T) {
+	t.Parallel()
+	leakcheck.Label(testLabel, t.Name()) // the goroutines it starts are its own: see goroutinesOf
 	const name = "leak.test"
-	before := len(clusterGoroutines())
+	before := len(clusterGoroutines(t))
 	c := startCluster(t, clusterOptions{names: []string{name}})
 	for _, r := range c.replicas {
 		if _, err := r.getCertificate(name); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if n := len(clusterGoroutines()); n <= before {
+	if n := len(clusterGoroutines(t)); n <= before {
 		t.Fatalf("%d goroutines of the replicas while they run, %d before: the check sees none", n, before)
 	}
 	for _, r := range c.replicas {
 		r.stop()
 	}
-	waitGoroutinesGone(t, before, clusterGoroutines)
+	waitGoroutinesGone(t, before, func() []string { return clusterGoroutines(t) })
 }
 
 // clusterGoroutines returns the stacks of the goroutines of certmgr,
 // autocert, this package and etcd's client.
-func clusterGoroutines() []string {
-	return goroutinesOf("certmgr.(*", "acme/autocert.", "etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3")
+func clusterGoroutines(t *testing.T) []string {
+	return goroutinesOf(t, "certmgr.(*", "acme/autocert.", "etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3")
 }

@@ -326,9 +326,11 @@ func TestClose(t *testing.T) {
 // unreachable: Close gives up on the revoke within its bound and says
 // so, and nothing is left once the client is closed.
 func TestCloseUnreachable(t *testing.T) {
+	t.Parallel()
+	leakcheck.Label(testLabel, t.Name()) // the goroutines it starts are its own: see goroutinesOf
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
-	before := len(ours())
+	before := len(ours(t))
 	p := startProxy(t, srv.Host())
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + p.addr()}, Logger: zap.NewNop()})
 	if err != nil {
@@ -355,7 +357,7 @@ func TestCloseUnreachable(t *testing.T) {
 		t.Fatal("Close did not close lost")
 	}
 	cli.Close()
-	waitGoroutinesGone(t, before, ours)
+	waitGoroutinesGone(t, before, func() []string { return ours(t) })
 }
 
 // TestRestart stops etcd under a Cache that holds a lock and watches,
@@ -680,14 +682,21 @@ func TestSameProcess(t *testing.T) {
 	unlock()
 }
 
-// ours lists the goroutines of Caches and of etcd clients.
-func ours() []string { return goroutinesOf("etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3") }
+// ours lists t's goroutines of Caches and of etcd clients.
+func ours(t *testing.T) []string {
+	return goroutinesOf(t, "etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3")
+}
 
-// goroutinesOf returns the stacks of the goroutines that mention any of
-// marks, but for those of the etcd server this process runs.
-func goroutinesOf(marks ...string) []string {
+// testLabel is the pprof label that names the test a goroutine is of: a
+// test that sets it first (leakcheck.Label) sees only its own goroutines,
+// even while other tests run in parallel.
+const testLabel = "etcdcache-test"
+
+// goroutinesOf returns the stacks of t's goroutines (see testLabel) that
+// mention any of marks, but for those of the etcd server t runs.
+func goroutinesOf(t *testing.T, marks ...string) []string {
 	var found []string
-	for _, g := range leakcheck.Stacks() {
+	for _, g := range leakcheck.Labelled(testLabel, t.Name()) {
 		if strings.Contains(g, "etcd/server/v3") {
 			continue
 		}
@@ -715,9 +724,11 @@ func waitGoroutinesGone(t *testing.T, before int, list func() []string) {
 }
 
 func TestNoGoroutinesLeft(t *testing.T) {
+	t.Parallel()
+	leakcheck.Label(testLabel, t.Name()) // the goroutines it starts are its own: see goroutinesOf
 	ctx := testContext(t)
 	srv := etcdtest.Start(t)
-	before := len(ours())
+	before := len(ours(t))
 	func() {
 		var caches [2]*Cache
 		for i := range caches {
@@ -763,9 +774,9 @@ func TestNoGoroutinesLeft(t *testing.T) {
 		if _, _, err := a.PutIf(ctx, "k", []byte("v"), 0, fence); err != nil {
 			t.Fatal(err)
 		}
-		if n := len(ours()); n <= before {
+		if n := len(ours(t)); n <= before {
 			t.Fatalf("%d goroutines of the Caches and clients while open, %d before: the check sees none", n, before)
 		}
 	}()
-	waitGoroutinesGone(t, before, ours)
+	waitGoroutinesGone(t, before, func() []string { return ours(t) })
 }
