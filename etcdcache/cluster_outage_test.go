@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -155,6 +156,12 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 	c.etcd.Start(t)
 	for _, r := range c.replicas {
 		r.link.heal()
+	}
+	// Every replica's client has reconnected before the first handshake
+	// orders: the CA may validate through any of them, and one that
+	// cannot read the store yet has no token to answer with.
+	for i, r := range c.replicas {
+		waitFor(t, 30*time.Second, fmt.Sprintf("replica %d to reach etcd again", i), r.reachesEtcd)
 	}
 	t.Cleanup(func() {
 		if t.Failed() {

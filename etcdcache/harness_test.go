@@ -75,6 +75,17 @@ type replica struct {
 	restarts int
 }
 
+// reachesEtcd reports whether r's etcd client answers a read now.
+func (r *replica) reachesEtcd() bool {
+	r.mu.Lock()
+	cli := r.cli
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err := cli.Get(ctx, "/cluster/probe")
+	return err == nil
+}
+
 // startCluster starts etcd, the CA, the replicas and the balancers, and
 // stops them in t's cleanup.
 func startCluster(t *testing.T, opts clusterOptions) *cluster {
