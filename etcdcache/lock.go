@@ -316,9 +316,44 @@ func (c *Cache) lockIn(ctx context.Context, s *session, sl *slot) (*hold, error)
 	}
 	// Leave no entry that would block other replicas while this lease
 	// lives, also if the Txn that made it failed after it landed.
-	c.client.Delete(s.ctx, entryKey(pfx, s))
+	c.deleteEntry(s, entryKey(pfx, s))
 	return nil, err
 }
+
+// deleteEntry deletes s's lock entry key. One failed request must not
+// leave it: it would hold every other replica's Lock of the name for as
+// long as s's lease lives. So the delete is tried again, with a growing
+// pause, until it lands, s ends (its entries go with its lease) or the
+// Cache closes (which revokes the lease); if etcd has not taken it within
+// the lease's TTL, s is given up, and its monitor revokes the lease.
+func (c *Cache) deleteEntry(s *session, key string) {
+	pause := entryRetryPause
+	for giveUp := time.Now().Add(s.ttl); ; {
+		ctx, cancel := context.WithTimeout(s.ctx, s.ttl)
+		_, err := c.client.Delete(ctx, key)
+		cancel()
+		if err == nil || s.ctx.Err() != nil {
+			return
+		}
+		if !time.Now().Before(giveUp) {
+			c.mu.Lock()
+			c.giveUpLocked(s)
+			c.mu.Unlock()
+			return
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-s.ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+		pause = min(2*pause, s.ttl/4)
+	}
+}
+
+// entryRetryPause is the first pause before a failed delete of a lock
+// entry is tried again.
+const entryRetryPause = 50 * time.Millisecond
 
 // entryKey is the key of s's entry for the lock whose entries are under
 // pfx.
@@ -331,22 +366,35 @@ func entryKey(pfx string, s *session) string { return fmt.Sprintf("%s/%x", pfx, 
 func (c *Cache) enter(ctx context.Context, s *session, pfx string) (key string, rev int64, err error) {
 	key = entryKey(pfx, s)
 	oldest := clientv3.OpGet(pfx+"/", clientv3.WithFirstCreate()...)
-	resp, err := c.client.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, "", clientv3.WithLease(s.s.Lease())), oldest).
-		Else(clientv3.OpGet(key), oldest).
-		Commit()
-	if err != nil {
+	// The entry is made, or found, on the session's context, not the
+	// caller's: a caller that gives up must not cut the request while it
+	// may still land at etcd, after the clean-up's delete, and leave an
+	// entry that blocks every replica for as long as the lease lives.
+	sctx, cancel := context.WithTimeout(s.ctx, s.ttl)
+	defer cancel()
+	var resp *clientv3.TxnResponse
+	for range 3 {
+		resp, err = c.client.Txn(sctx).
+			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			Then(clientv3.OpPut(key, "", clientv3.WithLease(s.s.Lease())), oldest).
+			Commit()
+		if err != nil || resp.Succeeded {
+			break
+		}
+		// An entry of s's is there already: one whose delete has not
+		// landed yet. It is never taken over, since its fence was an
+		// earlier hold's: it is deleted, and a new one made.
+		if _, err = c.client.Delete(sctx, key); err != nil {
+			break
+		}
+	}
+	switch {
+	case err != nil:
 		return key, 0, err
+	case !resp.Succeeded:
+		return key, 0, fmt.Errorf("etcdcache: the lock entry %s is made again at once whenever it is deleted", key)
 	}
 	rev = resp.Header.Revision
-	if !resp.Succeeded {
-		kvs := resp.Responses[0].GetResponseRange().Kvs
-		if len(kvs) == 0 {
-			return key, 0, concurrency.ErrSessionExpired
-		}
-		rev = kvs[0].CreateRevision
-	}
 	if first := resp.Responses[1].GetResponseRange().Kvs; len(first) > 0 && first[0].CreateRevision == rev {
 		return key, rev, nil // the oldest entry, in the same transaction: held
 	}
@@ -417,7 +465,7 @@ func (c *Cache) unlock(h *hold) {
 		return
 	}
 	if !c.goLocked(func() {
-		c.client.Delete(h.sess.ctx, h.key) // ends early if the lease does
+		c.deleteEntry(h.sess, h.key)
 		c.mu.Lock()
 		c.freeLocked(h.slot)
 		c.mu.Unlock()
