@@ -218,6 +218,13 @@ func (m *Manager) run(d *domain, a *attempt, k certKey) {
 		}
 	}
 	if a.path == PathRenewalInfo {
+		// The cluster's record, read under the lock, may tell of a
+		// renewal this replica did not see (it started after it): the
+		// guard against renewal loops holds for the cluster.
+		if err := m.checkRenewalInfoGuard(d); err != nil {
+			m.finish(d, a, nil, err)
+			return
+		}
 		if m.coord != nil && m.renewedElsewhere(m.ctx, d.name, a.since, k.rsa) {
 			if c := m.servedCert(k); c != nil {
 				m.finish(d, a, c, nil) // another replica renewed it for all

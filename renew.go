@@ -79,6 +79,20 @@ func checkRenewedLocked(d *domain, now time.Time) error {
 	return nil
 }
 
+// checkRenewalInfoGuard returns why the renewal the CA's renewal
+// information asked for may not start now: a renewal a moment ago (see
+// renewedUntilLocked, at most renewalInfoGuard), in this process or, as
+// the cluster's record says, on any replica.
+func (m *Manager) checkRenewalInfoGuard(d *domain) error {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if until := renewedUntilLocked(d, m.now(), renewalInfoGuard); !until.IsZero() {
+		return fmt.Errorf("%w: %s: renewed at %s already; no renewal the CA asks for until %s", ErrBackoff, d.name,
+			d.fail.Renewed.UTC().Format(time.RFC3339), until.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
 // renewedUntilLocked returns until when d's last renewal bars another, if
 // it does at now: a quarter of the certificate's life after it, and at
 // most limit after it if limit is not zero. It is zero otherwise.

@@ -204,3 +204,48 @@ func TestRevokedCertificateReplacedOnceForTheCluster(t *testing.T) {
 	}
 	ac.expectOneRenewal(t, cert, time.Now())
 }
+
+// TestRenewalGuardHoldsForTheCluster: after the cluster renewed a
+// certificate the CA asked to renew, no replica renews it again within
+// the hour when the CA asks again, not even one started after the
+// renewal, which knows it only from the cluster's record.
+func TestRenewalGuardHoldsForTheCluster(t *testing.T) {
+	t.Parallel()
+	const name = "guard.test"
+	ac := startARICluster(t, name)
+	cert := ac.obtain(t)
+	past := func() string { // a window that has ended: renew at once
+		now := time.Now()
+		return fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,
+			now.Add(-2*time.Hour).Format(time.RFC3339), now.Add(-time.Hour).Format(time.RFC3339))
+	}
+	if err := ac.ca.SetRenewalInfo(t.Context(), cert.Leaf, past()); err != nil {
+		t.Fatal(err)
+	}
+	ac.expectOneRenewal(t, cert, time.Now())
+
+	ac.replicas[2].restart()
+	renewed, err := ac.replicas[0].getCertificate(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac.mu.Lock()
+	ac.asked = [3]bool{}
+	ac.mu.Unlock()
+	if err := ac.ca.SetRenewalInfo(t.Context(), renewed.Leaf, past()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the restarted replica to serve the renewed certificate and see the CA ask again", func() bool {
+		ac.serials(name) // the restarted replica loads the certificate at its first handshake
+		ac.mu.Lock()
+		defer ac.mu.Unlock()
+		return ac.asked[2]
+	})
+	p := ac.ca.Proxy.Requests(certmgrtest.ClassOther)
+	waitFor(t, 10*time.Second, "more polls of the renewal information", func() bool {
+		return ac.ca.Proxy.Requests(certmgrtest.ClassOther) >= p+9
+	})
+	if got := ac.ca.Proxy.Counts(name); got.Orders != 2 {
+		t.Errorf("%d orders, want 2: the first certificate and one renewal; renewals: %v", got.Orders, ac.renewed())
+	}
+}
