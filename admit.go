@@ -92,7 +92,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	if err == nil && m.coord != nil {
 		// The cluster's budget decides, and holds the reservation before
 		// the order goes out; without the store, no order.
-		err = m.updateRecord(req.Context(), name, fence, lost, func(r *failureRecord) error {
+		err = m.updateRecord(req.Context(), name, fence, lost, nil, func(r *failureRecord) error {
 			if t := r.budgetFree(now, 1, m.cfg.AuthzBudget); t.After(now) {
 				return fmt.Errorf("%w: %s: the cluster's failed-authorization budget is spent until %s",
 					ErrBackoff, name, t.UTC().Format(time.RFC3339))
@@ -220,7 +220,7 @@ func (m *Manager) observed(name string, ob observation) {
 		// Under the attempt's lock, if it holds one; an answer that came
 		// after its attempt ended settles the reservation it names, which
 		// no other replica's update overwrites.
-		m.storeRecord(name, fence, lost, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
+		m.storeRecord(name, fence, lost, nil, func(r *failureRecord) { r.settle(ob.reservation, ob.authzFailed) })
 	}
 	if end {
 		m.finish(d, a, nil, errors.New(problem))

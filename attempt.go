@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"golang.org/x/crypto/acme"
@@ -313,8 +314,15 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	unlock, fence, lost := a.unlock, a.fence, a.lost
 	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
 	// change is the outcome's one change to the domain's failure record,
-	// made here and, in a cluster, to the cluster's record.
+	// made here and, in a cluster, to the cluster's record; before is the
+	// record before it, for a cluster whose store has none yet.
 	var change func(*failureRecord)
+	var before *failureRecord
+	if d.recRev == 0 {
+		b := d.fail
+		b.Spends = slices.Clone(b.Spends)
+		before = &b
+	}
 	switch {
 	case err == nil:
 		kind := EventObtained
@@ -381,7 +389,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	a.cert, a.err = cert, err
 	m.stateMu.Unlock()
 	if change != nil {
-		m.storeRecord(d.name, fence, lost, change) // under the lock, if the attempt held it
+		m.storeRecord(d.name, fence, lost, before, change) // under the lock, if the attempt held it
 	}
 	if unlock != nil {
 		unlock()

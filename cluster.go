@@ -71,13 +71,17 @@ func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 // write lands only while that hold of the domain's lock is current: a
 // replica that lost its lock writes nothing, since another one may hold
 // it now. A failure is reported as a Cache error.
-func (m *Manager) storeRecord(name, fence string, lost <-chan struct{}, f func(*failureRecord)) {
+//
+// base, if not nil, is the record f applies to when the store has none
+// yet: the domain's record in memory before f was applied to it too (see
+// updateRecord).
+func (m *Manager) storeRecord(name, fence string, lost <-chan struct{}, base *failureRecord, f func(*failureRecord)) {
 	if m.coord == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
 	defer cancel()
-	err := m.updateRecord(ctx, name, fence, lost, func(r *failureRecord) error { f(r); return nil })
+	err := m.updateRecord(ctx, name, fence, lost, base, func(r *failureRecord) error { f(r); return nil })
 	if err != nil && !errors.Is(err, errLockLost) {
 		m.cacheFailed("put", recordPrefix+name, err)
 	}
@@ -173,16 +177,19 @@ func (m *Manager) storeAccountKey(ctx context.Context, data []byte) ([]byte, err
 		m.cache.Put(ctx, accountKeyName, data) // a failed write is kept and retried
 		return data, nil
 	}
+	// The store's failures are certmgr's, not the CA's (see failedLocally).
 	_, ok, err := m.coord.PutIf(ctx, accountKeyName, data, 0, "")
 	if err != nil {
-		return nil, fmt.Errorf("certmgr: writing the account key: %w", err)
+		m.cacheFailed("put", accountKeyName, err)
+		return nil, &cacheError{op: "put", key: accountKeyName, err: fmt.Errorf("writing the account key: %w", err)}
 	}
 	if ok {
 		return data, nil
 	}
 	theirs, _, err := m.coord.GetRevision(ctx, accountKeyName)
 	if err != nil {
-		return nil, fmt.Errorf("certmgr: reading the account key another replica made: %w", err)
+		m.cacheFailed("get", accountKeyName, err)
+		return nil, &cacheError{op: "get", key: accountKeyName, err: fmt.Errorf("reading the account key another replica made: %w", err)}
 	}
 	return theirs, nil
 }
@@ -204,7 +211,12 @@ var errRecordConflict = errors.New("certmgr: the failure record kept changing")
 // returned. On success the domain's record in memory, if there is one,
 // becomes the stored one. A store error is returned as it is; a hold
 // that is lost (lost closed) ends it with errLockLost.
-func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-chan struct{}, f func(*failureRecord) error) error {
+//
+// When the store has no record yet, f applies to base, if not nil, and
+// else to the domain's record in memory (see localRecord): a caller that
+// applied f to that record already passes the record as it was before,
+// lest the change count twice.
+func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-chan struct{}, base *failureRecord, f func(*failureRecord) error) error {
 	key := recordPrefix + name
 	for range maxRecordRetries {
 		if closed(lost) {
@@ -217,6 +229,10 @@ func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-c
 			// The first record of the domain: it starts from what this
 			// replica knows, such as the single-process certmgr+state.
 			rev, rec = 0, m.localRecord(name)
+			if base != nil {
+				rec = *base
+				rec.Spends = slices.Clone(base.Spends)
+			}
 		case err != nil:
 			return &cacheError{op: "get", key: key, err: err}
 		default:

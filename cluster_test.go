@@ -15,6 +15,7 @@ import (
 	"math/big"
 	"math/rand/v2"
 	"net/http"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -696,5 +697,75 @@ func TestWaitingHandshakeTakesTheWatchedCertificate(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the handshake still waits for the lock 10 s after the certificate was stored")
+	}
+}
+
+// TestFirstFailureWithoutAnOrderCountsOnce: the first failure of a name
+// whose attempt made no order (the CA's directory answers 503), so that
+// the store has no record of it yet, counts once in the cluster's record,
+// as with a Cache of one process: 1 failure, the next attempt a minute
+// away.
+func TestFirstFailureWithoutAnOrderCountsOnce(t *testing.T) {
+	t.Parallel()
+	const name = "first.test"
+	r := startReplicas(t, 1, name)
+	r.ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassDirectory, Status: 503})
+	m := r.ms[0]
+	if err := m.Provision(context.Background(), name); err == nil {
+		t.Fatal("Provision succeeded with the directory answering 503")
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Fatalf("%d orders, want none", n)
+	}
+	st := m.Status(name)
+	if ahead := time.Until(st.NextAttempt); st.Failures != 1 || ahead > 67*time.Second {
+		t.Errorf("Status = %d failure(s), next attempt %v ahead; want 1 and about a minute", st.Failures, ahead.Round(time.Second))
+	}
+	data, _, err := r.store.Open().GetRevision(context.Background(), recordPrefix+name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec := decodeRecord(data, time.Now()); rec.Failures != 1 {
+		t.Errorf("the store's record has %d failures, want 1", rec.Failures)
+	}
+}
+
+// accountPutFails is a replica whose store refuses every write of the
+// account key.
+type accountPutFails struct{ *certmgrtest.MemoryReplica }
+
+func (r accountPutFails) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
+	if key == accountKeyName {
+		return 0, false, errors.New("store unavailable")
+	}
+	return r.MemoryReplica.PutIf(ctx, key, value, rev, fence)
+}
+
+// TestAccountKeyStoreErrorIsNoFailure: a store that cannot take the new
+// account key fails the attempt for certmgr's own reason, not the CA's:
+// no failure is recorded, and no order is made.
+func TestAccountKeyStoreErrorIsNoFailure(t *testing.T) {
+	t.Parallel()
+	const name = "account.test"
+	checkLeaks(t)
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: accountPutFails{certmgrtest.NewMemoryStore().Open()}, Client: ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name)},
+		Logger: newTestLogger(&testsupport.Buffer{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Provision(context.Background(), name); err == nil || !strings.Contains(err.Error(), "account key") {
+		t.Fatalf("Provision = %v, want the account key's write failure", err)
+	}
+	if st := m.Status(name); st.Failures != 0 {
+		t.Errorf("Status = %+v, want no failure: the store failed, not the CA", st)
+	}
+	if n := ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Errorf("%d orders, want none", n)
 	}
 }

@@ -50,7 +50,7 @@ func (m *Manager) Retry(domain string) {
 	// The cluster's record first, also if this replica has not seen the
 	// domain: every replica's next attempt may start.
 	if m.recordExists(name) {
-		m.storeRecord(name, "", nil, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
+		m.storeRecord(name, "", nil, nil, func(r *failureRecord) { r.retryNow(now, m.cost(), m.cfg.AuthzBudget) })
 	}
 	m.stateMu.Lock()
 	d := m.domains[name]
