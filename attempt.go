@@ -311,7 +311,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if a.timer != nil {
 		a.timer.Stop()
 	}
-	unlock, fence, lost := a.unlock, a.fence, a.lost
+	unlock, fence, lost, challenge := a.unlock, a.fence, a.lost, a.challenge
 	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
 	// change is the outcome's one change to the domain's failure record,
 	// made here and, in a cluster, to the cluster's record; before is the
@@ -392,6 +392,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.storeRecord(d.name, fence, lost, before, change) // under the lock, if the attempt held it
 	}
 	if unlock != nil {
+		if challenge == "tls-alpn-01" {
+			m.deleteToken(d.name, fence)
+		}
 		unlock()
 	}
 	m.obs.forget(d.name)

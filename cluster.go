@@ -87,6 +87,23 @@ func (m *Manager) storeRecord(name, fence string, lost <-chan struct{}, base *fa
 	}
 }
 
+// deleteToken deletes name's TLS-ALPN-01 token certificate from the store
+// while the attempt that wrote it still holds name's lock (fence): the
+// replicas share that one key, and autocert's own delete, which comes
+// after the attempt released the lock, is refused (see mayWriteToken).
+func (m *Manager) deleteToken(name, fence string) {
+	key := name + "+token"
+	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+	defer cancel()
+	_, rev, err := m.coord.GetRevision(ctx, key)
+	if err == nil {
+		_, err = m.coord.DeleteIf(ctx, key, rev, fence)
+	}
+	if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+		m.cacheFailed("delete", key, err)
+	}
+}
+
 // orderHeld returns errLockLost if name's attempt in flight held its
 // cluster lock and lost it: the replica then stops its order at once,
 // since another one may take over. It is nil otherwise.

@@ -769,3 +769,23 @@ func TestAccountKeyStoreErrorIsNoFailure(t *testing.T) {
 		t.Errorf("%d orders, want none", n)
 	}
 }
+
+// TestFailedValidationLeavesNoToken: after a failed TLS-ALPN-01
+// validation, the challenge's token certificate is gone from the store,
+// although autocert deletes it only after the attempt released its lock.
+func TestFailedValidationLeavesNoToken(t *testing.T) {
+	t.Parallel()
+	const name = "token.test"
+	r := startReplicas(t, 1, name)
+	r.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	if err := r.ms[0].Provision(context.Background(), name); err == nil {
+		t.Fatal("Provision succeeded with validation failing")
+	}
+	if n := r.ca.Proxy.Counts(name).ChallengeResponses; n != 1 {
+		t.Fatalf("%d challenge responses, want 1", n)
+	}
+	waitDetached(t) // autocert's own delete of the token is done
+	if _, err := r.store.Open().Get(context.Background(), name+"+token"); !errors.Is(err, autocert.ErrCacheMiss) {
+		t.Errorf("the token certificate is still in the store: %v", err)
+	}
+}
