@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -162,23 +163,9 @@ func (m *Manager) renewalInfoStep() time.Time {
 		m.renewForCA(k)
 	}
 	if len(polls) > 0 {
-		url, err := m.renewalInfoURL()
-		for _, k := range polls {
-			if m.ctx.Err() != nil {
-				return time.Time{}
-			}
-			if err == nil && url != "" {
-				err = m.pollRenewalInfo(url, k)
-			}
-			if err != nil {
-				// The CA cannot be reached (or its directory read): the
-				// rest are asked again later, not one timeout each now.
-				m.ari.mu.Lock()
-				if ri := m.ari.certs[k]; ri != nil {
-					ri.nextPoll = maxTime(ri.nextPoll, now.Add(m.hooks.renewalInfoMinPoll))
-				}
-				m.ari.mu.Unlock()
-			}
+		m.pollAll(polls, now)
+		if m.ctx.Err() != nil {
+			return time.Time{}
 		}
 	}
 
@@ -200,6 +187,62 @@ func (m *Manager) renewalInfoStep() time.Time {
 		}
 	}
 	return next
+}
+
+// maxRenewalInfoPolls bounds the polls of renewal information in flight
+// at once: a CA that answers slowly, when many certificates are due (a
+// mass revocation, say), delays each renewal by one answer, not a round.
+const maxRenewalInfoPolls = 8
+
+// pollAll polls the renewal information of the certificates polls, at
+// most maxRenewalInfoPolls at a time, and starts the renewal a poll finds
+// due right after that poll. Once the CA cannot be reached (or its
+// directory read), the polls not made yet are asked again later, not one
+// timeout each now. It returns when every poll it started has ended.
+func (m *Manager) pollAll(polls []certKey, now time.Time) {
+	url, err := m.renewalInfoURL()
+	if err == nil && url == "" {
+		return // the directory has no renewalInfo: nothing is tracked
+	}
+	var unreachable atomic.Bool
+	unreachable.Store(err != nil)
+	slots := make(chan struct{}, maxRenewalInfoPolls)
+	var wg sync.WaitGroup
+	for _, k := range polls {
+		select {
+		case slots <- struct{}{}:
+		case <-m.ctx.Done():
+		}
+		if m.ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			if unreachable.Load() || m.pollRenewalInfo(url, k) != nil {
+				unreachable.Store(true)
+				m.ari.mu.Lock()
+				if ri := m.ari.certs[k]; ri != nil {
+					ri.nextPoll = maxTime(ri.nextPoll, now.Add(m.hooks.renewalInfoMinPoll))
+				}
+				m.ari.mu.Unlock()
+				return
+			}
+			if m.renewalDue(k) {
+				m.renewForCA(k)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// renewalDue reports whether the renewal of k's certificate that the CA
+// suggested is due now and not running.
+func (m *Manager) renewalDue(k certKey) bool {
+	now := m.now()
+	m.ari.mu.Lock()
+	defer m.ari.mu.Unlock()
+	ri := m.ari.certs[k]
+	return ri != nil && !ri.renewAt.IsZero() && ri.renewing == nil && !now.Before(ri.renewAt) && !now.Before(ri.retryAt)
 }
 
 // renewalInfoURL returns the directory's renewalInfo URL, reading the

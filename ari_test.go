@@ -418,3 +418,71 @@ func TestCAWithoutRenewalInfoLeavesRenewalToAutocert(t *testing.T) {
 		t.Errorf("Status.RenewAt = %v, want none", st.RenewAt)
 	}
 }
+
+// dueRenewals provisions n names on an env whose Manager polls renewal
+// information once an hour on a fake clock, has the CA ask to renew every
+// one of their certificates at once, adds rule at the CA for the polls,
+// and starts the next round of polls. It returns the env and the count
+// of polls before that round.
+func dueRenewals(t *testing.T, n int, rule certmgrtest.Rule) (*env, int) {
+	t.Helper()
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("due%d.test", i)
+	}
+	e := newEnv(t, envOptions{names: names, clock: true})
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.hooks.renewalInfoMinPoll, c.hooks.renewalInfoMaxPoll = time.Hour, time.Hour
+		c.OnEvent = events.add
+	})
+	for _, name := range names {
+		if err := m.Provision(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 10*time.Second, "the first poll of every certificate", func() bool { return events.count(EventRenewalScheduled) == n })
+	now := e.clock.Now()
+	past := fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,
+		now.Add(-2*time.Hour).Format(time.RFC3339), now.Add(-time.Hour).Format(time.RFC3339))
+	for _, name := range names {
+		c, err := m.GetCertificate(helloFor(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.SetRenewalInfo(t.Context(), c.Leaf, past); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(e.Proxy.AddRule(rule))
+	t.Cleanup(e.Proxy.Release)
+	before := polls(e)
+	e.clock.Advance(time.Hour + time.Minute)
+	m.ari.wake <- struct{}{}
+	return e, before
+}
+
+// TestRenewalInfoPollsAtMostEightAtOnce: a round of polls of many
+// certificates goes out in parallel, at most maxRenewalInfoPolls at once,
+// while the CA has not answered.
+func TestRenewalInfoPollsAtMostEightAtOnce(t *testing.T) {
+	t.Parallel()
+	e, before := dueRenewals(t, 10, certmgrtest.Rule{Class: certmgrtest.ClassOther, Hold: true})
+	waitFor(t, 10*time.Second, "polls in flight", func() bool { return polls(e)-before >= maxRenewalInfoPolls })
+	if n := polls(e) - before; n != maxRenewalInfoPolls {
+		t.Errorf("%d polls in flight while the CA answers none, want %d", n, maxRenewalInfoPolls)
+	}
+}
+
+// TestRenewalStartsRightAfterItsPoll: a renewal that a poll finds due
+// starts right after that poll, not once the round's other polls have
+// been answered: the CA never answers one poll, and the other
+// certificates are renewed meanwhile.
+func TestRenewalStartsRightAfterItsPoll(t *testing.T) {
+	t.Parallel()
+	e, _ := dueRenewals(t, 4, certmgrtest.Rule{Class: certmgrtest.ClassOther, Hold: true, Times: 1})
+	orders := e.Proxy.Requests(certmgrtest.ClassNewOrder)
+	waitFor(t, 10*time.Second, "the renewals of the certificates whose poll was answered", func() bool {
+		return e.Proxy.Requests(certmgrtest.ClassNewOrder)-orders >= 3
+	})
+}
