@@ -328,15 +328,20 @@ func New(cfg Config) (*Manager, error) {
 		MinVersion:     tls.VersionTLS12,
 		NextProtos:     []string{acme.ALPNProto},
 	}
-	m.loadKnownDomains()
+	// With a Coordinator, the store's watch opens first, so that the
+	// records read next miss no later write. If it does not open within
+	// storeWait, the store is taken as unreachable: New returns, the
+	// records are read once it answers, and meanwhile no order is made.
+	stateBy := time.Now().Add(cacheTimeout)
 	if m.coord != nil {
 		m.log.Info("attempts coordinated", "by", "the Cache, a Coordinator: one replica orders for all")
-		if err := m.watchStore(); err != nil {
-			m.cacheFailed("watch", "", err)
+		if by := time.Now().Add(storeWait); !m.watchStore(by) {
+			stateBy = by
 		}
 	} else {
 		m.log.Info("attempts not coordinated", "why", "the Cache is no Coordinator: replicas on it decide alone")
 	}
+	m.loadKnownDomains(stateBy)
 
 	m.wg.Add(2)
 	go func() {

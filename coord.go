@@ -48,7 +48,8 @@ import (
 //     the write's revision, until ctx ends. If those writes can no longer
 //     be replayed, it reports the current value and revision of every key
 //     under prefix written after fromRev instead. It returns once it
-//     watches.
+//     watches. New waits for it at most a second; while it fails, or
+//     has not returned, it is tried again in the background.
 //
 // Each method's documentation, on the one declaration of the interface,
 // [coord.Coordinator], gives its contract in full; an implementation

@@ -136,18 +136,27 @@ func (m *Manager) readState(ctx context.Context) (map[string]failureRecord, erro
 	return recs, nil
 }
 
+// errStoreUnanswered is why New did not read the persisted records: the
+// store's watch did not open in time.
+var errStoreUnanswered = errors.New("certmgr: the store did not answer")
+
 // loadKnownDomains makes a domain of every name a previous Manager knew,
 // with its failure record and the expiry of its cached certificates, so
 // that Status is right from New on. The certificates are loaded (and
 // autocert's renewal timers started) at first use, as autocert does.
 //
-// If the records cannot be read, they are read again every cacheRetry
-// until they are; meanwhile no order is made and no record written, so
-// that none is lost (see stateUnread).
-func (m *Manager) loadKnownDomains() {
-	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
-	recs, err := m.readState(ctx)
-	cancel()
+// If the records cannot be read by the deadline by (not read at all if
+// it passed), they are read again every cacheRetry until they are;
+// meanwhile no order is made and no record written, so that none is lost
+// (see stateUnread).
+func (m *Manager) loadKnownDomains(by time.Time) {
+	err := errStoreUnanswered
+	var recs map[string]failureRecord
+	if time.Now().Before(by) {
+		ctx, cancel := context.WithDeadline(m.ctx, by)
+		recs, err = m.readState(ctx)
+		cancel()
+	}
 	if err == nil {
 		m.adoptRecords(recs, true)
 		return

@@ -4,12 +4,17 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
@@ -281,4 +286,238 @@ func TestReplicasLeaveNoGoroutine(t *testing.T) {
 // autocert, this package and etcd's client.
 func clusterGoroutines(t *testing.T) []string {
 	return goroutinesOf(t, "certmgr.(*", "acme/autocert.", "etcdcache.(*Cache)", "go.etcd.io/etcd/client/v3")
+}
+
+// readmeBound is how long etcdcache.New and certmgr.New may take together
+// when etcd is down. It is an acceptance bound on a hang (they used to
+// wait for etcd for as long as it was down), not a timing goal: they
+// return in about a second (certmgr.New waits that long for the store's
+// watch), and 2 s leaves room for a loaded machine.
+const readmeBound = 2 * time.Second
+
+// openAsREADME opens r as the README shows: a client with no DialTimeout,
+// whose calls wait for a connection (clientv3.New returns at once, etcd or
+// not), then etcdcache.New and certmgr.New, whose time together it
+// returns. If they do not return within readmeBound, it fails the test,
+// after ending the hang by closing the client.
+func (r *replica) openAsREADME(t *testing.T) time.Duration {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + r.link.addr()}, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type opened struct {
+		cache *Cache
+		m     *certmgr.Manager
+		err   error
+		took  time.Duration
+	}
+	done := make(chan opened, 1)
+	go func() {
+		start := time.Now()
+		cache, err := New(cli, Options{Prefix: "/cluster/", LeaseTTL: testTTL})
+		if err != nil {
+			done <- opened{err: err}
+			return
+		}
+		cfg := certmgr.Config{
+			Autocert: &autocert.Manager{Cache: cache, Client: r.c.ca.NewClient(),
+				HostPolicy: autocert.HostWhitelist(r.c.opts.names...)},
+			Logger: slog.New(slog.DiscardHandler),
+		}
+		if r.c.opts.config != nil {
+			r.c.opts.config(r.index(), &cfg)
+		}
+		m, err := certmgr.New(cfg)
+		if err != nil {
+			cache.Close()
+		}
+		done <- opened{cache, m, err, time.Since(start)}
+	}()
+	var o opened
+	timer := time.NewTimer(readmeBound)
+	defer timer.Stop()
+	select {
+	case o = <-done:
+	case <-timer.C:
+		cli.Close() // the calls waiting for etcd fail: New returns
+		o = <-done
+		if o.err == nil {
+			o.m.Close()
+			o.cache.Close()
+		}
+		t.Fatalf("etcdcache.New and certmgr.New did not return within %v with etcd down (they took %v, returning once the client was closed)", readmeBound, o.took)
+	}
+	if o.err != nil {
+		cli.Close()
+		t.Fatal(o.err)
+	}
+	r.mu.Lock()
+	r.m, r.cache, r.cli = o.m, o.cache, cli
+	r.mu.Unlock()
+	return o.took
+}
+
+// TestReplicaStartsWhileEtcdIsDown starts a replica while etcd is down,
+// with a client built as the README shows. etcdcache.New and certmgr.New
+// return within readmeBound; the replica answers a handshake with the
+// fallback and orders nothing; once etcd is back, the same replica, not
+// restarted, serves the CA's certificate within 30 s.
+func TestReplicaStartsWhileEtcdIsDown(t *testing.T) {
+	t.Parallel()
+	const name = "late.test"
+	const handshakeTimeout = time.Second
+	c := startCluster(t, clusterOptions{replicas: 1, names: []string{name},
+		config: func(_ int, cfg *certmgr.Config) { cfg.HandshakeTimeout = handshakeTimeout }})
+	r := c.replicas[0]
+	r.stop()
+	c.etcd.Stop()
+
+	took := r.openAsREADME(t)
+	t.Logf("etcdcache.New and certmgr.New took %v with etcd down", took.Round(time.Millisecond))
+	m := r.manager()
+	leaf := fallbackHandshake(t, r, name, handshakeTimeout+3*time.Second)
+	if !certmgr.IsFallback(&tls.Certificate{Leaf: leaf}) {
+		t.Errorf("served %q (issuer %q) while etcd is down, want the fallback", leaf.Subject, leaf.Issuer)
+	}
+	if n := c.ca.Proxy.Counts(name).Orders; n != 0 {
+		t.Errorf("%d orders while etcd is down, want none", n)
+	}
+
+	c.etcd.Start(t)
+	back := time.Now()
+	waitFor(t, 30*time.Second, "the replica serving the CA's certificate", func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		defer cancel()
+		_, err := r.handshake(ctx, name) // verified against the CA's roots
+		return err == nil
+	})
+	t.Logf("the CA's certificate served %v after etcd's return", time.Since(back).Round(time.Millisecond))
+	if n := c.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders, want 1", n)
+	}
+	if r.manager() != m || r.restarts != 0 {
+		t.Error("the replica was replaced")
+	}
+}
+
+// TestReplicaClosedWhileEtcdIsDown: a replica started while etcd is down
+// and closed before etcd is back leaves no goroutine (the watch's retries
+// end with Close), and its Close does not wait for etcd.
+func TestReplicaClosedWhileEtcdIsDown(t *testing.T) {
+	t.Parallel()
+	leakcheck.Label(testLabel, t.Name()) // the goroutines it starts are its own: see goroutinesOf
+	const name = "closed.test"
+	before := len(clusterGoroutines(t))
+	c := startCluster(t, clusterOptions{replicas: 1, names: []string{name},
+		config: func(_ int, cfg *certmgr.Config) { cfg.HandshakeTimeout = time.Second }})
+	r := c.replicas[0]
+	r.stop()
+	c.etcd.Stop()
+	r.openAsREADME(t)
+	fallbackHandshake(t, r, name, 4*time.Second)
+	m := r.manager()
+	closed := make(chan struct{})
+	go func() { m.Close(); close(closed) }()
+	timer := time.NewTimer(readmeBound)
+	defer timer.Stop()
+	select {
+	case <-closed:
+	case <-timer.C:
+		t.Fatalf("the Manager's Close did not return within %v with etcd down", readmeBound)
+	}
+	r.stop() // the Cache's Close may fail to revoke, with etcd down: not checked here
+	waitGoroutinesGone(t, before, func() []string { return clusterGoroutines(t) })
+}
+
+// flakyWatch is a Cache whose Watch fails while fail is set, as one that
+// cannot reach etcd would, and counts its calls.
+type flakyWatch struct {
+	*Cache
+	fail  atomic.Bool
+	calls atomic.Int64
+}
+
+func (f *flakyWatch) Watch(ctx context.Context, prefix string, fromRev int64, fn func(key string, value []byte, rev int64)) error {
+	f.calls.Add(1)
+	if f.fail.Load() {
+		return errors.New("etcdcache test: the watch fails")
+	}
+	return f.Cache.Watch(ctx, prefix, fromRev, fn)
+}
+
+// TestFailedWatchIsRetried: a replica whose watch fails at New tries it
+// again in the background, and reports the failure once, not at every
+// try. Meanwhile it serves the certificate it read from etcd; another
+// replica writes a new one for the same name; once the watch works, the
+// replica serves that one, written while it did not watch, and then a
+// later one, through the watch.
+func TestFailedWatchIsRetried(t *testing.T) {
+	t.Parallel()
+	const name = "rewatch.test"
+	flaky := &flakyWatch{}
+	flaky.fail.Store(true)
+	var watchErrors atomic.Int64
+	c := startCluster(t, clusterOptions{replicas: 2, names: []string{name},
+		config: func(i int, cfg *certmgr.Config) {
+			if i != 1 {
+				return
+			}
+			flaky.Cache = cfg.Autocert.Cache.(*Cache)
+			cfg.Autocert.Cache = flaky
+			cfg.OnEvent = func(ev certmgr.Event) {
+				if ev.Kind == certmgr.EventCacheError && strings.Contains(ev.Err.Error(), "watch") {
+					watchErrors.Add(1)
+				}
+			}
+		}})
+	writer, watcher := c.replicas[0], c.replicas[1]
+	waitFor(t, 20*time.Second, "the watch tried three times", func() bool { return flaky.calls.Load() >= 3 })
+	if n := watchErrors.Load(); n != 1 {
+		t.Errorf("%d watch errors reported, want 1 for the outage", n)
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	if err := writer.manager().Provision(ctx, name); err != nil {
+		t.Fatal(err)
+	}
+	first := c.serials(name)
+	if first[0] == "" || first[1] != first[0] {
+		t.Fatalf("serials %v, want the first certificate on both replicas", first)
+	}
+	// Another replica writes a new certificate while the watch fails: a
+	// renewal, say, signed here by a test CA of its own.
+	issued, err := writer.cache.Get(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh := newShape(t, issued)
+	put := func() string {
+		t.Helper()
+		data := sh.make(t, name)
+		if err := writer.cache.Put(ctx, name, data); err != nil {
+			t.Fatal(err)
+		}
+		c, err := tls.X509KeyPair(data, data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Leaf.SerialNumber.String()
+	}
+	served := func() string {
+		return fallbackHandshake(t, watcher, name, 5*time.Second).SerialNumber.String()
+	}
+	second := put()
+	if got := served(); got != first[1] {
+		t.Fatalf("serial %s served while the watch fails, want the first, %s", got, first[1])
+	}
+
+	flaky.fail.Store(false)
+	waitFor(t, 20*time.Second, "the certificate written while the watch failed", func() bool { return served() == second })
+	third := put()
+	waitFor(t, 10*time.Second, "the certificate written once the watch works", func() bool { return served() == third })
+	if n := watchErrors.Load(); n != 1 {
+		t.Errorf("%d watch errors reported, want 1", n)
+	}
 }

@@ -10,10 +10,16 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
+// watchOpenTimeout bounds Watch's read of etcd's current revision: a
+// client built with no DialTimeout would wait for etcd otherwise, for as
+// long as it is unreachable.
+const watchOpenTimeout = 5 * time.Second
+
 // Watch implements certmgr.Coordinator with an etcd watch of the keys
 // under prefix, from the revision after fromRev, or with fromRev 0 after
-// the revision current when it is called (which it then asks etcd for).
-// Revisions are etcd's: a write's ModRevision, and a delete's revision.
+// the revision current when it is called (which it then asks etcd for,
+// and fails if etcd does not answer within 5 seconds). Revisions are
+// etcd's: a write's ModRevision, and a delete's revision.
 // It runs until ctx ends, the Cache is closed or the client is, in one
 // goroutine per call.
 //
@@ -29,7 +35,9 @@ func (c *Cache) Watch(ctx context.Context, prefix string, fromRev int64, f func(
 	}
 	if fromRev == 0 {
 		// Any read gives the current revision.
-		resp, err := c.client.Get(ctx, c.key(prefix), clientv3.WithCountOnly())
+		gctx, cancel := context.WithTimeout(ctx, watchOpenTimeout)
+		resp, err := c.client.Get(gctx, c.key(prefix), clientv3.WithCountOnly())
+		cancel()
 		if err != nil {
 			return fmt.Errorf("etcdcache: watch %q: %w", prefix, err)
 		}
