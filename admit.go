@@ -79,7 +79,11 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	id := m.reservationID()
 	fence, lost := "", (<-chan struct{})(nil)
 	m.stateMu.Lock()
-	if m.domains[name] != d {
+	if m.closed.Load() {
+		// Close began after the transport let the request through:
+		// the order would be cut, and its reservation is not stored.
+		err = errClosed
+	} else if m.domains[name] != d {
 		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
 	} else if err = m.checkOrderBudgetLocked(d, now); err == nil {
 		d.fail.reserve(now, id)

@@ -3,6 +3,7 @@ package certmgr
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,7 +18,9 @@ import (
 //   - tells the Manager of every certificate written, so that a renewal
 //     done on autocert's own timers is served from the next handshake on;
 //   - keeps the certificates and state whose write failed, serves them to
-//     readers, and writes them again later, so that nothing obtained is lost.
+//     readers, and writes them again later, so that nothing obtained is lost;
+//   - admits every write of the Manager to the Cache, its Coordinator's
+//     included, until Close seals it (see write and seal).
 type certCache struct {
 	inner autocert.Cache
 	mgr   cacheOwner    // the Manager told of writes and failures
@@ -28,6 +31,40 @@ type certCache struct {
 
 	writersMu sync.Mutex
 	writers   map[string]*keyWriter // keys being written; see lockKey
+
+	// sealMu guards sealed and every Add to writing, so that seal waits
+	// for each write admitted before it and none is admitted after it.
+	sealMu  sync.Mutex
+	sealed  bool           // no write reaches the Cache any more
+	writing sync.WaitGroup // the writes in flight
+}
+
+// errCacheClosed refuses a write to the Cache after Close sealed it.
+var errCacheClosed = fmt.Errorf("%w: no write to the Cache after Close", errClosed)
+
+// write runs f, one write to the inner Cache or to its Coordinator, unless
+// the cache is sealed: it then returns errCacheClosed without running f.
+// It is called with the key's lock held, if any (see lockKey), so that a
+// write that waits for its key is refused once sealed, not waited for.
+func (c *certCache) write(f func() error) error {
+	c.sealMu.Lock()
+	if c.sealed {
+		c.sealMu.Unlock()
+		return errCacheClosed
+	}
+	c.writing.Add(1)
+	c.sealMu.Unlock()
+	defer c.writing.Done()
+	return f()
+}
+
+// seal refuses every write from now on, and waits for those in flight:
+// once it returns, nothing reaches the Cache through c.
+func (c *certCache) seal() {
+	c.sealMu.Lock()
+	c.sealed = true
+	c.sealMu.Unlock()
+	c.writing.Wait()
 }
 
 // cacheOwner is what the Cache wrapper tells and asks the Manager;
@@ -102,6 +139,7 @@ func (c *certCache) report(op, key string, err error) {
 	var ce *cacheError
 	switch {
 	case err == nil || errors.Is(err, autocert.ErrCacheMiss) && !errors.As(err, &ce):
+	case errors.Is(err, errCacheClosed): // refused after Close: no news
 	case errors.As(err, &ce):
 		c.mgr.cacheFailed(op, key, ce.err)
 	default:
@@ -154,20 +192,30 @@ func (e *cacheError) Unwrap() error {
 }
 
 // Put implements autocert.Cache. A certificate or state write that fails
-// is kept and retried; the error is still returned.
+// is kept and retried; the error is still returned. After Close, a write
+// is refused with errCacheClosed, or dropped (nil) if it is a challenge
+// token's, whose outcome autocert ignores.
 func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 	if !c.tokenWritable(key) {
 		return nil // autocert ignores the outcome of a token write
 	}
 	err := c.put(ctx, key, data)
+	if errors.Is(err, errCacheClosed) && isTokenKey(key) {
+		return nil
+	}
 	c.report("put", key, err)
 	return err
 }
 
-// put is Put without reporting.
+// put is Put without reporting. A write refused after Close is neither
+// kept nor told to the Manager.
 func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 	unlock := c.lockKey(key)
-	err := c.inner.Put(ctx, key, data)
+	err := c.write(func() error { return c.inner.Put(ctx, key, data) })
+	if errors.Is(err, errCacheClosed) {
+		unlock()
+		return err
+	}
 	keep := isCertKey(key) || key == stateKey || key == accountKeyName
 	c.pendingMu.Lock()
 	if err != nil && keep {
@@ -189,17 +237,25 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 	return err
 }
 
-// Delete implements autocert.Cache.
+// Delete implements autocert.Cache. After Close, a delete is dropped:
+// autocert deletes only challenge tokens, in goroutines of its own that
+// ignore the outcome.
 func (c *certCache) Delete(ctx context.Context, key string) error {
 	if !c.tokenWritable(key) {
 		return nil
 	}
 	unlock := c.lockKey(key)
 	defer unlock()
-	c.pendingMu.Lock()
-	delete(c.pending, key)
-	c.pendingMu.Unlock()
-	return c.inner.Delete(ctx, key)
+	err := c.write(func() error {
+		c.pendingMu.Lock()
+		delete(c.pending, key)
+		c.pendingMu.Unlock()
+		return c.inner.Delete(ctx, key)
+	})
+	if errors.Is(err, errCacheClosed) {
+		return nil
+	}
+	return err
 }
 
 // tokenWritable reports whether key, if it is a domain's TLS-ALPN-01
@@ -207,6 +263,12 @@ func (c *certCache) Delete(ctx context.Context, key string) error {
 func (c *certCache) tokenWritable(key string) bool {
 	domain, ok := strings.CutSuffix(key, "+token")
 	return !ok || c.mgr.mayWriteToken(domain)
+}
+
+// isTokenKey reports whether key is a challenge token's: a TLS-ALPN-01
+// certificate ("+token") or an http-01 response ("+http-01").
+func isTokenKey(key string) bool {
+	return strings.HasSuffix(key, "+token") || strings.HasSuffix(key, "+http-01")
 }
 
 // retryLoop writes the kept entries again every interval until they are
@@ -247,7 +309,7 @@ func (c *certCache) flush(ctx context.Context) int {
 		var err error
 		if ok {
 			wctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-			err = c.inner.Put(wctx, k, v)
+			err = c.write(func() error { return c.inner.Put(wctx, k, v) })
 			cancel()
 			if err == nil {
 				c.pendingMu.Lock()
@@ -256,7 +318,7 @@ func (c *certCache) flush(ctx context.Context) int {
 			}
 		}
 		unlock()
-		if err != nil {
+		if err != nil && !errors.Is(err, errCacheClosed) {
 			c.mgr.cacheFailed("put", k, err)
 		}
 	}

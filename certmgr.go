@@ -188,11 +188,14 @@ type Manager struct {
 	//
 	// The Cache wrapper (certCache) holds one lock per key being written
 	// across that write, so that the newest write of a key lands last;
-	// persistMu comes before the state key's. The helpers' other locks
-	// are leaves, never held while another lock is taken or a call goes
-	// out: acmeObserver.urlsMu, certCache.pendingMu and writersMu,
-	// fallbackStore.certsMu, the DNS checker's cache lock, limiter.lastMu
-	// and renewals.mu.
+	// persistMu comes before the state key's. Every write to the Cache or
+	// its Coordinator passes certCache.write, under its key's lock if it
+	// has one, so that Close, at its end, refuses all later writes and
+	// waits for those in flight (certCache.seal), with no lock held.
+	// The helpers' other locks are leaves, never held while another lock
+	// is taken or a call goes out: acmeObserver.urlsMu, certCache.pendingMu,
+	// writersMu and sealMu, fallbackStore.certsMu, the DNS checker's cache
+	// lock, limiter.lastMu and renewals.mu.
 	persistMu sync.Mutex // serialises saveState's writes
 
 	stateMu  sync.Mutex
@@ -362,6 +365,21 @@ func isLetsEncrypt(dir string) bool {
 // goroutines. Certificates already obtained are still served. Close is
 // idempotent and returns nil.
 //
+// Close makes the Manager's last writes to the Cache: the outcomes of the
+// attempts it ends, and one more try at the writes that failed. Then it
+// seals the Cache: a write in flight, whoever made it, ends before Close
+// returns, and no other begins. Once Close returned, nothing the Manager
+// does writes to the Cache, so that a process started after it keeps what
+// it writes: neither the Manager's own writes (a failure record, in the
+// store or in its state entry) nor those of autocert's goroutines and
+// timers that outlive Close (withdrawing an order's authorizations,
+// deleting a challenge token, a renewal). Such a write is refused with an
+// error wrapping errClosed where autocert uses the outcome (the Put of a
+// certificate or of the account key), and dropped, with a nil error,
+// where it ignores it (a token's Put, every Delete); none is reported.
+// Releasing a domain's lock in a Coordinator is no write: it still
+// happens.
+//
 // autocert's renewal timers cannot be stopped; after Close, a renewal that
 // fires makes no ACME request.
 func (m *Manager) Close() error {
@@ -377,6 +395,11 @@ func (m *Manager) Close() error {
 		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
 		m.cache.flush(ctx)
 		cancel()
+		// autocert's detached goroutines are not in m.wg: a request of
+		// theirs answered before m.cancel may still settle a
+		// reservation, and their clean-up deletes tokens. What they
+		// write from here on is refused (certCache.write).
+		m.cache.seal()
 	})
 	return nil
 }

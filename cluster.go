@@ -97,7 +97,10 @@ func (m *Manager) deleteToken(name, fence string) {
 	defer cancel()
 	_, rev, err := m.coord.GetRevision(ctx, key)
 	if err == nil {
-		_, err = m.coord.DeleteIf(ctx, key, rev, fence)
+		err = m.cache.write(func() error { // none after Close
+			_, err := m.coord.DeleteIf(ctx, key, rev, fence)
+			return err
+		})
 	}
 	if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
 		m.cacheFailed("delete", key, err)
@@ -342,7 +345,11 @@ func (m *Manager) storeAccountKey(ctx context.Context, data []byte) ([]byte, err
 		return data, nil
 	}
 	// The store's failures are certmgr's, not the CA's (see failedLocally).
-	_, ok, err := m.coord.PutIf(ctx, accountKeyName, data, 0, "")
+	var ok bool
+	err := m.cache.write(func() (err error) { // none after Close
+		_, ok, err = m.coord.PutIf(ctx, accountKeyName, data, 0, "")
+		return err
+	})
 	if err != nil {
 		m.cacheFailed("put", accountKeyName, err)
 		return nil, &cacheError{op: "put", key: accountKeyName, err: fmt.Errorf("writing the account key: %w", err)}
@@ -374,7 +381,8 @@ var errRecordConflict = errors.New("certmgr: the failure record kept changing")
 // trying again if somebody did. f may refuse with an error, which is
 // returned. On success the domain's record in memory, if there is one,
 // becomes the stored one. A store error is returned as it is; a hold
-// that is lost (lost closed) ends it with errLockLost.
+// that is lost (lost closed) ends it with errLockLost; after Close nothing
+// is written (errCacheClosed).
 //
 // When the store has no record yet, f applies to base, if not nil, and
 // else to the domain's record in memory (see localRecord): a caller that
@@ -413,8 +421,16 @@ func (m *Manager) updateRecord(ctx context.Context, name, fence string, lost <-c
 			m.recordSeen(name, rec, rev) // no change: no write, no watch event
 			return nil
 		}
-		newRev, ok, err := m.coord.PutIf(ctx, key, out, rev, fence)
-		if err != nil {
+		var newRev int64
+		var ok bool
+		err = m.cache.write(func() (err error) {
+			newRev, ok, err = m.coord.PutIf(ctx, key, out, rev, fence)
+			return err
+		})
+		switch {
+		case errors.Is(err, errCacheClosed):
+			return err // after Close: a restarted replica's record stays
+		case err != nil:
 			return &cacheError{op: "put", key: key, err: err}
 		}
 		if ok {
