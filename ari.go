@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
@@ -11,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/crypto/acme/autocert"
 )
 
 // This file holds renewal that follows the CA: ACME Renewal Information
@@ -48,6 +51,25 @@ type renewals struct {
 	url   string     // the directory's renewalInfo, once read
 	none  bool       // the directory has no renewalInfo: nothing is tracked
 	certs map[certKey]*renewalInfo
+	// loads holds, for domains this replica does not track but whose
+	// certificate the cluster holds (another replica's, from the store's
+	// record or watch), when to take the domain up (loadForRenewal), so
+	// that autocert's own timer renews its certificate on time with no
+	// traffic at all. Bounded by the records and certificates kept.
+	loads map[string]time.Time
+}
+
+// loadAt schedules name to be taken up at, unless it is sooner already.
+func (r *renewals) loadAt(name string, at time.Time) {
+	r.mu.Lock()
+	if old, ok := r.loads[name]; !ok || at.Before(old) {
+		r.loads[name] = at
+	}
+	r.mu.Unlock()
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
 }
 
 // renewalInfo is the renewal information of one served certificate.
@@ -138,7 +160,14 @@ func (m *Manager) renewalInfoLoop() {
 func (m *Manager) renewalInfoStep() time.Time {
 	now := m.now()
 	var polls, renews []certKey
+	var loads []string
 	m.ari.mu.Lock()
+	for name, at := range m.ari.loads {
+		if !now.Before(at) {
+			loads = append(loads, name)
+			delete(m.ari.loads, name)
+		}
+	}
 	for k, ri := range m.ari.certs {
 		if ri.renewing != nil {
 			select {
@@ -162,6 +191,12 @@ func (m *Manager) renewalInfoStep() time.Time {
 	for _, k := range renews {
 		m.renewForCA(k)
 	}
+	for _, name := range loads {
+		if m.ctx.Err() != nil {
+			return time.Time{}
+		}
+		m.loadForRenewal(name)
+	}
 	if len(polls) > 0 {
 		m.pollAll(polls, now)
 		if m.ctx.Err() != nil {
@@ -177,6 +212,9 @@ func (m *Manager) renewalInfoStep() time.Time {
 	}
 	m.ari.mu.Lock()
 	defer m.ari.mu.Unlock()
+	for _, at := range m.ari.loads {
+		earliest(at)
+	}
 	for _, ri := range m.ari.certs {
 		earliest(ri.nextPoll)
 		switch {
@@ -320,6 +358,20 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 		return nil
 	}
 
+	// In a cluster, one replica polls for all: the others take its
+	// answer from the store (see sharedPoll).
+	share, claimed, wait := m.sharedPoll(k, id)
+	switch {
+	case share != nil:
+		return m.applyRenewalInfo(k, ri, leaf, share.Start, share.End, "", share.NextPoll, nil)
+	case !wait.IsZero():
+		m.ari.mu.Lock()
+		if m.ari.certs[k] == ri {
+			ri.nextPoll = wait
+		}
+		m.ari.mu.Unlock()
+		return nil
+	}
 	var answer struct {
 		SuggestedWindow struct {
 			Start time.Time `json:"start"`
@@ -347,14 +399,107 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 		interval = retryAfter.Sub(now)
 	}
 	interval = min(max(interval, m.hooks.renewalInfoMinPoll), m.hooks.renewalInfoMaxPoll)
+	next := now.Add(interval)
+	if claimed != 0 && err == nil {
+		m.putPollShare(k, claimed, pollShare{CertID: id, NextPoll: next, Start: start, End: end})
+	}
+	return m.applyRenewalInfo(k, ri, leaf, start, end, answer.ExplanationURL, next, err)
+}
 
+// pollSharePrefix starts the Cache key under which replicas share the
+// renewal information of a domain's certificate (pollShare), followed by
+// the certificate's Cache key: one key per certificate a domain has.
+const pollSharePrefix = "certmgr+ari+"
+
+// pollShare is a poll of a certificate's renewal information, as one
+// replica shares it with the others: the CA's answer until NextPoll, or
+// the claim of a replica that polls until ClaimUntil.
+type pollShare struct {
+	CertID     string    `json:"cert_id"`
+	NextPoll   time.Time `json:"next_poll,omitzero"`
+	Start      time.Time `json:"start,omitzero"`
+	End        time.Time `json:"end,omitzero"`
+	ClaimUntil time.Time `json:"claim_until,omitzero"`
+}
+
+// sharedPoll decides, with a Coordinator, who polls the renewal
+// information of k's certificate (id) now: it returns the answer another
+// replica shared, still current; or a time to look again while another
+// replica polls; or, when this replica claimed the poll, the claim's
+// revision, for putPollShare. Without a Coordinator, or when the store
+// cannot be read or written, this replica polls alone (all zero).
+func (m *Manager) sharedPoll(k certKey, id string) (share *pollShare, claimed int64, wait time.Time) {
+	if m.coord == nil {
+		return nil, 0, time.Time{}
+	}
+	key := pollSharePrefix + k.cacheKey()
+	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+	defer cancel()
+	now := m.now()
+	// A claim lasts as long as a poll may, but no longer than the
+	// shortest interval between polls: a claimer that is gone (closed,
+	// crashed) delays the others' poll by that much at most.
+	claimFor := min(m.hooks.requestTimeout, m.hooks.renewalInfoMinPoll)
+	data, rev, err := m.coord.GetRevision(ctx, key)
+	var p pollShare
+	switch {
+	case errors.Is(err, autocert.ErrCacheMiss):
+		rev = 0
+	case err != nil:
+		return nil, 0, time.Time{}
+	case json.Unmarshal(data, &p) != nil || p.CertID != id:
+		p = pollShare{} // another certificate's, or unreadable: replaced
+	case now.Before(p.NextPoll) && !p.NextPoll.After(now.Add(m.hooks.renewalInfoMaxPoll)):
+		return &p, 0, time.Time{}
+	case now.Before(p.ClaimUntil) && !p.ClaimUntil.After(now.Add(claimFor)):
+		return nil, 0, p.ClaimUntil
+	}
+	out, err := json.Marshal(pollShare{CertID: id, ClaimUntil: now.Add(claimFor)})
+	if err != nil {
+		return nil, 0, time.Time{}
+	}
+	var newRev int64
+	var ok bool
+	err = m.cache.write(func() (err error) {
+		newRev, ok, err = m.coord.PutIf(ctx, key, out, rev, "")
+		return err
+	})
+	switch {
+	case err != nil:
+		return nil, 0, time.Time{}
+	case !ok:
+		return nil, 0, now.Add(time.Second) // another replica claimed it a moment ago
+	}
+	return nil, newRev, time.Time{}
+}
+
+// putPollShare shares p, the answer this replica got for k's certificate,
+// over its claim at revision claimed.
+func (m *Manager) putPollShare(k certKey, claimed int64, p pollShare) {
+	out, err := json.Marshal(p)
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+	defer cancel()
+	m.cache.write(func() error {
+		_, _, err := m.coord.PutIf(ctx, pollSharePrefix+k.cacheKey(), out, claimed, "")
+		return err
+	})
+}
+
+// applyRenewalInfo records the answer about k's certificate leaf (ri): the
+// window from start to end, or err if it cannot be used, and the next
+// poll at next.
+func (m *Manager) applyRenewalInfo(k certKey, ri *renewalInfo, leaf *x509.Certificate, start, end time.Time, explanation string, next time.Time, err error) error {
+	now := m.now()
 	var events []Event
 	m.ari.mu.Lock()
 	if m.ari.certs[k] != ri {
 		m.ari.mu.Unlock()
 		return nil // replaced meanwhile
 	}
-	ri.nextPoll = now.Add(interval)
+	ri.nextPoll = next
 	switch {
 	case err != nil:
 		if !ri.noted {
@@ -371,7 +516,7 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 		if !now.Before(start) && now.Before(leaf.NotAfter.Add(-m.renewBefore(leaf))) {
 			// The CA asks for a renewal now, long before autocert's own
 			// schedule: a revocation, say.
-			ev.Kind, ev.ExplanationURL = EventRenewalSuggested, answer.ExplanationURL
+			ev.Kind, ev.ExplanationURL = EventRenewalSuggested, explanation
 			events = append(events, ev)
 		}
 	}
@@ -410,8 +555,14 @@ func pickRenewal(start, end, now time.Time, r float64) time.Time {
 // renewBefore is how long before leaf's expiry autocert renews it by
 // itself: RenewBefore, or a third of the lifetime, at most 30 days.
 func (m *Manager) renewBefore(leaf *x509.Certificate) time.Duration {
+	return m.renewBeforeOf(leaf.NotBefore, leaf.NotAfter)
+}
+
+// renewBeforeOf is renewBefore of a certificate valid from notBefore to
+// notAfter.
+func (m *Manager) renewBeforeOf(notBefore, notAfter time.Time) time.Duration {
 	if rb := m.cfg.Autocert.RenewBefore; rb > 0 {
 		return min(rb, 30*24*time.Hour)
 	}
-	return min(leaf.NotAfter.Sub(leaf.NotBefore)/3, 30*24*time.Hour)
+	return min(notAfter.Sub(notBefore)/3, 30*24*time.Hour)
 }

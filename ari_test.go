@@ -344,10 +344,11 @@ func TestWatchedCertificateIsTrackedAndRenewed(t *testing.T) {
 	if n := ca.Proxy.Counts(name).Orders; n != 2 {
 		t.Errorf("%d orders, want 2", n)
 	}
-	for _, st := range ms[2].Domains() {
-		if st.Domain == name {
-			t.Errorf("a replica whose HostPolicy refuses %s tracks it: %+v", name, st)
-		}
+	ms[2].stateMu.Lock()
+	_, tracked := ms[2].domains[name]
+	ms[2].stateMu.Unlock()
+	if tracked {
+		t.Errorf("a replica whose HostPolicy refuses %s tracks it: %+v", name, ms[2].Status(name))
 	}
 }
 
@@ -485,4 +486,81 @@ func TestRenewalStartsRightAfterItsPoll(t *testing.T) {
 	waitFor(t, 10*time.Second, "the renewals of the certificates whose poll was answered", func() bool {
 		return e.Proxy.Requests(certmgrtest.ClassNewOrder)-orders >= 3
 	})
+}
+
+// TestRenewalInfoPolledOncePerCluster: 3 replicas on one store that serve
+// the same certificates poll each certificate's renewal information once
+// per interval for the cluster, not once each: one replica claims the
+// poll, and the others take its answer from the store.
+func TestRenewalInfoPolledOncePerCluster(t *testing.T) {
+	t.Parallel()
+	const n = 5
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("shared%d.test", i)
+	}
+	checkLeaks(t)
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	for _, name := range names {
+		ca.DNS.SetA(name, "127.0.0.1")
+	}
+	// A minute ahead: the CA dates the certificates to the second, and a
+	// replica takes from the store only those valid at its clock's now.
+	clock := testsupport.NewClock(time.Now().Add(time.Minute))
+	store := certmgrtest.NewMemoryStore()
+	ms := make([]*Manager, 3)
+	for i := range ms {
+		m, err := New(Config{
+			Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
+			Logger:   newTestLogger(&testsupport.Buffer{}),
+			hooks:    testHooks{now: clock.Now, renewalInfoMinPoll: time.Hour, renewalInfoMaxPoll: time.Hour},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		ms[i] = m
+	}
+	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return ms[0].TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		if err := ms[0].Provision(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Every replica knows when it polls each certificate next: after now.
+	settled := func() bool {
+		now := clock.Now()
+		for _, m := range ms {
+			m.ari.mu.Lock()
+			count, later := len(m.ari.certs), 0
+			for _, ri := range m.ari.certs {
+				if ri.nextPoll.After(now) {
+					later++
+				}
+			}
+			m.ari.mu.Unlock()
+			if count != n || later != n {
+				return false
+			}
+		}
+		return true
+	}
+	ari := func() int { return ca.Proxy.Requests(certmgrtest.ClassOther) }
+	for round := 1; round <= 3; round++ {
+		waitFor(t, 10*time.Second, fmt.Sprintf("round %d of polls", round), settled)
+		if got := ari(); got != round*n {
+			t.Fatalf("after round %d: %d renewal information polls for the cluster, want %d (one per certificate per round)", round, got, round*n)
+		}
+		clock.Advance(time.Hour + time.Minute)
+		for _, m := range ms {
+			select {
+			case m.ari.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
 }

@@ -333,8 +333,10 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		case a.orders == 0:
 			kind = EventLoaded // autocert found it in the Cache: another replica's, say
 		}
+		leaf := cert.Leaf
 		change = func(r *failureRecord) {
 			r.succeed(now)
+			r.obtained(leaf)
 			if renewed {
 				r.Renewed = now
 			}

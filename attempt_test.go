@@ -178,7 +178,7 @@ func TestHandshakesShareOneAttempt(t *testing.T) {
 
 // TestRateLimitShowsInStatusAtOnce: the CA holds new-order for 3 s, then
 // answers 429 with Retry-After 3600. The handshake gets the fallback after
-// its 1 s timeout; the rate limit shows in Status within 1 s of the 429,
+// its 1 s timeout, not the CA's 3 s; the rate limit shows in Status within 1 s of the 429,
 // with the CA's error reachable by errors.As; no further order is made.
 func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 	t.Parallel()
@@ -192,8 +192,9 @@ func TestRateLimitShowsInStatusAtOnce(t *testing.T) {
 	start := time.Now()
 	leaf := e.handshake(t, name, insecure)
 	took := time.Since(start)
-	if !isFallbackLeaf(leaf) || took > 1100*time.Millisecond {
-		t.Errorf("handshake got %v after %v, want the fallback within 1.1 s", leaf.Subject, took)
+	// Well before the CA's 3 s hold ends, with room for a loaded machine.
+	if !isFallbackLeaf(leaf) || took > 2*time.Second {
+		t.Errorf("handshake got %v after %v, want the fallback within 2 s", leaf.Subject, took)
 	}
 	waitFor(t, 5*time.Second, "the 429", func() bool { return e.Proxy.Requests(certmgrtest.ClassNewOrder) >= 1 && len(e.Proxy.Problems()) > 0 })
 	answered := time.Now()
@@ -311,6 +312,10 @@ func TestExpiredCertificateIsReplacedAfterFailedRenewals(t *testing.T) {
 	m := e.start(t, func(c *Config) {
 		c.Autocert.RenewBefore = time.Hour
 		c.Backoff = Backoff{Steps: []time.Duration{50 * time.Millisecond}, Jitter: -1}
+		// autocert's timer and the handshake alone: a renewal the CA's
+		// renewal information asks for could replace the expired
+		// certificate before the handshake does.
+		c.hooks.noRenewalInfo = true
 	})
 	old := e.handshake(t, name, nil)
 	waitFor(t, 10*time.Second, "the failed renewal", func() bool { return m.Status(name).Failures >= 1 })

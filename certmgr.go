@@ -172,7 +172,7 @@ type Manager struct {
 	//     last one written is the newest. It is held across that one
 	//     Cache Put.
 	//   - stateMu guards the domain table (domains, queue, inFlight,
-	//     orders, dormant, stateUnread) and every field of every domain
+	//     orders, dormant, dormantRev, stateUnread) and every field of every domain
 	//     and attempt. A function or method named ...Locked is called
 	//     with stateMu held; no other lock is meant.
 	//   - servedMu guards served, the certificates handshakes get.
@@ -206,7 +206,8 @@ type Manager struct {
 	// dormant holds persisted records of names not in domains (the
 	// HostPolicy refused them, or failed): written back as they are, and
 	// taken up if the name comes back.
-	dormant map[string]failureRecord
+	dormant    map[string]failureRecord
+	dormantRev map[string]int64 // the store's revision of each record in dormant, with a Coordinator
 	// stateUnread is set while the persisted records could not be read:
 	// no order is made and no record written until they are.
 	stateUnread bool
@@ -248,13 +249,14 @@ func New(cfg Config) (*Manager, error) {
 		cfg.hooks.renewalInfoMaxPoll = cmp.Or(cfg.hooks.renewalInfoMaxPoll, h.RenewalInfoPoll)
 	}
 	m := &Manager{
-		cfg:     cfg,
-		hooks:   cfg.hooks.withDefaults(),
-		log:     cmp.Or(cfg.Logger, slog.Default()),
-		timeout: cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout),
-		served:  make(map[certKey]*tls.Certificate),
-		domains: make(map[string]*domain),
-		dormant: make(map[string]failureRecord),
+		cfg:        cfg,
+		hooks:      cfg.hooks.withDefaults(),
+		log:        cmp.Or(cfg.Logger, slog.Default()),
+		timeout:    cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout),
+		served:     make(map[certKey]*tls.Certificate),
+		domains:    make(map[string]*domain),
+		dormant:    make(map[string]failureRecord),
+		dormantRev: make(map[string]int64),
 	}
 	m.now = m.hooks.now
 	m.cfg.Backoff = cfg.Backoff.withDefaults(defaultBackoff)
@@ -325,6 +327,7 @@ func New(cfg Config) (*Manager, error) {
 	m.ariClient = &http.Client{Transport: m.obs}
 	m.ari.wake = make(chan struct{}, 1)
 	m.ari.certs = make(map[certKey]*renewalInfo)
+	m.ari.loads = make(map[string]time.Time)
 	m.ari.none = m.hooks.noRenewalInfo
 	m.acmeTLS = &tls.Config{
 		GetCertificate: m.GetCertificate,

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/acme/autocert"
@@ -217,8 +218,16 @@ func (m *Manager) keepWatching(first chan<- error, gaveUp <-chan struct{}) {
 		}
 	}
 	pause := watchRetryMin
+	watching := false
 	for try := 0; ; try++ {
-		err := m.coord.Watch(m.ctx, "", 0, m.storeChanged)
+		var err error
+		if !watching {
+			err = m.coord.Watch(m.ctx, "", 0, m.storeChanged)
+			watching = err == nil
+		}
+		if watching {
+			err = m.replayRecords() // what was written before the watch opened
+		}
 		if try == 0 {
 			select {
 			case first <- err:
@@ -469,20 +478,91 @@ func decodeRecord(data []byte, now time.Time) failureRecord {
 // recordSeen makes rec, at revision rev, name's record in memory, unless
 // a later one is there already. A name the table does not hold keeps its
 // record aside (dormant) until it is used.
+//
+// The records aside are at most MaxDomains: beyond that a record is not
+// kept (the store still holds it, and a domain's lock reads it again:
+// refreshRecord), and that is reported, at most once a minute.
 func (m *Manager) recordSeen(name string, rec failureRecord, rev int64) {
 	m.stateMu.Lock()
-	defer m.stateMu.Unlock()
 	d := m.domains[name]
-	if d == nil {
-		if rec.empty(m.now()) {
-			delete(m.dormant, name) // nothing to keep: a success, say
-		} else {
-			m.dormant[name] = rec
+	full := false
+	switch {
+	case d != nil:
+		if rev > d.recRev {
+			d.fail, d.recRev = rec, rev
+			d.notAfter = maxTime(d.notAfter, rec.NotAfter)
 		}
-		return
+	case rev != 0 && rev <= m.dormantRev[name]:
+		// An older write than the one kept: the replay of the records
+		// at New (replayRecords) and the watch may both report it.
+	case rec.empty(m.now()):
+		delete(m.dormant, name) // nothing to keep: a success long expired, say
+		delete(m.dormantRev, name)
+	default:
+		_, kept := m.dormant[name]
+		if full = !kept && len(m.dormant) >= m.cfg.MaxDomains; !full {
+			m.dormant[name], m.dormantRev[name] = rec, rev
+		}
 	}
-	if rev > d.recRev {
-		d.fail, d.recRev = rec, rev
+	n := len(m.dormant)
+	m.stateMu.Unlock()
+	if d == nil && !full {
+		m.scheduleLoad(name, rec.NotBefore, rec.NotAfter) // another replica's certificate
+	}
+	if full && m.limits.allow("records full", m.now()) {
+		m.emit(Event{Kind: EventTableFull, Time: m.now(), Domain: name,
+			Err: fmt.Errorf("certmgr: keeping %d failure records of domains not tracked already (MaxDomains); %s's stays in the store alone", n, name)})
+	}
+}
+
+// replayRecords takes every failure record in the store as the watch
+// would (recordSeen), so that Status and Domains tell of every domain the
+// cluster knows from New on: it watches the records from the store's
+// first revision until it has seen a marker of its own, written after
+// the watch of the store opened, and then deletes the marker.
+func (m *Manager) replayRecords() error {
+	ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+	defer cancel()
+	marker := recordPrefix + "~" + m.idPrefix // no name: storeChanged ignores it
+	var rev int64
+	var ok bool
+	err := m.cache.write(func() (err error) { // none after Close
+		rev, ok, err = m.coord.PutIf(ctx, marker, []byte("{}"), 0, "")
+		return err
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("certmgr: replaying the failure records: %w", err)
+	case !ok:
+		return fmt.Errorf("certmgr: replaying the failure records: the marker %q exists", marker)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
+		defer cancel()
+		m.cache.write(func() error {
+			_, err := m.coord.DeleteIf(ctx, marker, rev, "")
+			return err
+		})
+	}()
+	seen := make(chan struct{})
+	var once sync.Once
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	err = m.coord.Watch(wctx, recordPrefix, 1, func(key string, value []byte, r int64) {
+		if key == marker {
+			once.Do(func() { close(seen) })
+			return
+		}
+		m.storeChanged(key, value, r)
+	})
+	if err != nil {
+		return fmt.Errorf("certmgr: replaying the failure records: %w", err)
+	}
+	select {
+	case <-seen:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("certmgr: replaying the failure records: %w", ctx.Err())
 	}
 }
 

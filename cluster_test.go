@@ -9,6 +9,7 @@ import (
 	crand "crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -787,5 +788,148 @@ func TestFailedValidationLeavesNoToken(t *testing.T) {
 	waitDetached(t) // autocert's own delete of the token is done
 	if _, err := r.store.Open().Get(context.Background(), name+"+token"); !errors.Is(err, autocert.ErrCacheMiss) {
 		t.Errorf("the token certificate is still in the store: %v", err)
+	}
+}
+
+// TestFreshReplicaKnowsTheClusterFromNew: a replica started on the store
+// of a cluster, after the replica that obtained one name's certificate
+// and failed another's closed, tells of both from New on, before any
+// handshake: Status and Domains show the certificate valid with its
+// expiry, and the failure with its count and next attempt; a burst of
+// handshakes for the failed name makes no attempt.
+func TestFreshReplicaKnowsTheClusterFromNew(t *testing.T) {
+	t.Parallel()
+	const good, bad = "good.test", "bad.test"
+	r := startReplicas(t, 1, good, bad)
+	r.ca.DNS.SetA(bad, "127.0.0.3") // nothing listens there: validation fails
+	first := r.ms[0]
+	if err := first.Provision(context.Background(), good); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Provision(context.Background(), bad); err == nil {
+		t.Fatal("Provision succeeded with validation failing")
+	}
+	want := map[string]Status{good: first.Status(good), bad: first.Status(bad)}
+	first.Close()
+
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: r.store.Open(), Client: r.ca.NewClient(), HostPolicy: autocert.HostWhitelist(good, bad)},
+		Logger:   newTestLogger(&testsupport.Buffer{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	got := map[string]Status{}
+	for _, st := range m.Domains() {
+		got[st.Domain] = st
+	}
+	for name, w := range want {
+		st := m.Status(name)
+		if st.State != w.State || !st.NotAfter.Equal(w.NotAfter) || st.Failures != w.Failures || !st.NextAttempt.Equal(w.NextAttempt) {
+			t.Errorf("%s: Status right after New = %+v, want %+v", name, st, w)
+		}
+		if g, ok := got[name]; !ok || g.State != w.State {
+			t.Errorf("%s: Domains right after New has %+v, want state %v", name, g, w.State)
+		}
+	}
+	if want[good].State != StateValid || want[bad].State != StateBackoff {
+		t.Fatalf("the first replica's Status: %+v, %+v; want valid and backoff", want[good], want[bad])
+	}
+	orders := r.ca.Proxy.Counts(bad).Orders
+	for range 50 {
+		c, err := m.GetCertificate(helloFor(bad))
+		if err != nil || !IsFallback(c) {
+			t.Fatalf("handshake for %s: %v; want the fallback", bad, err)
+		}
+	}
+	if n := r.ca.Proxy.Counts(bad).Orders; n != orders {
+		t.Errorf("%d orders for %s after the burst, want %d", n, bad, orders)
+	}
+	if st := m.Status(bad); st.Failures != want[bad].Failures {
+		t.Errorf("Status after the burst = %+v, want %d failure(s)", st, want[bad].Failures)
+	}
+}
+
+// TestCertificateRenewedWithoutTrafficAfterClusterRestart: after the
+// replica that obtained a certificate is gone, two fresh replicas on the
+// store renew it on time, once for the two, with no handshake at all and
+// a CA without renewal information: each takes the domain up from the
+// cluster's record, and autocert's timer renews.
+func TestCertificateRenewedWithoutTrafficAfterClusterRestart(t *testing.T) {
+	t.Parallel()
+	const name = "quiet.test"
+	checkLeaks(t)
+	ca := certmgrtest.Start(t, certmgrtest.Options{CertValidity: time.Hour})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	logs := &testsupport.Buffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("logs:\n%s", logs)
+		}
+	})
+	var serving atomic.Pointer[[]*Manager]
+	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		ms := *serving.Load()
+		return ms[rand.IntN(len(ms))].TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	start := func(renewBefore time.Duration) *Manager {
+		m, err := New(Config{
+			Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(name),
+				RenewBefore: renewBefore},
+			Logger: newTestLogger(logs),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	first := start(0) // autocert renews a one-hour certificate 20 minutes before it ends
+	serving.Store(&[]*Manager{first})
+	if err := first.Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	c, err := first.GetCertificate(helloFor(name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := c.Leaf.NotAfter
+	first.Close()
+	// The CA dates certificates to the second: a renewed certificate's
+	// expiry is later than this one's once a second has passed.
+	waitFor(t, 5*time.Second, "a second past the first certificate's NotBefore", func() bool {
+		return time.Now().After(c.Leaf.NotBefore.Add(time.Second))
+	})
+
+	// The CA has no renewal information from now on: autocert's timer
+	// alone renews, and the fresh replicas renew at once (RenewBefore
+	// exceeds the lifetime).
+	res, err := ca.HTTPClient.Get(ca.DirectoryURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dir map[string]any
+	err = json.NewDecoder(res.Body).Decode(&dir)
+	res.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	delete(dir, "renewalInfo")
+	body, err := json.Marshal(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassDirectory, Status: 200, Body: string(body)})
+	fresh := []*Manager{start(2 * time.Hour), start(2 * time.Hour)}
+	serving.Store(&fresh)
+	waitFor(t, 30*time.Second, "the renewal, with no traffic", func() bool {
+		return fresh[0].Status(name).NotAfter.After(old) && fresh[1].Status(name).NotAfter.After(old)
+	})
+	if n := ca.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders, want 2: the first certificate and one renewal for both replicas", n)
 	}
 }

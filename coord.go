@@ -20,7 +20,9 @@ import (
 // Revisions are those of the whole store, as etcd's: every write and
 // every delete takes a revision greater than all before it (writes that
 // the store makes in one transaction, if any, share one), so that the
-// revisions of one key, and those that Watch reports, only grow.
+// revisions of one key, and those that Watch reports, only grow. The
+// first write's revision is greater than 1, as etcd's is: Watch from
+// revision 1 reports every key there is.
 //
 // Its methods, in short:
 //

@@ -50,8 +50,10 @@ func (m *Manager) domainFor(name string) (*domain, error) {
 	d := m.domains[name]
 	full := d == nil && len(m.domains) >= m.cfg.MaxDomains && !m.makeRoomLocked()
 	if d == nil && !full {
-		d = &domain{name: name, fail: m.dormant[name]}
+		d = &domain{name: name, fail: m.dormant[name], recRev: m.dormantRev[name]}
+		d.notAfter = d.fail.NotAfter
 		delete(m.dormant, name)
+		delete(m.dormantRev, name)
 		m.domains[name] = d
 		m.queue = append(m.queue, name)
 	}

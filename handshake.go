@@ -56,7 +56,8 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) {
 	m.servedMu.Unlock()
 	if newer {
 		m.stateMu.Lock()
-		if d := m.domains[k.domain]; d != nil {
+		d := m.domains[k.domain]
+		if d != nil {
 			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
 			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
 			if d.served != nil {
@@ -66,6 +67,9 @@ func (m *Manager) serve(k certKey, c *tls.Certificate) {
 		}
 		m.stateMu.Unlock()
 		m.ari.track(k, c.Leaf, m.now())
+		if d == nil {
+			m.scheduleLoad(k.domain, c.Leaf.NotBefore, c.Leaf.NotAfter) // served from the store's watch
+		}
 	}
 }
 

@@ -34,6 +34,8 @@ type persistedDomain struct {
 	RetryAfter  time.Time `json:"retry_after,omitzero"`
 	Spends      []spend   `json:"spends,omitempty"`
 	Renewed     time.Time `json:"renewed,omitzero"`
+	NotBefore   time.Time `json:"not_before,omitzero"`
+	NotAfter    time.Time `json:"not_after,omitzero"`
 }
 
 // encodeState encodes the failure records of the domains that have one.
@@ -90,6 +92,10 @@ func decodeState(data []byte, now time.Time) (recs map[string]failureRecord, bad
 	return recs, bad, nil
 }
 
+// maxCertLifetime bounds the validity a record may tell of: that of a
+// publicly trusted certificate (398 days), and some.
+const maxCertLifetime = 400 * 24 * time.Hour
+
 // boundRecord returns f with its times bounded against now and its spends
 // in order, each of 1 to maxSpendAuthz authorizations.
 func boundRecord(f failureRecord, now time.Time) failureRecord {
@@ -100,6 +106,9 @@ func boundRecord(f failureRecord, now time.Time) failureRecord {
 	f.Renewed = minTime(f.Renewed, now)
 	f.RetryAfter = minTime(f.RetryAfter, now.Add(maxRetryAfter))
 	f.NextAttempt = minTime(f.NextAttempt, now.Add(maxRetryAfter))
+	if f.NotBefore.After(now) || f.NotAfter.Sub(f.NotBefore) > maxCertLifetime || f.NotAfter.Before(f.NotBefore) {
+		f.NotBefore, f.NotAfter = time.Time{}, time.Time{} // no certificate is so
+	}
 	spends := make([]spend, 0, len(f.Spends))
 	for _, s := range f.Spends {
 		if s.Authz > 0 {

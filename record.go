@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"crypto/x509"
 	"slices"
 	"time"
 )
@@ -34,6 +35,11 @@ type failureRecord struct {
 	// Renewed is when a renewal last succeeded (in a cluster, on any
 	// replica): no other renewal is made for a while after it.
 	Renewed time.Time
+	// NotBefore and NotAfter are the validity of the newest certificate
+	// obtained (in a cluster, by any replica): a replica knows from them,
+	// without reading the certificate, that the domain has one and when
+	// it is due for renewal.
+	NotBefore, NotAfter time.Time
 }
 
 // spentSince returns the failed and reserved authorizations after t. A
@@ -148,8 +154,16 @@ func (f *failureRecord) prune(now time.Time) {
 // succeed clears the record after a successful attempt. Spent
 // authorizations stay: the CA counts them for the rest of their window.
 func (f *failureRecord) succeed(now time.Time) {
-	*f = failureRecord{Spends: f.Spends, Renewed: f.Renewed}
+	*f = failureRecord{Spends: f.Spends, Renewed: f.Renewed, NotBefore: f.NotBefore, NotAfter: f.NotAfter}
 	f.prune(now)
+}
+
+// obtained records leaf, a certificate obtained, unless a later one is.
+func (f *failureRecord) obtained(leaf *x509.Certificate) {
+	if leaf.NotBefore.Before(f.NotBefore) {
+		return
+	}
+	f.NotBefore, f.NotAfter = leaf.NotBefore, leaf.NotAfter
 }
 
 // retryNow clears the schedule's wait for the operator's early retry, but
@@ -192,7 +206,7 @@ func (f *failureRecord) nextAttempt(now time.Time, b Backoff) time.Time {
 // as long as the record is.
 func (f *failureRecord) empty(now time.Time) bool {
 	f.prune(now)
-	return f.Failures == 0 && len(f.Spends) == 0 && !now.Before(f.RetryAfter)
+	return f.Failures == 0 && len(f.Spends) == 0 && !now.Before(f.RetryAfter) && !now.Before(f.NotAfter)
 }
 
 func minTime(a, b time.Time) time.Time {

@@ -79,6 +79,53 @@ func checkRenewedLocked(d *domain, now time.Time) error {
 	return nil
 }
 
+// loadSlack is how long before autocert's renewal time a domain that
+// this replica does not track is taken up, so that autocert's timer is
+// set by then.
+const loadSlack = time.Minute
+
+// scheduleLoad schedules name, a domain this replica does not track, to
+// be taken up in time for autocert to renew its certificate valid from
+// notBefore to notAfter, with a Coordinator (another replica's
+// certificate: that replica may be gone).
+func (m *Manager) scheduleLoad(name string, notBefore, notAfter time.Time) {
+	if m.coord == nil || notAfter.IsZero() {
+		return
+	}
+	m.ari.loadAt(name, notAfter.Add(-m.renewBeforeOf(notBefore, notAfter)-loadSlack))
+}
+
+// loadForRenewal takes name up, if the HostPolicy allows it, as a
+// handshake would: its autocert.Manager reads its certificates from the
+// Cache and renews them on its timer, in a cluster once for all (see
+// admitOrder). A full table or a HostPolicy that fails is tried again
+// later; a name the HostPolicy refuses is left.
+func (m *Manager) loadForRenewal(name string) {
+	m.stateMu.Lock()
+	_, tracked := m.domains[name]
+	m.stateMu.Unlock()
+	if tracked {
+		return // its autocert.Manager renews it already
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, m.hooks.requestTimeout)
+	defer cancel()
+	err := m.hostPolicy(ctx, name)
+	var d *domain
+	if err == nil {
+		d, err = m.domainFor(name)
+	}
+	if err == nil {
+		for _, rsa := range []bool{false, true} {
+			if _, err = m.load(ctx, d, certKey{domain: name, rsa: rsa}); err != nil {
+				break
+			}
+		}
+	}
+	if err != nil && !errors.Is(err, ErrHostNotAllowed) {
+		m.ari.loadAt(name, m.now().Add(m.hooks.renewalInfoMinPoll))
+	}
+}
+
 // checkRenewalInfoGuard returns why the renewal the CA's renewal
 // information asked for may not start now: a renewal a moment ago (see
 // renewedUntilLocked, at most renewalInfoGuard), in this process or, as

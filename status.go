@@ -63,7 +63,7 @@ func (m *Manager) Status(domain string) Status {
 		// certificate served for it, if another replica stored one.
 		f, ok := m.dormant[name]
 		d = recordOnly(name, f)
-		d.notAfter = m.issuedNotAfterLocked(name)
+		d.notAfter = maxTime(m.issuedNotAfterLocked(name), f.NotAfter)
 		if !ok && d.notAfter.IsZero() {
 			m.stateMu.Unlock()
 			return Status{Domain: name}
@@ -90,13 +90,22 @@ func (m *Manager) issuedNotAfterLocked(name string) time.Time {
 }
 
 // Domains returns the status of every domain certmgr knows, sorted by
-// Domain.
+// Domain: those it tracks and, with a Coordinator, those the cluster
+// keeps a record of (at most MaxDomains of them), as Status tells of
+// them.
 func (m *Manager) Domains() []Status {
 	now := m.now()
 	m.stateMu.Lock()
-	out := make([]Status, 0, len(m.domains))
+	out := make([]Status, 0, len(m.domains)+len(m.dormant))
 	for _, d := range m.domains {
 		out = append(out, m.statusLocked(d, now))
+	}
+	for name, f := range m.dormant {
+		if m.coord != nil && m.domains[name] == nil {
+			d := recordOnly(name, f)
+			d.notAfter = maxTime(m.issuedNotAfterLocked(name), f.NotAfter)
+			out = append(out, m.statusLocked(d, now))
+		}
 	}
 	m.stateMu.Unlock()
 	for i := range out {

@@ -54,8 +54,8 @@ func TestMemoryStoreDisconnect(t *testing.T) {
 	a.Reconnect()
 	select {
 	case e := <-got:
-		if e != (event{"k", "v", false, 1}) {
-			t.Fatalf("watch reported %v, want k=v@1", e)
+		if e != (event{"k", "v", false, 2}) { // the store's first write is revision 2, as etcd's
+			t.Fatalf("watch reported %v, want k=v@2", e)
 		}
 	case <-ctx.Done():
 		t.Fatal("watch reported nothing after Reconnect")
@@ -87,24 +87,24 @@ func TestMemoryStoreCompact(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	put("w/a", "1")                                 // 1
-	put("w/old", "1")                               // 2
-	put("w/a", "2")                                 // 3
-	put("w/gone", "1")                              // 4
-	put("x", "1")                                   // 5
-	put("w/b", "1")                                 // 6
-	if err := r.Delete(ctx, "w/gone"); err != nil { // 7
+	put("w/a", "1")                                 // 2: the store's first write, as etcd's
+	put("w/old", "1")                               // 3
+	put("w/a", "2")                                 // 4
+	put("w/gone", "1")                              // 5
+	put("x", "1")                                   // 6
+	put("w/b", "1")                                 // 7
+	if err := r.Delete(ctx, "w/gone"); err != nil { // 8
 		t.Fatal(err)
 	}
-	put("w/a", "3") // 8
+	put("w/a", "3") // 9
 	s.Compact()
 	got := make(chan event, 10)
 	f := func(key string, value []byte, rev int64) { got <- event{key, string(value), value == nil, rev} }
-	if err := r.Watch(ctx, "w/", 2, f); err != nil {
+	if err := r.Watch(ctx, "w/", 3, f); err != nil {
 		t.Fatal(err)
 	}
-	put("w/later", "1") // 9
-	want := []event{{"w/b", "1", false, 6}, {"w/a", "3", false, 8}, {"w/later", "1", false, 9}}
+	put("w/later", "1") // 10
+	want := []event{{"w/b", "1", false, 7}, {"w/a", "3", false, 9}, {"w/later", "1", false, 10}}
 	for _, w := range want {
 		select {
 		case e := <-got:

@@ -68,6 +68,7 @@ type memoryWaiter struct {
 // NewMemoryStore returns an empty store.
 func NewMemoryStore() *MemoryStore {
 	return &MemoryStore{
+		rev:     1, // as etcd's: the first write is revision 2
 		entries: make(map[string]memoryEntry),
 		locks:   make(map[string]*memoryLock),
 		holds:   make(map[string]*memoryHold),
