@@ -349,12 +349,13 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m.loadKnownDomains(stateBy)
 
-	m.wg.Add(2)
+	m.wg.Add(3)
 	go func() {
 		defer m.wg.Done()
 		m.cache.retryLoop(m.ctx, m.hooks.cacheRetry)
 	}()
 	go m.renewalInfoLoop()
+	go m.sweepLoop()
 	return m, nil
 }
 

@@ -933,3 +933,72 @@ func TestCertificateRenewedWithoutTrafficAfterClusterRestart(t *testing.T) {
 		t.Errorf("%d orders, want 2: the first certificate and one renewal for both replicas", n)
 	}
 }
+
+// TestStaleRecordsAreDropped: records of names that failed long ago, and
+// that nothing binds any more, are dropped from a replica's memory and
+// from the store; the record of a name with a valid certificate, and of
+// one that failed a moment ago, are kept.
+func TestStaleRecordsAreDropped(t *testing.T) {
+	t.Parallel()
+	clock := testsupport.NewClock(time.Now())
+	store := certmgrtest.NewMemoryStore()
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: store.Open(), HostPolicy: autocert.HostWhitelist("tracked.test")},
+		Logger:   newTestLogger(&testsupport.Buffer{}),
+		hooks:    testHooks{now: clock.Now},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	other := store.Open() // another replica's writes
+	write := func(name string, rec failureRecord) {
+		t.Helper()
+		data, err := json.Marshal(persistedDomain(rec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, rev, err := other.GetRevision(t.Context(), recordPrefix+name)
+		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+			t.Fatal(err)
+		}
+		if _, ok, err := other.PutIf(t.Context(), recordPrefix+name, data, rev, ""); err != nil || !ok {
+			t.Fatalf("writing %s's record: %v, %v", name, ok, err)
+		}
+	}
+	failed := func() failureRecord {
+		now := clock.Now()
+		return failureRecord{Failures: 1, LastError: "boom", LastFailure: now, NextAttempt: now.Add(time.Minute)}
+	}
+	for _, name := range []string{"old1.test", "old2.test", "recent.test"} {
+		write(name, failed())
+	}
+	now := clock.Now()
+	write("valid.test", failureRecord{NotBefore: now, NotAfter: now.Add(90 * 24 * time.Hour)})
+	waitFor(t, 5*time.Second, "the records through the watch", func() bool {
+		return m.Status("old2.test").Failures == 1 && m.Status("valid.test").State == StateValid
+	})
+	clock.Advance(3 * 24 * time.Hour)
+	write("recent.test", failed()) // it failed again a moment ago
+	waitFor(t, 5*time.Second, "recent.test's new record", func() bool {
+		return m.Status("recent.test").NextAttempt.After(clock.Now())
+	})
+
+	m.sweepRecords()
+	for _, name := range []string{"old1.test", "old2.test"} {
+		if st := m.Status(name); st.Failures != 0 || st.State != StateNone {
+			t.Errorf("%s after the sweep: %+v, want forgotten", name, st)
+		}
+		if _, _, err := other.GetRevision(t.Context(), recordPrefix+name); !errors.Is(err, autocert.ErrCacheMiss) {
+			t.Errorf("%s's record is still in the store: %v", name, err)
+		}
+	}
+	for _, name := range []string{"recent.test", "valid.test"} {
+		if _, _, err := other.GetRevision(t.Context(), recordPrefix+name); err != nil {
+			t.Errorf("%s's record is gone from the store: %v", name, err)
+		}
+	}
+	if st := m.Status("valid.test"); st.State != StateValid {
+		t.Errorf("valid.test after the sweep: %+v, want valid", st)
+	}
+}

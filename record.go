@@ -209,6 +209,17 @@ func (f *failureRecord) empty(now time.Time) bool {
 	return f.Failures == 0 && len(f.Spends) == 0 && !now.Before(f.RetryAfter) && !now.Before(f.NotAfter)
 }
 
+// stale reports whether f tells nothing that still matters at now: no
+// valid certificate, no wait of any kind (b's schedule, the CA's
+// Retry-After, spent authorizations), and its last failure longer ago
+// than b's longest wait and the budget's window together. A name that
+// keeps failing, and a name with a certificate, keep their records.
+func (f *failureRecord) stale(now time.Time, b Backoff) bool {
+	f.prune(now)
+	return !now.Before(f.NotAfter) && !now.Before(f.nextAttempt(now, b)) && !now.Before(f.RetryAfter) &&
+		len(f.Spends) == 0 && now.Sub(f.LastFailure) > b.longest()+budgetWindow
+}
+
 func minTime(a, b time.Time) time.Time {
 	if b.Before(a) {
 		return b
