@@ -28,6 +28,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/leakcheck"
 )
 
 var (
@@ -90,6 +91,8 @@ func TestFaultCampaign(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	schedule := newSchedule(rng, faultsFor)
 	t.Logf("seed %d (replay with -campaign.seed %d); %d faults over %v", seed, seed, len(schedule), faultsFor)
+	leakcheck.Label(testLabel, t.Name()) // the goroutines it starts are its own: see goroutinesOf
+	before := len(clusterGoroutines(t))
 	c := startCampaign(t)
 	t.Cleanup(func() {
 		t.Logf("seed %d: schedule (offsets from the start of the faults):", seed)
@@ -134,11 +137,19 @@ func TestFaultCampaign(t *testing.T) {
 
 	// The faults, one after the other.
 	faultsStart := time.Now()
+	c.spy.mu.Lock()
+	c.spy.t0 = faultsStart
+	c.spy.mu.Unlock()
 	for i := range schedule {
 		f := &schedule[i]
 		if d := time.Until(faultsStart.Add(f.At)); d > 0 {
 			time.Sleep(d)
 		}
+		// A name arrives with the fault: its first order is in flight,
+		// on the replica the fault hits if any, when the fault starts.
+		name := c.addName(f.Good)
+		work.Go(func() { c.shakeOnce(c.replicas[f.Via], name) })
+		time.Sleep(f.Lead)
 		f.started = time.Since(faultsStart)
 		c.noteFault()
 		c.apply(t, f)
@@ -194,7 +205,16 @@ func TestFaultCampaign(t *testing.T) {
 	}
 
 	// The invariants counted throughout.
-	c.check(t, faultsStart)
+	c.check(t)
+
+	// Goroutines: none of the replicas' is left once they are closed.
+	for _, r := range c.replicas {
+		r.gate.Lock()
+		r.stop()
+		r.gate.Unlock()
+	}
+	c.closeClients()
+	waitGoroutinesGone(t, before, func() []string { return clusterGoroutines(t) })
 }
 
 // fault is one entry of the schedule.
@@ -204,12 +224,15 @@ type fault struct {
 	Target int           // a member or replica index, or a request class
 	Dur    time.Duration // how long it lasts, where that applies
 	Times  int           // CA faults: how many requests it applies to
+	Good   bool          // whether the name that arrives with it validates
+	Via    int           // the replica that name's first handshake goes to
+	Lead   time.Duration // how long before the fault that handshake starts
 
 	started time.Duration
 }
 
 func (f fault) String() string {
-	s := fmt.Sprintf("%8v %-10s", f.At.Round(time.Millisecond), f.Kind)
+	s := fmt.Sprintf("%8v %-8s", f.At.Round(time.Millisecond), f.Kind)
 	switch f.Kind {
 	case "leader":
 		s += " to another member"
@@ -224,6 +247,7 @@ func (f fault) String() string {
 	case "caslow":
 		s += fmt.Sprintf(" %v delayed %v for %v", certmgrtest.Class(f.Target), f.Dur.Round(time.Millisecond), 3*f.Dur.Round(time.Millisecond))
 	}
+	s += fmt.Sprintf(" [a %s name via r%d %v before]", map[bool]string{true: "good", false: "failing"}[f.Good], f.Via, f.Lead.Round(time.Millisecond))
 	if f.started != 0 {
 		s += fmt.Sprintf(" (started at %v)", f.started.Round(time.Millisecond))
 	}
@@ -240,30 +264,31 @@ func newSchedule(rng *rand.Rand, d time.Duration) []fault {
 	var out []fault
 	at := time.Duration(500+rng.IntN(1000)) * time.Millisecond
 	for at < d {
-		f := fault{At: at, Kind: faultKinds[rng.IntN(len(faultKinds))]}
-		busy := time.Duration(0)
+		f := fault{At: at, Kind: faultKinds[rng.IntN(len(faultKinds))], Good: rng.IntN(4) != 0,
+			Via: rng.IntN(3), Lead: time.Duration(rng.IntN(600)) * time.Millisecond}
+		busy := f.Lead
 		switch f.Kind {
 		case "leader":
 			f.Target = rng.IntN(2) // which of the two others
 		case "member":
 			f.Target = rng.IntN(3)
 			f.Dur = time.Duration(300+rng.IntN(2700)) * time.Millisecond
-			busy = f.Dur + time.Second // its restart
+			busy += f.Dur + time.Second // its restart
 		case "cut":
-			f.Target = rng.IntN(3)
+			f.Target = f.Via
 			f.Dur = time.Duration(300+rng.IntN(4200)) * time.Millisecond // across the 2 s lease, or not
-			busy = f.Dur
+			busy += f.Dur
 		case "restart":
-			f.Target = rng.IntN(3)
+			f.Target = f.Via
 			f.Dur = time.Duration(rng.IntN(1000)) * time.Millisecond
-			busy = f.Dur + time.Second
+			busy += f.Dur + time.Second
 		case "ca503":
 			f.Target = int(caClasses[rng.IntN(len(caClasses))])
 			f.Times = 1 + rng.IntN(3)
 		case "caslow":
 			f.Target = int(caClasses[rng.IntN(len(caClasses))])
 			f.Dur = time.Duration(200+rng.IntN(1300)) * time.Millisecond
-			busy = 3 * f.Dur
+			busy += 3 * f.Dur
 		}
 		out = append(out, f)
 		at += busy + time.Duration(300+rng.IntN(1500))*time.Millisecond
@@ -273,14 +298,15 @@ func newSchedule(rng *rand.Rand, d time.Duration) []fault {
 
 // campaign is the cluster under test.
 type campaign struct {
-	t        *testing.T
-	members  []*member
-	admin    []*clientv3.Client // one per member, reaching that member alone
-	all      *clientv3.Client   // reaching every member
-	ca       *certmgrtest.Server
-	tlsLB    *certmgrtest.Balancer
-	replicas []*campReplica
-	spy      *acmeSpy
+	t         *testing.T
+	members   []*member
+	admin     []*clientv3.Client // one per member, reaching that member alone
+	all       *clientv3.Client   // reaching every member
+	ca        *certmgrtest.Server
+	tlsLB     *certmgrtest.Balancer
+	replicas  []*campReplica
+	spy       *acmeSpy
+	closeOnce sync.Once
 
 	mu          sync.Mutex // guards the fields below
 	names       []string
@@ -400,20 +426,24 @@ func startCampaign(t *testing.T) *campaign {
 		t.Fatal(err)
 	}
 	var eps []string
+	t.Cleanup(c.closeClients)
 	for _, m := range c.members {
 		ep := m.cfg.AdvertiseClientUrls[0].String()
 		eps = append(eps, ep)
-		c.admin = append(c.admin, clientOf(t, ep))
+		cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.admin = append(c.admin, cli)
 	}
 	var err error
 	c.all, err = clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.all.Close() })
 
 	c.ca = certmgrtest.Start(t, certmgrtest.Options{})
-	c.spy = &acmeSpy{urls: map[string][]string{}, owner: map[string]string{}}
+	c.spy = &acmeSpy{urls: map[string][]string{}, owner: map[string]string{}, authzOf: map[string]map[string]bool{}}
 	var tlsAddrs []string
 	for i := range 3 {
 		r := &campReplica{c: c, idx: i}
@@ -456,6 +486,18 @@ func startCampaign(t *testing.T) *campaign {
 		c.tlsLB.Close()
 	})
 	return c
+}
+
+// closeClients closes the test's own etcd clients, once.
+func (c *campaign) closeClients() {
+	c.closeOnce.Do(func() {
+		for _, cli := range c.admin {
+			cli.Close()
+		}
+		if c.all != nil {
+			c.all.Close()
+		}
+	})
 }
 
 // open starts r's client, Cache and Manager; r.gate is held.
@@ -565,7 +607,7 @@ func (c *campaign) noteFault() {
 }
 
 // addName adds a new name that validates, if good, or never does.
-func (c *campaign) addName(good bool) {
+func (c *campaign) addName(good bool) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := len(c.names)
@@ -580,6 +622,7 @@ func (c *campaign) addName(good bool) {
 	c.names = append(c.names, name)
 	c.good[name] = good
 	c.arrived[name] = c.faults
+	return name
 }
 
 func (c *campaign) nameCount() int {
@@ -608,27 +651,33 @@ func (c *campaign) shake(ctx context.Context, rng *rand.Rand) {
 		c.mu.Lock()
 		name := c.names[rng.IntN(len(c.names))]
 		c.mu.Unlock()
-		r := c.replicas[rng.IntN(len(c.replicas))]
-		hctx, cancel := context.WithTimeout(context.Background(), campaignTimeout+campaignMargin+5*time.Second)
-		begin := time.Now()
-		_, up, err := r.handshake(hctx, name, false)
-		took := time.Since(begin)
-		cancel()
-		if up {
-			c.mu.Lock()
-			c.handshakes++
-			c.slowest = max(c.slowest, took)
-			if err != nil {
-				c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: %v after %v", time.Now().Format("15:04:05.000"), r.idx, name, err, took))
-			} else if took > campaignTimeout+campaignMargin {
-				c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: answered after %v", time.Now().Format("15:04:05.000"), r.idx, name, took))
-			}
-			c.mu.Unlock()
-		}
+		c.shakeOnce(c.replicas[rng.IntN(len(c.replicas))], name)
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Duration(10+rng.IntN(60)) * time.Millisecond):
 		}
+	}
+}
+
+// shakeOnce makes one handshake with r for name, unless r is down, and
+// records how it went.
+func (c *campaign) shakeOnce(r *campReplica, name string) {
+	hctx, cancel := context.WithTimeout(context.Background(), campaignTimeout+campaignMargin+5*time.Second)
+	begin := time.Now()
+	_, up, err := r.handshake(hctx, name, false)
+	took := time.Since(begin)
+	cancel()
+	if !up {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.handshakes++
+	c.slowest = max(c.slowest, took)
+	if err != nil {
+		c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: %v after %v", time.Now().Format("15:04:05.000"), r.idx, name, err, took))
+	} else if took > campaignTimeout+campaignMargin {
+		c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: answered after %v", time.Now().Format("15:04:05.000"), r.idx, name, took))
 	}
 }
 
@@ -789,7 +838,7 @@ func (c *campaign) leftovers(t *testing.T) []string {
 }
 
 // check reports the invariants counted throughout the campaign.
-func (c *campaign) check(t *testing.T, _ time.Time) {
+func (c *campaign) check(t *testing.T) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, e := range c.hsErrors {
@@ -832,11 +881,11 @@ func (c *campaign) summary() string {
 		}
 	}
 	c.spy.mu.Lock()
-	deact := c.spy.lateDeactivations
+	deact := c.spy.lateAuthz
 	c.spy.mu.Unlock()
 	s := fmt.Sprintf("%d faults; %d names (%d good: %d orders, at most %d for one; %d failing: %d orders); "+
 		"most failed authorizations for one name %d; CA totals %+v; %d handshakes (%d fallback events), slowest %v; "+
-		"%d handshake errors; %d late authorization deactivations",
+		"%d handshake errors; %d late authorization requests of autocert's detached clean-up",
 		c.faults, len(c.names), good, goodOrders, maxGood, bad, badOrders, maxFailed, total,
 		c.handshakes, c.fallbacks, c.slowest.Round(time.Millisecond), len(c.hsErrors), deact)
 	for _, j := range c.journal {
@@ -849,11 +898,21 @@ func (c *campaign) summary() string {
 // answers with to the names they concern, to tell whose order a request
 // is for.
 type acmeSpy struct {
-	mu                sync.Mutex
-	urls              map[string][]string // URL path -> names
-	owner             map[string]string   // name -> the replica whose order the CA created last
-	violations        []string
-	lateDeactivations int
+	mu         sync.Mutex
+	urls       map[string][]string        // URL path -> names
+	owner      map[string]string          // name -> the replica whose order the CA created last
+	authzOf    map[string]map[string]bool // authorization path -> the replicas whose orders listed it
+	violations []string
+	lateAuthz  int       // requests of autocert's detached clean-up after another replica's new order
+	t0         time.Time // the start of the faults
+}
+
+// since returns the time since the start of the faults; sp.mu is held.
+func (sp *acmeSpy) since() time.Duration {
+	if sp.t0.IsZero() {
+		return 0
+	}
+	return time.Since(sp.t0).Round(time.Millisecond)
 }
 
 type spyTransport struct {
@@ -888,13 +947,23 @@ func (s *spyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		sp.mu.Lock()
 		names = sp.urls[req.URL.Path]
 		for _, n := range names {
-			if o := sp.owner[n]; o != "" && o != s.who {
-				if bytes.Contains(payload, []byte("deactivated")) {
-					sp.lateDeactivations++
-				} else {
-					sp.violations = append(sp.violations, fmt.Sprintf("%s %s: %s sent %s after %s's new order for %s",
-						time.Now().Format("15:04:05.000"), n, s.who, req.URL.Path, o, n))
-				}
+			o := sp.owner[n]
+			if o == "" || o == s.who {
+				continue
+			}
+			at := sp.since()
+			switch {
+			case !strings.Contains(req.URL.Path, "/authZ/"):
+				sp.violations = append(sp.violations, fmt.Sprintf("at %v %s: %s sent %s after %s's new order",
+					at, n, s.who, req.URL.Path, o))
+			case bytes.Contains(payload, []byte("deactivated")) && sp.authzOf[req.URL.Path][o]:
+				sp.violations = append(sp.violations, fmt.Sprintf("at %v %s: %s deactivated %s, an authorization of %s's newer order",
+					at, n, s.who, req.URL.Path, o))
+			default:
+				// autocert's detached clean-up of an attempt that
+				// ended (deactivatePendingAuthz): it fetches the
+				// authorization, and deactivates it if pending.
+				sp.lateAuthz++
 			}
 		}
 		sp.mu.Unlock()
@@ -927,6 +996,14 @@ func (s *spyTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if newOrder && resp.StatusCode == http.StatusCreated {
 		for _, n := range names {
 			sp.owner[n] = s.who
+		}
+		for _, z := range doc.Authorizations {
+			if u, err := url.Parse(z); err == nil {
+				if sp.authzOf[u.Path] == nil {
+					sp.authzOf[u.Path] = map[string]bool{}
+				}
+				sp.authzOf[u.Path][s.who] = true
+			}
 		}
 	}
 	for _, l := range links {
