@@ -107,6 +107,8 @@ func keyClass(key string) string {
 	switch {
 	case strings.HasPrefix(key, "certmgr+record+"):
 		return "record"
+	case strings.HasPrefix(key, "certmgr+ari+"):
+		return "poll" // a certificate's renewal-information poll, shared
 	case key == "certmgr+state":
 		return "state"
 	case key == "acme_account+key":
@@ -167,7 +169,7 @@ func (tr traffic) size(class string) int {
 
 func (tr traffic) String() string {
 	var parts []string
-	for _, c := range []string{"certificate", "record", "state", "token", "account", "lock", "other"} {
+	for _, c := range []string{"certificate", "record", "poll", "state", "token", "account", "lock", "other"} {
 		if p, d := tr.puts[c], tr.dels[c]; p+d > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d put (%d B) %d delete", c, p, tr.bytes[c], d))
 		}
@@ -289,7 +291,7 @@ func (r atRest) total() (keys, bytes int) {
 
 func (r atRest) String() string {
 	var parts []string
-	for _, c := range []string{"certificate", "record", "state", "token", "account", "lock", "other"} {
+	for _, c := range []string{"certificate", "record", "poll", "state", "token", "account", "lock", "other"} {
 		if r.keys[c] > 0 {
 			parts = append(parts, fmt.Sprintf("%s %d keys %d B", c, r.keys[c], r.bytes[c]))
 		}
