@@ -383,8 +383,9 @@ type campReplica struct {
 	tlsL  net.Listener
 	srv   *http.Server
 
-	gate  sync.RWMutex // handshakes hold it for reading; stop and open for writing
+	gate  sync.RWMutex // the test's handshakes hold it for reading; stop and open for writing
 	gen   int
+	mu    sync.Mutex // guards m, for the TLS server
 	m     *certmgr.Manager
 	cache *Cache
 	cli   *clientv3.Client
@@ -455,11 +456,11 @@ func startCampaign(t *testing.T) *campaign {
 		}
 		r.srv = &http.Server{
 			TLSConfig: &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-				// Not under gate: the CA's validations come through
-				// the balancer, which skips a replica being restarted.
-				r.gate.RLock()
+				// Not under gate, which the test's own handshake
+				// holds for reading while a stop may wait to write.
+				r.mu.Lock()
 				m := r.m
-				r.gate.RUnlock()
+				r.mu.Unlock()
 				if m == nil {
 					return nil, errors.New("the replica is down")
 				}
@@ -552,7 +553,10 @@ func (r *campReplica) open(t *testing.T) {
 		cli.Close()
 		t.Fatal(err)
 	}
-	r.m, r.cache, r.cli = m, cache, cli
+	r.mu.Lock()
+	r.m = m
+	r.mu.Unlock()
+	r.cache, r.cli = cache, cli
 }
 
 // stop closes r's Manager, Cache and client; r.gate is held.
@@ -560,10 +564,14 @@ func (r *campReplica) stop() {
 	if r.m == nil {
 		return
 	}
-	r.m.Close()
+	r.mu.Lock()
+	m := r.m
+	r.m = nil
+	r.mu.Unlock()
+	m.Close()
 	r.cache.Close()
 	r.cli.Close()
-	r.m, r.cache, r.cli = nil, nil, nil
+	r.cache, r.cli = nil, nil
 }
 
 func (r *campReplica) setCut(cut bool) {
@@ -598,6 +606,14 @@ func (c *campaign) logf(format string, args ...any) {
 	c.mu.Lock()
 	c.journal = append(c.journal, fmt.Sprintf(format, args...))
 	c.mu.Unlock()
+}
+
+// since returns the offset of at from the start of the faults.
+func (c *campaign) since(at time.Time) time.Duration {
+	c.spy.mu.Lock()
+	t0 := c.spy.t0
+	c.spy.mu.Unlock()
+	return at.Sub(t0).Round(time.Millisecond)
 }
 
 func (c *campaign) noteFault() {
@@ -675,9 +691,9 @@ func (c *campaign) shakeOnce(r *campReplica, name string) {
 	c.handshakes++
 	c.slowest = max(c.slowest, took)
 	if err != nil {
-		c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: %v after %v", time.Now().Format("15:04:05.000"), r.idx, name, err, took))
+		c.hsErrors = append(c.hsErrors, fmt.Sprintf("started at %v: r%d %s: %v after %v", c.since(begin), r.idx, name, err, took))
 	} else if took > campaignTimeout+campaignMargin {
-		c.hsErrors = append(c.hsErrors, fmt.Sprintf("%s r%d %s: answered after %v", time.Now().Format("15:04:05.000"), r.idx, name, took))
+		c.hsErrors = append(c.hsErrors, fmt.Sprintf("started at %v: r%d %s: answered after %v", c.since(begin), r.idx, name, took))
 	}
 }
 
