@@ -77,8 +77,10 @@ const (
 //     etcd.
 //
 // go test -race -run TestFaultCampaign ./etcdcache/ runs it for 20 s of
-// faults; -campaign.long 30m for longer; -campaign.seed N replays a seed.
-// The seed and the schedule are logged at the end.
+// faults (about 35 s in all); -campaign.long 30m -timeout 45m for longer;
+// -campaign.seed N replays a seed: the same schedule of faults and names,
+// though not the same timing. The seed and the schedule are logged at the
+// end (go test -v shows them on success too).
 func TestFaultCampaign(t *testing.T) {
 	seed := *campaignSeed
 	if seed == 0 {
@@ -148,6 +150,10 @@ func TestFaultCampaign(t *testing.T) {
 		// A name arrives with the fault: its first order is in flight,
 		// on the replica the fault hits if any, when the fault starts.
 		name := c.addName(f.Good)
+		f.name = name
+		c.mu.Lock()
+		c.cameWith[name] = f
+		c.mu.Unlock()
 		work.Go(func() { c.shakeOnce(c.replicas[f.Via], name) })
 		time.Sleep(f.Lead)
 		f.started = time.Since(faultsStart)
@@ -202,6 +208,20 @@ func TestFaultCampaign(t *testing.T) {
 	}
 	if len(left) > 0 {
 		t.Errorf("%d keys left in etcd %v after convergence: %q", len(left), campaignSettle, left)
+		for _, k := range left {
+			name := strings.TrimSuffix(strings.TrimPrefix(k, campaignPrefix+"cache/"), "+token")
+			if strings.HasPrefix(k, campaignPrefix+"locks/") {
+				name, _, _ = strings.Cut(strings.TrimPrefix(k, campaignPrefix+"locks/"), "/")
+			}
+			c.mu.Lock()
+			f := c.cameWith[name]
+			c.mu.Unlock()
+			how := "before the faults or between them"
+			if f != nil {
+				how = "with fault " + f.String()
+			}
+			t.Logf("%s: %s arrived %s; %s", k, name, how, c.statuses(name))
+		}
 	}
 
 	// The invariants counted throughout.
@@ -229,6 +249,7 @@ type fault struct {
 	Lead   time.Duration // how long before the fault that handshake starts
 
 	started time.Duration
+	name    string // the name that arrived with it
 }
 
 func (f fault) String() string {
@@ -249,7 +270,7 @@ func (f fault) String() string {
 	}
 	s += fmt.Sprintf(" [a %s name via r%d %v before]", map[bool]string{true: "good", false: "failing"}[f.Good], f.Via, f.Lead.Round(time.Millisecond))
 	if f.started != 0 {
-		s += fmt.Sprintf(" (started at %v)", f.started.Round(time.Millisecond))
+		s += fmt.Sprintf(" (started at %v, with %s)", f.started.Round(time.Millisecond), f.name)
 	}
 	return s
 }
@@ -311,8 +332,9 @@ type campaign struct {
 	mu          sync.Mutex // guards the fields below
 	names       []string
 	good        map[string]bool
-	arrived     map[string]int // faults started before the name arrived
-	faults      int            // faults started so far
+	arrived     map[string]int    // faults started before the name arrived
+	cameWith    map[string]*fault // the fault a name arrived with
+	faults      int               // faults started so far
 	handshakes  int
 	fallbacks   int
 	slowest     time.Duration
@@ -393,7 +415,7 @@ type campReplica struct {
 
 func startCampaign(t *testing.T) *campaign {
 	t.Helper()
-	c := &campaign{t: t, good: map[string]bool{}, arrived: map[string]int{}}
+	c := &campaign{t: t, good: map[string]bool{}, arrived: map[string]int{}, cameWith: map[string]*fault{}}
 	// Three members, started together: each waits for a quorum.
 	var initial []string
 	for i := range 3 {
