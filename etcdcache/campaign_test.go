@@ -221,6 +221,11 @@ func TestFaultCampaign(t *testing.T) {
 				how = "with fault " + f.String()
 			}
 			t.Logf("%s: %s arrived %s; %s", k, name, how, c.statuses(name))
+			if n := c.ca.Proxy.Counts(name); strings.HasSuffix(k, "+token") && n.Orders > n.Authzs {
+				t.Errorf("%s: library defect: a token left for good: a holder answered the challenge, "+
+					"lost its hold before it deleted the token, and the next order reused the valid "+
+					"authorization (%d orders, %d authorizations), so no holder wrote or deleted the token again", name, n.Orders, n.Authzs)
+			}
 		}
 	}
 
@@ -849,8 +854,12 @@ func (c *campaign) statuses(name string) string {
 		r.gate.RLock()
 		if r.m != nil {
 			s := r.m.Status(name)
-			parts = append(parts, fmt.Sprintf("r%d: state %v failures %d next %v err %v", r.idx, s.State, s.Failures,
-				time.Until(s.NextAttempt).Round(time.Millisecond), s.LastError))
+			next := "now"
+			if !s.NextAttempt.IsZero() {
+				next = "in " + time.Until(s.NextAttempt).Round(time.Millisecond).String()
+			}
+			parts = append(parts, fmt.Sprintf("r%d: state %v failures %d next attempt %s err %v", r.idx, s.State, s.Failures,
+				next, s.LastError))
 		}
 		r.gate.RUnlock()
 	}
