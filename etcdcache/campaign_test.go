@@ -54,8 +54,10 @@ const (
 
 // TestFaultCampaign is issue 17's fault campaign: three etcd members and
 // three replicas in this process, a test CA, handshakes over names that
-// validate, names that never do and names that keep arriving, and a
-// seeded random schedule of faults, one at a time: the etcd leader moved,
+// validate, names that never do and names that keep arriving (every 3 s,
+// and one with each fault, its first handshake sent, to the replica the
+// fault hits if any, just before the fault starts), and a seeded random
+// schedule of faults, one at a time: the etcd leader moved,
 // a member stopped and started again on its data, a replica cut off from
 // etcd (and taken out of the validation balancer, as a health check
 // would) and healed, a replica closed and opened again, a compaction, the
@@ -74,7 +76,15 @@ const (
 //   - once the faults end, within 30 s, every replica serves every name
 //     that validates a CA-issued certificate, the same serial on all;
 //   - then, within 10 s, no lock entry and no challenge token is left in
-//     etcd.
+//     etcd;
+//   - once every replica is closed, none of their goroutines is left.
+//
+// A token left behind is a known library defect (see the Errorf that
+// names it): a holder that answered the challenge and then lost its hold
+// (as one cut off from etcd past its lease does) cannot delete its
+// token, and the next holder's order reuses the now valid authorization,
+// so no replica writes or deletes that token again. It shows in some
+// short runs and in every 5-minute run so far.
 //
 // go test -race -run TestFaultCampaign ./etcdcache/ runs it for 20 s of
 // faults (about 35 s in all); -campaign.long 30m -timeout 45m for longer;
@@ -108,8 +118,7 @@ func TestFaultCampaign(t *testing.T) {
 	})
 
 	// The workload: new names keep arriving; handshakes keep going.
-	c.addName(true)
-	for range campaignFirstGood - 1 {
+	for range campaignFirstGood {
 		c.addName(true)
 	}
 	for range campaignFirstBad {
@@ -188,8 +197,17 @@ func TestFaultCampaign(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			for _, n := range pending {
-				t.Errorf("%s: not served one CA-issued certificate by every replica %v after the faults ended (serials %q; %s)",
-					n, campaignConverge, lastSerials[n], c.statuses(n))
+				what := "not served one CA-issued certificate by every replica"
+				if s := lastSerials[n]; !slices.Contains(s, "") {
+					// Seen after the replica ordering the name was cut
+					// off past its lease, two orders and two certificates
+					// at the CA: likely it got its certificate but could
+					// not store it, and goes on serving it, not the one
+					// the next holder stored.
+					what = "served different CA-issued certificates by the replicas (library defect)"
+				}
+				t.Errorf("%s: %s %v after the faults ended (serials %q; %s)",
+					n, what, campaignConverge, lastSerials[n], c.statuses(n))
 			}
 			break
 		}
