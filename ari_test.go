@@ -360,6 +360,11 @@ func TestRenewalInfoThatAlwaysAsksRenewsOnce(t *testing.T) {
 	const name = "loop.test"
 	e, m, events := ariEnv(t, name)
 	leaf := e.expectIssued(t, name)
+	// The CA dates certificates to the second: the renewed one must be
+	// issued in a later second to be told from this one.
+	waitFor(t, 5*time.Second, "a second past the first certificate's NotBefore", func() bool {
+		return time.Now().After(leaf.NotBefore.Add(time.Second))
+	})
 	now := time.Now()
 	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassOther, Status: 200,
 		Body: fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,

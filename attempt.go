@@ -311,7 +311,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if a.timer != nil {
 		a.timer.Stop()
 	}
-	unlock, fence, lost, challenge := a.unlock, a.fence, a.lost, a.challenge
+	unlock, fence, lost := a.unlock, a.fence, a.lost
 	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
 	// change is the outcome's one change to the domain's failure record,
 	// made here and, in a cluster, to the cluster's record; before is the
@@ -394,9 +394,10 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		m.storeRecord(d.name, fence, lost, before, change) // under the lock, if the attempt held it
 	}
 	if unlock != nil {
-		if challenge == "tls-alpn-01" {
-			m.deleteToken(d.name, fence)
-		}
+		// The token of this attempt's challenge, or one a holder before
+		// it left when it lost the lock (an order that reuses the valid
+		// authorization then writes none again).
+		m.deleteToken(d.name, fence)
 		unlock()
 	}
 	m.obs.forget(d.name)
