@@ -396,8 +396,12 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if unlock != nil {
 		// The token of this attempt's challenge, or one a holder before
 		// it left when it lost the lock (an order that reuses the valid
-		// authorization then writes none again).
-		m.deleteToken(d.name, fence)
+		// authorization then writes none again). A hold already lost
+		// deletes nothing (the delete is fenced), and must not wait for
+		// a store it may have lost.
+		if !closed(lost) {
+			m.deleteToken(d.name, fence)
+		}
 		unlock()
 	}
 	m.obs.forget(d.name)
