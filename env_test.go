@@ -16,6 +16,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -457,7 +458,17 @@ func waitNoLeaks(t *testing.T, d time.Duration) {
 // TestMain runs the tests, then wants no goroutine of certmgr, autocert or
 // acme left at all, labelled or not: a test's own checks see only the
 // goroutines it labelled (labelTest).
+//
+// The tests run 4 at a time unless -test.parallel says otherwise: the
+// server-backed ones wait on the CA and on timeouts more than they
+// compute.
 func TestMain(m *testing.M) {
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		flag.Set("test.parallel", "4")
+	}
 	code := m.Run()
 	deadline := time.Now().Add(10 * time.Second)
 	for left := leakedGoroutines(leakcheck.Stacks()[1:]); code == 0 && len(left) > 0; left = leakedGoroutines(leakcheck.Stacks()[1:]) {
