@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -8,8 +9,9 @@ import (
 )
 
 // This file holds the domain table: what certmgr knows of each name, how
-// a domain is created and dropped to make room, and when it may start an
-// attempt.
+// a domain is created and dropped to make room, when it may start an
+// attempt, and how the records of domains not tracked are dropped once
+// stale.
 
 // domain is what certmgr knows of one normalised name. Its fields are
 // guarded by Manager.stateMu.
@@ -163,4 +165,49 @@ func (m *Manager) dnsNextLocked(d *domain, now time.Time) time.Time {
 // cacheRetry from now.
 func (m *Manager) localNextLocked(d *domain, now time.Time) time.Time {
 	return minTime(d.localNext, now.Add(m.hooks.cacheRetry))
+}
+
+// recordSweep is how often stale records are dropped (sweepRecords).
+const recordSweep = time.Hour
+
+// sweepLoop drops stale records every recordSweep, until Close.
+func (m *Manager) sweepLoop() {
+	defer m.wg.Done()
+	for m.sleep(recordSweep) {
+		m.sweepRecords()
+	}
+}
+
+// sweepRecords drops the records of domains this replica does not track
+// that are stale (see failureRecord.stale): from memory and, with a
+// Coordinator, from the store, if nobody wrote them since this replica
+// saw them. Records would otherwise be kept for good, on every replica
+// and in the store, for every name ever made to fail. A record another
+// replica still uses is written again by its next outcome.
+func (m *Manager) sweepRecords() {
+	now := m.now()
+	drop := make(map[string]int64)
+	m.stateMu.Lock()
+	for name, f := range m.dormant {
+		if f.stale(now, m.cfg.Backoff) {
+			drop[name] = m.dormantRev[name]
+			delete(m.dormant, name)
+			delete(m.dormantRev, name)
+		}
+	}
+	m.stateMu.Unlock()
+	if m.coord == nil || len(drop) == 0 {
+		return
+	}
+	for name, rev := range drop {
+		if rev == 0 || m.ctx.Err() != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+		m.cache.write(func() error { // none after Close
+			_, err := m.coord.DeleteIf(ctx, recordPrefix+name, rev, "")
+			return err
+		})
+		cancel()
+	}
 }
