@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -14,7 +13,6 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
-	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
@@ -320,15 +318,7 @@ func (r *replica) openAsREADME(t *testing.T) time.Duration {
 			done <- opened{err: err}
 			return
 		}
-		cfg := certmgr.Config{
-			Autocert: &autocert.Manager{Cache: cache, Client: r.c.ca.NewClient(),
-				HostPolicy: autocert.HostWhitelist(r.c.opts.names...)},
-			Logger: slog.New(slog.DiscardHandler),
-		}
-		if r.c.opts.config != nil {
-			r.c.opts.config(r.index(), &cfg)
-		}
-		m, err := certmgr.New(cfg)
+		m, err := certmgr.New(r.config(cache))
 		if err != nil {
 			cache.Close()
 		}

@@ -86,6 +86,24 @@ func (r *replica) reachesEtcd() bool {
 	return err == nil
 }
 
+// config returns the Config of r's Manager on cache: the cluster's names,
+// CA and options.
+func (r *replica) config(cache *Cache) certmgr.Config {
+	var ac autocert.Cache = cache
+	if r.c.opts.now != nil || r.c.opts.renewalInfoPoll != 0 {
+		ac = &testhooks.Cache{Cache: cache, Now: r.c.opts.now, RenewalInfoPoll: r.c.opts.renewalInfoPoll}
+	}
+	cfg := certmgr.Config{
+		Autocert: &autocert.Manager{Cache: ac, Client: r.c.ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(r.c.opts.names...)},
+		Logger: slog.New(slog.DiscardHandler),
+	}
+	if r.c.opts.config != nil {
+		r.c.opts.config(r.index(), &cfg)
+	}
+	return cfg
+}
+
 // startCluster starts etcd, the CA, the replicas and the balancers, and
 // stops them in t's cleanup.
 func startCluster(t *testing.T, opts clusterOptions) *cluster {
@@ -175,19 +193,7 @@ func (r *replica) open() {
 		cli.Close()
 		t.Fatal(err)
 	}
-	var ac autocert.Cache = cache
-	if r.c.opts.now != nil || r.c.opts.renewalInfoPoll != 0 {
-		ac = &testhooks.Cache{Cache: cache, Now: r.c.opts.now, RenewalInfoPoll: r.c.opts.renewalInfoPoll}
-	}
-	cfg := certmgr.Config{
-		Autocert: &autocert.Manager{Cache: ac, Client: r.c.ca.NewClient(),
-			HostPolicy: autocert.HostWhitelist(r.c.opts.names...)},
-		Logger: slog.New(slog.DiscardHandler),
-	}
-	if r.c.opts.config != nil {
-		r.c.opts.config(r.index(), &cfg)
-	}
-	m, err := certmgr.New(cfg)
+	m, err := certmgr.New(r.config(cache))
 	if err != nil {
 		cache.Close()
 		cli.Close()
