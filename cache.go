@@ -23,6 +23,7 @@ import (
 //     included, until Close seals it (see write and seal).
 type certCache struct {
 	inner autocert.Cache
+	coord Coordinator   // inner, if it is one: certificates are written through it
 	mgr   cacheOwner    // the Manager told of writes and failures
 	kick  chan struct{} // wakes the retry loop; buffered, 1
 
@@ -70,9 +71,10 @@ func (c *certCache) seal() {
 // cacheOwner is what the Cache wrapper tells and asks the Manager;
 // *Manager implements it.
 type cacheOwner interface {
-	// certStored is called after a certificate key was written, or kept
-	// for a retry of its write (handshake.go).
-	certStored(key string, data []byte)
+	// certStored is called after a certificate key was written, at
+	// revision rev of a Coordinator's store (0: none), or kept for a
+	// retry of its write (rev 0) (handshake.go).
+	certStored(key string, data []byte, rev int64)
 	// cacheFailed reports a failure of op on key (certmgr.go).
 	cacheFailed(op, key string, err error)
 	// mayWriteToken reports whether domain's TLS-ALPN-01 certificate
@@ -118,7 +120,8 @@ func newCertCache(inner autocert.Cache, mgr cacheOwner) *certCache {
 	if inner == nil {
 		inner = &memCache{m: make(map[string][]byte)}
 	}
-	return &certCache{inner: inner, mgr: mgr, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
+	coord, _ := inner.(Coordinator)
+	return &certCache{inner: inner, coord: coord, mgr: mgr, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
 }
 
 // Get implements autocert.Cache. An error other than a miss is a
@@ -211,7 +214,11 @@ func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 // kept nor told to the Manager.
 func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 	unlock := c.lockKey(key)
-	err := c.write(func() error { return c.inner.Put(ctx, key, data) })
+	var rev int64
+	err := c.write(func() (err error) {
+		rev, err = c.putInner(ctx, key, data)
+		return err
+	})
 	if errors.Is(err, errCacheClosed) {
 		unlock()
 		return err
@@ -232,9 +239,34 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 		}
 	}
 	if isCertKey(key) {
-		c.mgr.certStored(key, data)
+		c.mgr.certStored(key, data, rev)
 	}
 	return err
+}
+
+// putTries bounds the compare-and-swap writes of one certificate key.
+const putTries = 8
+
+// putInner writes key to the inner Cache. A certificate key, if the inner
+// Cache is a Coordinator, is written by compare-and-swap on the revision
+// just read, whose new revision it returns: replicas serve the
+// certificate their store holds last, by revision (see serveAt). It
+// returns 0 for every other write.
+func (c *certCache) putInner(ctx context.Context, key string, data []byte) (int64, error) {
+	if c.coord == nil || !isCertKey(key) {
+		return 0, c.inner.Put(ctx, key, data)
+	}
+	for range putTries {
+		_, rev, err := c.coord.GetRevision(ctx, key)
+		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+			return 0, err
+		}
+		rev, ok, err := c.coord.PutIf(ctx, key, data, rev, "")
+		if err != nil || ok {
+			return rev, err
+		}
+	}
+	return 0, fmt.Errorf("certmgr: writing %q: it was written again %d times in a row meanwhile", key, putTries)
 }
 
 // Delete implements autocert.Cache. After Close, a delete is dropped:
@@ -309,7 +341,10 @@ func (c *certCache) flush(ctx context.Context) int {
 		var err error
 		if ok {
 			wctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-			err = c.write(func() error { return c.inner.Put(wctx, k, v) })
+			err = c.write(func() error {
+				_, err := c.putInner(wctx, k, v) // the watch serves it (storeChanged)
+				return err
+			})
 			cancel()
 			if err == nil {
 				c.pendingMu.Lock()

@@ -175,7 +175,8 @@ type Manager struct {
 	//     orders, dormant, dormantRev, stateUnread) and every field of every domain
 	//     and attempt. A function or method named ...Locked is called
 	//     with stateMu held; no other lock is meant.
-	//   - servedMu guards served, the certificates handshakes get.
+	//   - servedMu guards served, the certificates handshakes get, and
+	//     servedRev, the store's revision of each one from a Coordinator.
 	//   - accountMu guards key.
 	//
 	// The lock order is persistMu, then stateMu, then servedMu; accountMu
@@ -214,6 +215,11 @@ type Manager struct {
 
 	servedMu sync.RWMutex
 	served   map[certKey]*tls.Certificate // valid certificates, by name and key type
+	// servedRev holds the store's revision of a served certificate read
+	// from, or written to, a Coordinator's store; none for a certificate
+	// served before its write landed, or read without a revision (see
+	// serveAt).
+	servedRev map[certKey]int64
 
 	accountMu sync.Mutex
 	key       crypto.Signer // the ACME account key, once known
@@ -254,6 +260,7 @@ func New(cfg Config) (*Manager, error) {
 		log:        cmp.Or(cfg.Logger, slog.Default()),
 		timeout:    cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout),
 		served:     make(map[certKey]*tls.Certificate),
+		servedRev:  make(map[certKey]int64),
 		domains:    make(map[string]*domain),
 		dormant:    make(map[string]failureRecord),
 		dormantRev: make(map[string]int64),

@@ -1002,3 +1002,50 @@ func TestStaleRecordsAreDropped(t *testing.T) {
 		t.Errorf("valid.test after the sweep: %+v, want valid", st)
 	}
 }
+
+// TestReplicasServeTheStoresLastCertificate: when two replicas each wrote
+// a certificate for one name (the first lost its lock while it ordered,
+// the second took over), every replica ends serving the one the store
+// holds last, even if it was issued earlier than the other; and the first
+// replica's own certificate, served again as its attempt ends, does not
+// replace it. Serving the later issued instead left the replicas serving
+// different certificates.
+func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
+	t.Parallel()
+	const name = "last.test"
+	r := startReplicas(t, 2)
+	ctx := context.Background()
+	now := time.Now()
+	k := certKey{domain: name}
+	key := ecKey(t)
+	first := selfSigned(t, name, key, "first", now.Add(-time.Minute), now.Add(90*24*time.Hour))
+	last := selfSigned(t, name, key, "last", now.Add(-2*time.Minute), now.Add(90*24*time.Hour)) // issued earlier
+
+	if err := r.ms[0].cache.Put(ctx, k.cacheKey(), pemCert(t, first)); err != nil {
+		t.Fatal(err)
+	}
+	serves := func(m *Manager, c *tls.Certificate) bool {
+		s := m.servedCert(k)
+		return s != nil && s.Leaf.Equal(c.Leaf)
+	}
+	waitFor(t, 5*time.Second, "both replicas to serve the first certificate", func() bool {
+		return serves(r.ms[0], first) && serves(r.ms[1], first)
+	})
+	if err := r.ms[1].cache.Put(ctx, k.cacheKey(), pemCert(t, last)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "both replicas to serve the store's last certificate", func() bool {
+		return serves(r.ms[0], last) && serves(r.ms[1], last)
+	})
+	r.ms[0].serve(k, first) // as the first replica's attempt ends
+	if !serves(r.ms[0], last) {
+		t.Error("a certificate without a store revision replaced the store's")
+	}
+	data, err := r.store.Open().Get(ctx, k.cacheKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := parseCert(k, data, time.Now()); err != nil || !c.Leaf.Equal(last.Leaf) {
+		t.Errorf("the store holds %v (%v), want the last written", c, err)
+	}
+}

@@ -45,31 +45,65 @@ func (m *Manager) servedCert(k certKey) *tls.Certificate {
 	return nil
 }
 
-// serve makes c the certificate served for k, unless one issued later is.
-func (m *Manager) serve(k certKey, c *tls.Certificate) {
+// serve makes c the certificate served for k, as serveAt does for a
+// certificate with no store revision.
+func (m *Manager) serve(k certKey, c *tls.Certificate) { m.serveAt(k, c, 0) }
+
+// serveAt makes c the certificate served for k if it replaces the one
+// served, and then takes c's expiry and lifetime as its domain's. rev is
+// the revision at which c was read from, or written to, a Coordinator's
+// store, or 0.
+//
+// Replicas serve what their store holds last: a certificate with a
+// revision replaces one with an earlier revision, or none (one served
+// before its write landed, or read without a revision), whatever their
+// dates, so that every replica ends on the store's last write even when
+// two of them obtained a certificate for one name (one lost its lock);
+// and one without a revision never replaces one with a revision. Between
+// two certificates with no revision, as always without a Coordinator, the
+// later issued is served, whatever its lifetime. Nothing replaces c but
+// a valid certificate once c expired.
+func (m *Manager) serveAt(k certKey, c *tls.Certificate, rev int64) {
+	now := m.now()
 	m.servedMu.Lock()
-	old := m.served[k]
-	newer := old == nil || !c.Leaf.NotBefore.Before(old.Leaf.NotBefore) // the later issued, whatever its lifetime
+	old, held := m.served[k], m.servedRev[k]
+	var newer bool
+	switch {
+	case old == nil || !now.Before(old.Leaf.NotAfter):
+		newer = true
+	case rev > 0:
+		newer = rev > held
+	case held > 0:
+		newer = false
+	default:
+		newer = !c.Leaf.NotBefore.Before(old.Leaf.NotBefore)
+	}
 	if newer {
 		m.served[k] = c
+		if rev > 0 {
+			m.servedRev[k] = rev
+		} else {
+			delete(m.servedRev, k)
+		}
 	}
 	m.servedMu.Unlock()
-	if newer {
-		m.stateMu.Lock()
-		d := m.domains[k.domain]
-		if d != nil {
-			d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
-			d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
-			if d.served != nil {
-				close(d.served)
-				d.served = nil
-			}
+	if !newer && old != c {
+		return
+	}
+	m.stateMu.Lock()
+	d := m.domains[k.domain]
+	if d != nil {
+		d.notAfter = maxTime(d.notAfter, c.Leaf.NotAfter)
+		d.lifetime = c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)
+		if d.served != nil {
+			close(d.served)
+			d.served = nil
 		}
-		m.stateMu.Unlock()
-		m.ari.track(k, c.Leaf, m.now())
-		if d == nil {
-			m.scheduleLoad(k.domain, c.Leaf.NotBefore, c.Leaf.NotAfter) // served from the store's watch
-		}
+	}
+	m.stateMu.Unlock()
+	m.ari.track(k, c.Leaf, now)
+	if d == nil {
+		m.scheduleLoad(k.domain, c.Leaf.NotBefore, c.Leaf.NotAfter) // served from the store's watch
 	}
 }
 
@@ -79,6 +113,8 @@ func (m *Manager) unserveLocked(name string) {
 	m.servedMu.Lock()
 	delete(m.served, certKey{domain: name})
 	delete(m.served, certKey{domain: name, rsa: true})
+	delete(m.servedRev, certKey{domain: name})
+	delete(m.servedRev, certKey{domain: name, rsa: true})
 	m.servedMu.Unlock()
 }
 
@@ -164,15 +200,17 @@ func (m *Manager) hostPolicy(ctx context.Context, name string) error {
 }
 
 // certStored is called for every certificate written to the Cache:
-// autocert's first issuance and its renewals. The new certificate is
-// served from the next handshake on; a renewal in flight ends with it.
-func (m *Manager) certStored(key string, data []byte) {
+// autocert's first issuance and its renewals. rev is the write's revision
+// in a Coordinator's store, or 0 (no Coordinator, or the write failed and
+// is kept for a retry). The new certificate is served from the next
+// handshake on (see serveAt); a renewal in flight ends with it.
+func (m *Manager) certStored(key string, data []byte, rev int64) {
 	k := certKeyOf(key)
 	c, err := parseCert(k, data, m.now())
 	if err != nil {
 		return
 	}
-	m.serve(k, c)
+	m.serveAt(k, c, rev)
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
 	var a *attempt

@@ -52,7 +52,14 @@ func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x
 		return true
 	}
 	ctx, cancel := context.WithTimeout(ctx, cacheTimeout)
-	data, err := m.cache.Get(ctx, k.cacheKey())
+	var data []byte
+	var rev int64
+	var err error
+	if m.coord != nil {
+		data, rev, err = m.coord.GetRevision(ctx, k.cacheKey()) // served by its revision
+	} else {
+		data, err = m.cache.Get(ctx, k.cacheKey())
+	}
 	cancel()
 	if err != nil {
 		return false
@@ -61,7 +68,7 @@ func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x
 	if err != nil || !replaces(c.Leaf, old) {
 		return false
 	}
-	m.serve(k, c)
+	m.serveAt(k, c, rev)
 	return true
 }
 

@@ -201,7 +201,7 @@ func (m *Manager) storeChanged(key string, value []byte, rev int64) {
 		return
 	}
 	if c, err := parseCert(k, value, m.now()); err == nil {
-		m.serve(k, c) // tracked once renewal information asks for a renewal, if the HostPolicy allows
+		m.serveAt(k, c, rev) // tracked once renewal information asks for a renewal, if the HostPolicy allows
 	}
 }
 
