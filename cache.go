@@ -250,16 +250,22 @@ const putTries = 8
 // putInner writes key to the inner Cache. A certificate key, if the inner
 // Cache is a Coordinator, is written by compare-and-swap on the revision
 // just read, whose new revision it returns: replicas serve the
-// certificate their store holds last, by revision (see serveAt). It
-// returns 0 for every other write.
+// certificate their store holds last, by revision (see serveAt). It is
+// not written over a certificate issued later (one a replica that held
+// the lock stored while this one's write waited for a retry, say): that
+// write succeeds with revision 0, and the store's is served. It returns 0
+// for every other write.
 func (c *certCache) putInner(ctx context.Context, key string, data []byte) (int64, error) {
 	if c.coord == nil || !isCertKey(key) {
 		return 0, c.inner.Put(ctx, key, data)
 	}
 	for range putTries {
-		_, rev, err := c.coord.GetRevision(ctx, key)
+		stored, rev, err := c.coord.GetRevision(ctx, key)
 		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
 			return 0, err
+		}
+		if issuedLater(stored, data) {
+			return 0, nil
 		}
 		rev, ok, err := c.coord.PutIf(ctx, key, data, rev, "")
 		if err != nil || ok {
@@ -295,6 +301,17 @@ func (c *certCache) Delete(ctx context.Context, key string) error {
 func (c *certCache) tokenWritable(key string) bool {
 	domain, ok := strings.CutSuffix(key, "+token")
 	return !ok || c.mgr.mayWriteToken(domain)
+}
+
+// issuedLater reports whether the certificate encoded in a was issued
+// after the one in b; false if either cannot be decoded.
+func issuedLater(a, b []byte) bool {
+	ca, err := decodeCert(a)
+	if err != nil {
+		return false
+	}
+	cb, err := decodeCert(b)
+	return err == nil && ca.Leaf.NotBefore.After(cb.Leaf.NotBefore)
 }
 
 // isTokenKey reports whether key is a challenge token's: a TLS-ALPN-01

@@ -1004,12 +1004,13 @@ func TestStaleRecordsAreDropped(t *testing.T) {
 }
 
 // TestReplicasServeTheStoresLastCertificate: when two replicas each wrote
-// a certificate for one name (the first lost its lock while it ordered,
-// the second took over), every replica ends serving the one the store
-// holds last, even if it was issued earlier than the other; and the first
-// replica's own certificate, served again as its attempt ends, does not
-// replace it. Serving the later issued instead left the replicas serving
-// different certificates.
+// a certificate for one name, issued in the same second (the first lost
+// its lock while it ordered, the second took over), every replica ends
+// serving the one the store holds last, and the first replica's own,
+// served again as its attempt ends, does not replace it; a write of a
+// certificate issued before the store's is not made. Serving the later
+// issued, the last one seen on a tie, left the replicas serving different
+// certificates.
 func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
 	t.Parallel()
 	const name = "last.test"
@@ -1019,7 +1020,7 @@ func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
 	k := certKey{domain: name}
 	key := ecKey(t)
 	first := selfSigned(t, name, key, "first", now.Add(-time.Minute), now.Add(90*24*time.Hour))
-	last := selfSigned(t, name, key, "last", now.Add(-2*time.Minute), now.Add(90*24*time.Hour)) // issued earlier
+	last := selfSigned(t, name, key, "last", now.Add(-time.Minute), now.Add(90*24*time.Hour)) // issued in the same second
 
 	if err := r.ms[0].cache.Put(ctx, k.cacheKey(), pemCert(t, first)); err != nil {
 		t.Fatal(err)
@@ -1041,11 +1042,22 @@ func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
 	if !serves(r.ms[0], last) {
 		t.Error("a certificate without a store revision replaced the store's")
 	}
+	// A write that waited for a retry (the store was out of reach) is
+	// not made over a certificate issued after it.
+	older := selfSigned(t, name, key, "older", now.Add(-3*time.Minute), now.Add(90*24*time.Hour))
+	if err := r.ms[0].cache.Put(ctx, k.cacheKey(), pemCert(t, older)); err != nil {
+		t.Fatal(err)
+	}
 	data, err := r.store.Open().Get(ctx, k.cacheKey())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c, err := parseCert(k, data, time.Now()); err != nil || !c.Leaf.Equal(last.Leaf) {
-		t.Errorf("the store holds %v (%v), want the last written", c, err)
+	if c, err := parseCert(k, data, time.Now()); err != nil {
+		t.Error(err)
+	} else if !c.Leaf.Equal(last.Leaf) {
+		t.Errorf("the store holds %v, want the last written", c.Leaf.Subject)
+	}
+	if !serves(r.ms[0], last) {
+		t.Error("the replica serves a certificate older than the store's")
 	}
 }
