@@ -28,6 +28,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
 	"github.com/certmgr/certmgr/internal/leakcheck"
 )
 
@@ -381,16 +382,6 @@ type member struct {
 	e   *embed.Etcd
 }
 
-func loopbackURL(t *testing.T) url.URL {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return url.URL{Scheme: "http", Host: l.Addr().String()}
-}
-
 func (m *member) start() error {
 	e, err := embed.StartEtcd(m.cfg)
 	if err != nil {
@@ -454,7 +445,7 @@ func startCampaign(t *testing.T) *campaign {
 		cfg.Dir = t.TempDir()
 		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 		cfg.UnsafeNoFsync = true
-		cu, pu := loopbackURL(t), loopbackURL(t)
+		cu, pu := etcdtest.FreeURL(t), etcdtest.FreeURL(t)
 		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 		cfg.InitialClusterToken = "campaign"

@@ -3,6 +3,8 @@
 package etcdtest
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"sync"
@@ -20,15 +22,32 @@ type Server struct {
 	e   *embed.Etcd
 }
 
-// freeURL returns an http URL on a loopback port that is free now.
-func freeURL(t testing.TB) url.URL {
+// freeURL returns an http URL on a port of the loopback address host
+// that is free now.
+func freeURL(t testing.TB, host string) url.URL {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
 	return url.URL{Scheme: "http", Host: l.Addr().String()}
+}
+
+// FreeURL returns an http URL on a free port of an address of
+// 127.0.0.0/8 of its own (see loopbackHost), for an etcd member that
+// is stopped and started again on it.
+func FreeURL(t testing.TB) url.URL {
+	t.Helper()
+	return freeURL(t, loopbackHost())
+}
+
+// loopbackHost returns a random address of 127.0.0.0/8 other than
+// 127.0.0.1, for one server: its ports, free again while it is stopped,
+// are not taken meanwhile by the listeners other tests open on
+// 127.0.0.1, so that it starts again on them.
+func loopbackHost() string {
+	return fmt.Sprintf("127.%d.%d.%d", 1+rand.IntN(254), rand.IntN(256), 1+rand.IntN(254))
 }
 
 // Start starts an etcd server with its data in a temporary directory,
@@ -40,7 +59,8 @@ func Start(t testing.TB) *Server {
 	cfg.Dir = t.TempDir()
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	cfg.UnsafeNoFsync = true
-	cu, pu := freeURL(t), freeURL(t)
+	host := loopbackHost()
+	cu, pu := freeURL(t, host), freeURL(t, host)
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 	cfg.InitialCluster = cfg.Name + "=" + pu.String()
