@@ -74,6 +74,7 @@ type observation struct {
 	rateLimited bool      // the CA answered rateLimited
 	retryAfter  time.Time // the CA's Retry-After, if any
 	refused     bool      // a 4xx other than badNonce: the request failed for good
+	unavailable bool      // a 5xx: acme.Client may send the request again, or give up
 	transport   bool      // the request got no answer
 }
 
@@ -190,6 +191,8 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 			return observation{reservation: owner.reservation, orderFailed: newOrder}
 		case res.StatusCode < 500:
 			ob.refused = true
+		default:
+			ob.unavailable = true
 		}
 		return ob
 	}

@@ -24,6 +24,10 @@ import (
 // domain certmgr no longer tracks, or of an autocert.Manager it replaced
 // (whose renewal timer lives on), is refused.
 func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
+	if err := m.waitForOrderInFlight(req, name); err != nil {
+		m.refused(err)
+		return "", err
+	}
 	now := m.now()
 	var renewal *attempt
 	m.stateMu.Lock()
@@ -32,9 +36,12 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	if err == nil && d.attempt == nil {
 		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name)}
 		// Every attempt ends: a renewal that hears nothing more (autocert
-		// gave up without another request) ends here.
+		// gave up without another request) ends here, after
+		// renewalMaxAge, or renewalQuiet after the CA's last answer was a
+		// 5xx (see observed).
+		renewal.timerEnd = time.Now().Add(m.hooks.renewalMaxAge) // the timer's clock, not m.now
 		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
-			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: renewal gave no outcome within %v", name, m.hooks.renewalMaxAge))
+			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: the renewal ended without an outcome", name))
 		})
 		d.attempt = renewal
 	}
@@ -90,6 +97,7 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		m.orders = append(m.orders, now)
 		if d.attempt != nil {
 			fence, lost = d.attempt.fence, d.attempt.lost
+			d.attempt.open = id
 		}
 	}
 	m.stateMu.Unlock()
@@ -107,6 +115,9 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		if err != nil {
 			m.stateMu.Lock()
 			d.fail.settle(id, false)
+			if d.attempt != nil && d.attempt.open == id {
+				d.attempt.open = ""
+			}
 			m.stateMu.Unlock()
 		}
 	}
@@ -119,6 +130,51 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 	}
 	m.saveState() // the reservation is stored before the order goes out
 	return id, nil
+}
+
+// orderWait bounds how long an order waits for the attempt whose order
+// is in flight to end (see waitForOrderInFlight).
+const orderWait = 30 * time.Second
+
+// waitForOrderInFlight waits while an attempt of name has an order in
+// flight, for at most orderWait. autocert orders one certificate after
+// another within an attempt: an order that comes meanwhile is the other
+// key type's, or one that autocert's renewal timer made as the attempt
+// obtained the certificate, by the same autocert.Manager. Were it
+// admitted into the attempt, it would outlive it, and go on after the
+// attempt released the domain's lock, while another replica may order.
+// Once the attempt ended, the order is admitted as any other (a renewal,
+// with the lock of its own). It returns an error wrapping ErrBackoff if
+// the attempt did not end in time; autocert then tries again later.
+func (m *Manager) waitForOrderInFlight(req *http.Request, name string) error {
+	var deadline <-chan time.Time
+	for {
+		m.stateMu.Lock()
+		d := m.domains[name]
+		var done chan struct{}
+		if d != nil && d.attempt != nil && d.attempt.open != "" {
+			done = d.attempt.done
+		}
+		m.stateMu.Unlock()
+		if done == nil {
+			return nil
+		}
+		if deadline == nil {
+			m.waitedOrders.Add(1)
+			t := time.NewTimer(orderWait)
+			defer t.Stop()
+			deadline = t.C
+		}
+		select {
+		case <-done:
+		case <-deadline:
+			return fmt.Errorf("%w: %s: another order of the domain is in flight", ErrBackoff, name)
+		case <-req.Context().Done():
+			return req.Context().Err()
+		case <-m.ctx.Done():
+			return errClosed
+		}
+	}
 }
 
 // checkOrderLocked returns why d (the domain of name, or nil) may not
@@ -145,6 +201,9 @@ func (m *Manager) checkOrderLocked(req *http.Request, d *domain, name string, no
 		// finds none left to try: that order would only reserve the
 		// budget and count against the CA's order limit.
 		return fmt.Errorf("certmgr: %s: every challenge type failed in this attempt", name)
+	case d.attempt != nil && d.attempt.open != "":
+		// Another order began since waitForOrderInFlight looked.
+		return fmt.Errorf("%w: %s: another order of the domain is in flight", ErrBackoff, name)
 	case d.attempt != nil:
 		return nil // an order of the attempt in flight; checkOrderBudgetLocked decides
 	}
@@ -213,7 +272,22 @@ func (m *Manager) observed(name string, ob observation) {
 		}
 		a.rateLimited = a.rateLimited || ob.rateLimited
 		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
+		if ob.reservation != "" && ob.reservation == a.open &&
+			(ob.orderFailed || ob.authzFailed || ob.refused || ob.transport || ob.rateLimited) {
+			a.open = "" // the order failed: autocert may order again
+		}
 		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
+		if a.path == PathRenewal && a.timer != nil && !end {
+			// After a 5xx, acme.Client tries the request again within
+			// seconds, or autocert gives up and says nothing more: the
+			// renewal (and the domain's cluster lock) is not held for
+			// renewalMaxAge then. Any other answer restores that bound.
+			if ob.unavailable {
+				a.timer.Reset(m.hooks.renewalQuiet)
+			} else {
+				a.timer.Reset(time.Until(a.timerEnd))
+			}
+		}
 	}
 	problem, fence, lost := "", "", (<-chan struct{})(nil)
 	if a != nil {

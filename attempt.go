@@ -32,14 +32,20 @@ type attempt struct {
 	cert *tls.Certificate
 	err  error
 
-	timer  *time.Timer          // a renewal's deadline; nil for other attempts
-	since  [2]*x509.Certificate // a renewal's: the certificates served as it began (ECDSA, RSA)
-	am     *autocert.Manager    // a PathRenewalInfo attempt's own autocert.Manager, once made
-	fence  string               // the hold of the domain's cluster lock; "" without one
-	lost   <-chan struct{}      // closed if the domain's cluster lock is lost; nil without one
-	unlock func()               // releases the domain's cluster lock; nil without one
+	timer    *time.Timer          // a renewal's deadline; nil for other attempts
+	timerEnd time.Time            // when timer fires unless a 5xx moved it closer (time.Now's clock)
+	since    [2]*x509.Certificate // a renewal's: the certificates served as it began (ECDSA, RSA)
+	am       *autocert.Manager    // a PathRenewalInfo attempt's own autocert.Manager, once made
+	fence    string               // the hold of the domain's cluster lock; "" without one
+	lost     <-chan struct{}      // closed if the domain's cluster lock is lost; nil without one
+	unlock   func()               // releases the domain's cluster lock; nil without one
 
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
+	// open is the reservation of the attempt's order in flight, if any:
+	// from its admission (admitOrder) until the CA failed it, refused it
+	// or did not answer (observed), or its certificate was stored
+	// (certStored). An attempt has one order in flight at a time.
+	open        string
 	orders      int
 	authzFailed int
 	problem     string

@@ -71,6 +71,8 @@ type Config struct {
 	// per domain in any rolling hour; an attempt counts one per challenge
 	// type autocert may try (two when HTTPHandler is in use). If zero, 4:
 	// one less than Let's Encrypt's limit of 5, so the operator keeps one.
+	// Each is counted for 62 minutes, so that replicas whose clocks differ
+	// by up to 2 minutes never free the CA's hour early.
 	AuthzBudget int
 
 	// DNS configures the pre-check made before every ACME attempt: the
@@ -115,6 +117,7 @@ type testHooks struct {
 	dnsCheckTimeout time.Duration    // one whole pre-check; if zero, 15 s
 	maxInFlight     int              // concurrent attempts; if zero, 64
 	renewalMaxAge   time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
+	renewalQuiet    time.Duration    // a renewal silent this long after a 5xx failed; if zero, 30 s
 	// The bounds of the interval between two polls of a certificate's
 	// renewal information; if zero, 1 min and 24 h (RFC 9773).
 	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
@@ -134,6 +137,7 @@ func (h testHooks) withDefaults() testHooks {
 	h.dnsCheckTimeout = cmp.Or(h.dnsCheckTimeout, 15*time.Second)
 	h.maxInFlight = cmp.Or(h.maxInFlight, 64)
 	h.renewalMaxAge = cmp.Or(h.renewalMaxAge, 15*time.Minute)
+	h.renewalQuiet = cmp.Or(h.renewalQuiet, 30*time.Second)
 	h.renewalInfoMinPoll = cmp.Or(h.renewalInfoMinPoll, renewalInfoMinPoll)
 	h.renewalInfoMaxPoll = cmp.Or(h.renewalInfoMaxPoll, renewalInfoMaxPoll)
 	h.requestTimeout = cmp.Or(h.requestTimeout, 30*time.Second)
@@ -231,6 +235,7 @@ type Manager struct {
 	once   sync.Once
 
 	refusedOrders atomic.Int64 // orders refused locally (for tests)
+	waitedOrders  atomic.Int64 // orders that waited for another order in flight (for tests)
 }
 
 // New returns a Manager for cfg. It reads the persisted failure cache, so

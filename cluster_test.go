@@ -1061,3 +1061,145 @@ func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
 		t.Error("the replica serves a certificate older than the store's")
 	}
 }
+
+// TestCertificateDeletedFromTheStoreStaysServed: a certificate deleted
+// from the store (by an operator, or a store that lost it) stays served by
+// every replica until it is replaced, and no replica orders on that
+// account, also at a handshake on a replica that never read it; a valid
+// certificate is never dropped for a store event. Revocation goes through
+// the CA, whose renewal information has it replaced.
+func TestCertificateDeletedFromTheStoreStaysServed(t *testing.T) {
+	t.Parallel()
+	const name = "deleted.test"
+	r := startReplicas(t, 2, name)
+	if err := r.ms[0].Provision(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	k := certKey{domain: name}
+	waitFor(t, 5*time.Second, "the other replica to serve it", func() bool { return r.ms[1].servedCert(k) != nil })
+	want := r.ms[0].servedCert(k).Leaf.SerialNumber.String()
+	if err := r.store.Open().Delete(context.Background(), k.cacheKey()); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 { // round robin: each replica twice
+		cs, err := r.ca.Handshake(context.Background(), name)
+		if err != nil {
+			t.Fatalf("handshake %d: %v", i, err)
+		}
+		if got := cs.PeerCertificates[0].SerialNumber.String(); got != want {
+			t.Errorf("handshake %d got serial %s, want the deleted certificate's %s", i, got, want)
+		}
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders, want the first one only", n)
+	}
+}
+
+// TestOneOrderAtATimePerAttempt: while an attempt's order is in flight
+// (held at its finalization), an order of the domain's other key type by
+// the same autocert.Manager (its RSA renewal timer, say) waits, and is
+// not admitted into the attempt: it would outlive the attempt, and go on
+// after the attempt released the domain's cluster lock, while another
+// replica may order. Once the attempt ended, it is made under a lock of
+// its own.
+func TestOneOrderAtATimePerAttempt(t *testing.T) {
+	t.Parallel()
+	const name = "two-keys.test"
+	r := startReplicas(t, 1, name)
+	m := r.ms[0]
+	remove := r.ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassFinalize, Identifier: name, Hold: true})
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			remove()
+			r.ca.Proxy.Release()
+		}
+	}
+	defer release()
+	provisioned := make(chan error, 1)
+	go func() { provisioned <- m.Provision(context.Background(), name) }()
+	waitFor(t, 10*time.Second, "the first order's finalization to be held", func() bool {
+		return r.ca.Proxy.Requests(certmgrtest.ClassFinalize) > 0
+	})
+	m.stateMu.Lock()
+	am := m.domains[name].am
+	m.stateMu.Unlock()
+	rsa := make(chan *tls.Certificate, 1)
+	go func() {
+		c, err := am.GetCertificate(syntheticHello(certKey{domain: name, rsa: true}))
+		if err != nil {
+			t.Errorf("the RSA certificate: %v", err)
+		}
+		rsa <- c
+	}()
+	waitFor(t, 10*time.Second, "the RSA order to wait, or be made", func() bool {
+		return m.waitedOrders.Load() > 0 || r.ca.Proxy.Counts(name).Orders > 1
+	})
+	if n := r.ca.Proxy.Counts(name).Orders; n != 1 {
+		t.Errorf("%d orders while the attempt's order was in flight, want 1", n)
+	}
+	release()
+	if err := <-provisioned; err != nil {
+		t.Fatal(err)
+	}
+	if c := <-rsa; c != nil && !isRSA(c) {
+		t.Error("the RSA order got an ECDSA certificate")
+	}
+	if n := r.ca.Proxy.Counts(name).Orders; n != 2 {
+		t.Errorf("%d orders in all, want 2", n)
+	}
+	if st := m.Status(name); st.State != StateValid || st.Failures != 0 {
+		t.Errorf("Status %+v, want valid with no failure", st)
+	}
+}
+
+// TestRenewalEndsSoonAfterTheCAFails: a renewal by autocert's timer whose
+// new order the CA answers with 503 every time ends once acme.Client
+// stopped trying, and releases the domain's cluster lock then, not after
+// renewalMaxAge (15 minutes) with no outcome; its failure carries the
+// CA's detail.
+func TestRenewalEndsSoonAfterTheCAFails(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	const name = "renew-503.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	now := time.Now()
+	old := selfSigned(t, name, ecKey(t), "old", now.Add(-80*24*time.Hour), now.Add(10*24*time.Hour)) // due: renewed at once
+	if err := store.Open().Put(context.Background(), name, pemCert(t, old)); err != nil {
+		t.Fatal(err)
+	}
+	ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Identifier: name, Status: http.StatusServiceUnavailable, Detail: "down for maintenance"})
+	logs := &testsupport.Buffer{}
+	defer func() {
+		if t.Failed() {
+			t.Log(logs.String())
+		}
+	}()
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Logger:   newTestLogger(logs),
+		hooks:    testHooks{renewalQuiet: 2 * time.Second}, // longer than acme.Client's retries (1.2 s)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if c, err := m.GetCertificate(syntheticHello(certKey{domain: name})); err != nil || !c.Leaf.Equal(old.Leaf) {
+		t.Fatalf("GetCertificate: %v, want the stored certificate", err)
+	}
+	waitFor(t, 10*time.Second, "the renewal's new orders", func() bool { return ca.Proxy.Requests(certmgrtest.ClassNewOrder) >= 4 })
+	waitFor(t, 10*time.Second, "the renewal to end", func() bool { return m.Status(name).Failures > 0 })
+	if st := m.Status(name); st.LastError == nil || !strings.Contains(st.LastError.Error(), "down for maintenance") {
+		t.Errorf("the renewal's failure: %v, want the CA's detail", st.LastError)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_, _, unlock, err := store.Open().Lock(ctx, lockName(name))
+	if err != nil {
+		t.Fatalf("the domain's lock after the renewal ended: %v", err)
+	}
+	unlock()
+}

@@ -183,9 +183,19 @@ func (m *Manager) sweepLoop() {
 // Coordinator, from the store, if nobody wrote them since this replica
 // saw them. Records would otherwise be kept for good, on every replica
 // and in the store, for every name ever made to fail. A record another
-// replica still uses is written again by its next outcome.
+// replica still uses is written again by its next outcome. It also drops
+// the expired certificates from the served table, where those the
+// store's watch served would otherwise stay, never served again.
 func (m *Manager) sweepRecords() {
 	now := m.now()
+	m.servedMu.Lock()
+	for k, c := range m.served {
+		if !now.Before(c.Leaf.NotAfter) {
+			delete(m.served, k)
+			delete(m.servedRev, k)
+		}
+	}
+	m.servedMu.Unlock()
 	drop := make(map[string]int64)
 	m.stateMu.Lock()
 	for name, f := range m.dormant {

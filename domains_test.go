@@ -96,6 +96,34 @@ func TestEvictedDomainTakesItsCertificates(t *testing.T) {
 	}
 }
 
+// TestSweepDropsExpiredCertificates: a certificate served without a
+// domain (the store's watch serves every replica every certificate)
+// leaves the served table at the sweep after it expired; a valid one
+// stays.
+func TestSweepDropsExpiredCertificates(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	now := clock.Now()
+	short := selfSigned(t, "short.test", ecKey(t), "test", now.Add(-time.Hour), now.Add(time.Hour))
+	long := selfSigned(t, "long.test", ecKey(t), "test", now.Add(-time.Hour), now.Add(90*24*time.Hour))
+	m.serveAt(certKey{domain: "short.test"}, short, 7) // as the watch serves it
+	m.serveAt(certKey{domain: "long.test"}, long, 8)
+	served := func() (n, revs int) {
+		m.servedMu.RLock()
+		defer m.servedMu.RUnlock()
+		return len(m.served), len(m.servedRev)
+	}
+	m.sweepRecords()
+	if n, revs := served(); n != 2 || revs != 2 {
+		t.Fatalf("%d certificates (%d revisions) served after a sweep before any expired, want 2", n, revs)
+	}
+	clock.Advance(2 * time.Hour)
+	m.sweepRecords()
+	if n, revs := served(); n != 1 || revs != 1 || m.servedCert(certKey{domain: "long.test"}) != long {
+		t.Errorf("%d certificates (%d revisions) served after the sweep, want only the valid one", n, revs)
+	}
+}
+
 // TestGateSaysWhy: checkAttemptLocked lets an attempt start, or says what it
 // waits for: the schedule, the budget, the Cache or DNS.
 func TestGateSaysWhy(t *testing.T) {
@@ -120,7 +148,7 @@ func TestGateSaysWhy(t *testing.T) {
 		{"due", domain{fail: failureRecord{Failures: 1, NextAttempt: now}}, "", nil},
 		{"backoff", domain{fail: failureRecord{Failures: 2, LastError: "refused", NextAttempt: now.Add(time.Minute)}},
 			"next attempt at 2026-01-01T00:01:00Z after 2 failure(s): refused", ErrBackoff},
-		{"budget", domain{fail: failureRecord{Spends: spends(4)}}, "budget spent until 2026-01-01T00:56:00Z", ErrBackoff},
+		{"budget", domain{fail: failureRecord{Spends: spends(4)}}, "budget spent until 2026-01-01T00:58:00Z", ErrBackoff}, // the first of 4 spends, 4 min ago, and budgetWindow
 		{"budget left", domain{fail: failureRecord{Spends: spends(3)}}, "", nil},
 		{"cache", domain{localNext: now.Add(time.Second)}, "the cache could not be read", ErrBackoff},
 		{"dns", domain{dnsErr: errDNS, dnsNext: now.Add(time.Second)}, errDNS.Error(), ErrDNSNotReady},

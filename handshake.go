@@ -214,8 +214,11 @@ func (m *Manager) certStored(key string, data []byte, rev int64) {
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
 	var a *attempt
-	if d != nil && d.attempt != nil && d.attempt.path == PathRenewal {
-		a = d.attempt
+	if d != nil && d.attempt != nil {
+		d.attempt.open = "" // its order ended with this certificate
+		if d.attempt.path == PathRenewal {
+			a = d.attempt
+		}
 	}
 	m.stateMu.Unlock()
 	if a != nil {

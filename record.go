@@ -234,9 +234,17 @@ func maxTime(a, b time.Time) time.Time {
 	return a
 }
 
-// budgetWindow is the rolling window of the failed-authorization budget,
-// the window of Let's Encrypt's "failed validations" limit.
-const budgetWindow = time.Hour
+// budgetWindow is the rolling window of the failed-authorization budget:
+// the hour of Let's Encrypt's "failed validations" limit, and maxClockSkew
+// more. A spend is dated with the clock of the replica that wrote it (or
+// re-dated to the now of one whose clock is behind: see prune), so a
+// replica whose clock is ahead sees it older than it is: with the margin,
+// it still counts it for the CA's whole hour.
+const budgetWindow = time.Hour + maxClockSkew
+
+// maxClockSkew is how far apart the clocks of replicas may be without
+// letting one of them free the budget's window before the CA does.
+const maxClockSkew = 2 * time.Minute
 
 // maxRetryAfter bounds how far ahead a CA's Retry-After is obeyed. Let's
 // Encrypt's longest rate-limit window is a week.

@@ -7,18 +7,42 @@ import (
 )
 
 // TestBudgetFree: the budget frees up as the oldest spends leave the
-// rolling hour.
+// rolling window.
 func TestBudgetFree(t *testing.T) {
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	f := failureRecord{Spends: []spend{{At: t0, Authz: 2}, {At: t0.Add(time.Minute), Authz: 2}}}
-	if got := f.budgetFree(t0.Add(2*time.Minute), 1, 4); !got.Equal(t0.Add(time.Hour)) {
-		t.Errorf("budgetFree = %v, want when the first spend leaves the window (%v)", got, t0.Add(time.Hour))
+	if got := f.budgetFree(t0.Add(2*time.Minute), 1, 4); !got.Equal(t0.Add(budgetWindow)) {
+		t.Errorf("budgetFree = %v, want when the first spend leaves the window (%v)", got, t0.Add(budgetWindow))
 	}
-	if got := f.budgetFree(t0.Add(2*time.Minute), 2, 4); !got.Equal(t0.Add(time.Hour)) {
-		t.Errorf("budgetFree(cost 2) = %v, want %v", got, t0.Add(time.Hour))
+	if got := f.budgetFree(t0.Add(2*time.Minute), 2, 4); !got.Equal(t0.Add(budgetWindow)) {
+		t.Errorf("budgetFree(cost 2) = %v, want %v", got, t0.Add(budgetWindow))
 	}
 	if got := f.budgetFree(t0.Add(3*time.Hour), 2, 4); !got.Equal(t0.Add(3 * time.Hour)) {
 		t.Errorf("budgetFree after the window = %v, want now", got)
+	}
+}
+
+// TestBudgetHoldsAcrossSkewedClocks: a replica whose clock is ahead of
+// the others' by up to maxClockSkew does not free the budget before the
+// CA's hour has passed, whether it reads spends dated by a replica with a
+// slower clock, or its own spends re-dated by one (prune dates none after
+// its now).
+func TestBudgetHoldsAcrossSkewedClocks(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC) // true time of the spends
+	ahead := func(true time.Time) time.Time { return true.Add(maxClockSkew) }
+	lastSecond := t0.Add(time.Hour - time.Second) // still inside the CA's hour
+
+	slow := failureRecord{Spends: []spend{{At: t0, Authz: 4}}} // written by a replica with the right time
+	if got := slow.budgetFree(ahead(lastSecond), 1, 4); !got.After(ahead(lastSecond)) {
+		t.Errorf("a replica ahead by %v frees the budget at %v, inside the CA's hour", maxClockSkew, got)
+	}
+	redated := failureRecord{Spends: []spend{{At: ahead(t0), Authz: 4}}} // its own, written ahead
+	redated.prune(t0)                                                    // by a replica with the right time
+	if got := redated.budgetFree(ahead(lastSecond), 1, 4); !got.After(ahead(lastSecond)) {
+		t.Errorf("a replica ahead by %v frees its re-dated spends at %v, inside the CA's hour", maxClockSkew, got)
+	}
+	if got := slow.budgetFree(ahead(t0.Add(time.Hour)), 1, 4); got.After(ahead(t0.Add(time.Hour))) {
+		t.Errorf("the budget is not free once the CA's hour passed, on the replica ahead: free at %v", got)
 	}
 }
 
@@ -61,7 +85,7 @@ func TestFailureRecordFail(t *testing.T) {
 		f.settle(id, true)
 	}
 	f.fail(t0.Add(4*time.Minute), "three", 2, 4, b, time.Time{}, 0)
-	if want := t0.Add(61 * time.Minute); !f.NextAttempt.Equal(want) {
+	if want := t0.Add(time.Minute + budgetWindow); !f.NextAttempt.Equal(want) {
 		t.Errorf("NextAttempt %v, want %v when the budget can pay", f.NextAttempt, want)
 	}
 	var g failureRecord
