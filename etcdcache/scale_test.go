@@ -309,15 +309,35 @@ func liveHeap() int64 {
 }
 
 // waitPolled waits until the CA has answered the renewal information of
-// want certificates, as counted by polled (see scaleReplica).
+// want certificates, as counted by polled (see scaleReplica), for at most
+// 10 minutes: 8 polls in flight, each a read and two writes of the shared
+// poll (certmgr+ari+) besides the CA's answer.
 func waitPolled(t *testing.T, polled *atomic.Int64, want int) {
 	t.Helper()
-	deadline := time.Now().Add(2 * time.Minute)
+	deadline := time.Now().Add(10 * time.Minute)
 	for polled.Load() < int64(want) {
 		if time.Now().After(deadline) {
-			t.Fatalf("renewal information answered for %d certificates within 2 minutes; want %d", polled.Load(), want)
+			t.Fatalf("renewal information answered for %d certificates within 10 minutes; want %d", polled.Load(), want)
 		}
 		time.Sleep(50 * time.Millisecond) // polling with a deadline
+	}
+}
+
+// waitQuiet waits until kv has seen no request for 2 s, for at most a
+// minute: the writes of the shared polls the CA answered last are done,
+// and what follows counts the handshakes' requests alone.
+func waitQuiet(t *testing.T, kv *countingKV) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	last, since := kv.n.Load(), time.Now()
+	for time.Since(since) < 2*time.Second {
+		if time.Now().After(deadline) {
+			t.Fatalf("the store still gets requests a minute after the last poll was answered (%d in all)", kv.n.Load())
+		}
+		time.Sleep(100 * time.Millisecond) // polling with a deadline
+		if n := kv.n.Load(); n != last {
+			last, since = n, time.Now()
+		}
 	}
 }
 
@@ -646,6 +666,7 @@ func TestScale(t *testing.T) {
 		"renewal information answered for %d certificates by then, for all %d after %v; live heap %d -> %d B: %.0f B per served domain",
 		n, loadTime.Round(time.Millisecond), loadReqs, float64(loadReqs)/float64(n), polledThen, n,
 		polledTime.Round(time.Millisecond), heap0, heap1, served)
+	waitQuiet(t, kv)
 	reqs0 = kv.n.Load()
 	for i := range n {
 		if _, err := m.GetCertificate(testsupport.Hello(scaleName(i))); err != nil {
