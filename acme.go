@@ -74,7 +74,9 @@ type observation struct {
 	rateLimited bool      // the CA answered rateLimited
 	retryAfter  time.Time // the CA's Retry-After, if any
 	refused     bool      // a 4xx other than badNonce: the request failed for good
-	unavailable bool      // a 5xx: acme.Client may send the request again, or give up
+	unavailable bool      // a 5xx or badNonce: acme.Client may send the request again, or give up
+	ended       bool      // the order can go no further: it, or an authorization, is invalid, expired, deactivated or revoked
+	answered    bool      // any other answer about the order (pending, processing, the certificate)
 	transport   bool      // the request got no answer
 }
 
@@ -188,7 +190,7 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 			ob.rateLimited = true
 		case strings.HasSuffix(strings.ToLower(p.Type), ":badnonce"):
 			// acme.Client sends the request again: nothing failed yet.
-			return observation{reservation: owner.reservation, orderFailed: newOrder}
+			return observation{reservation: owner.reservation, orderFailed: newOrder, unavailable: true}
 		case res.StatusCode < 500:
 			ob.refused = true
 		default:
@@ -230,7 +232,7 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 		return ob
 	case r.Challenges == nil:
 		o.track(owner, false, []string{r.Certificate}) // an order: its certificate, once issued
-		return observation{}
+		return observation{reservation: owner.reservation, answered: true, ended: r.Status == "invalid"}
 	}
 	// An authorization.
 	urls := make([]string, 0, len(r.Challenges))
@@ -248,8 +250,10 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 				ob.problem = c.Error.Detail
 			}
 		}
+	case "expired", "deactivated", "revoked":
+		ob.ended = true
 	default:
-		return observation{}
+		ob.answered = true
 	}
 	return ob
 }

@@ -29,17 +29,22 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 		return "", err
 	}
 	now := m.now()
+	id := m.reservationID()
 	var renewal *attempt
 	m.stateMu.Lock()
 	d := m.domains[name]
 	err := m.checkOrderLocked(req, d, name, now)
+	if err == nil && d.attempt != nil {
+		d.attempt.open = id // from here on, the attempt's order in flight
+	}
 	if err == nil && d.attempt == nil {
-		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name)}
+		renewal = &attempt{path: PathRenewal, start: now, done: make(chan struct{}), since: m.issuedLocked(name), open: id}
 		// Every attempt ends: a renewal that hears nothing more (autocert
 		// gave up without another request) ends here, after
 		// renewalMaxAge, or renewalQuiet after the CA's last answer was a
 		// 5xx (see observed).
 		renewal.timerEnd = time.Now().Add(m.hooks.renewalMaxAge) // the timer's clock, not m.now
+		renewal.timerAt = renewal.timerEnd
 		renewal.timer = time.AfterFunc(m.hooks.renewalMaxAge, func() {
 			m.finish(d, renewal, nil, fmt.Errorf("certmgr: %s: the renewal ended without an outcome", name))
 		})
@@ -83,21 +88,24 @@ func (m *Manager) admitOrder(req *http.Request, name string) (string, error) {
 			return "", err
 		}
 	}
-	id := m.reservationID()
 	fence, lost := "", (<-chan struct{})(nil)
 	m.stateMu.Lock()
-	if m.closed.Load() {
+	switch {
+	case m.closed.Load():
 		// Close began after the transport let the request through:
 		// the order would be cut, and its reservation is not stored.
 		err = errClosed
-	} else if m.domains[name] != d {
+	case m.domains[name] != d:
 		err = fmt.Errorf("certmgr: refusing an order for unknown domain %q", name)
-	} else if err = m.checkOrderBudgetLocked(d, now); err == nil {
-		d.fail.reserve(now, id)
-		m.orders = append(m.orders, now)
-		if d.attempt != nil {
+	case d.attempt == nil || d.attempt.open != id:
+		err = fmt.Errorf("%w: %s: the order's attempt ended", ErrBackoff, name)
+	default:
+		if err = m.checkOrderBudgetLocked(d, now); err == nil {
+			d.fail.reserve(now, id)
+			m.orders = append(m.orders, now)
 			fence, lost = d.attempt.fence, d.attempt.lost
-			d.attempt.open = id
+		} else {
+			d.attempt.open = ""
 		}
 	}
 	m.stateMu.Unlock()
@@ -273,8 +281,11 @@ func (m *Manager) observed(name string, ob observation) {
 		a.rateLimited = a.rateLimited || ob.rateLimited
 		a.retryAfter = maxTime(a.retryAfter, ob.retryAfter)
 		if ob.reservation != "" && ob.reservation == a.open &&
-			(ob.orderFailed || ob.authzFailed || ob.refused || ob.transport || ob.rateLimited) {
-			a.open = "" // the order failed: autocert may order again
+			(ob.orderFailed || ob.authzFailed || ob.refused || ob.transport || ob.rateLimited || ob.unavailable || ob.ended) {
+			// The order failed, or may have: autocert may order again. (A
+			// 5xx or badNonce that acme.Client then sends again leaves a
+			// moment when an order of another flow is admitted.)
+			a.open = ""
 		}
 		end = a.path == PathRenewal && (ob.rateLimited || ob.refused || ob.transport || a.authzFailed >= m.cost())
 		if a.path == PathRenewal && a.timer != nil && !end {
@@ -282,11 +293,11 @@ func (m *Manager) observed(name string, ob observation) {
 			// seconds, or autocert gives up and says nothing more: the
 			// renewal (and the domain's cluster lock) is not held for
 			// renewalMaxAge then. Any other answer restores that bound.
+			a.timerAt = a.timerEnd
 			if ob.unavailable {
-				a.timer.Reset(m.hooks.renewalQuiet)
-			} else {
-				a.timer.Reset(time.Until(a.timerEnd))
+				a.timerAt = minTime(time.Now().Add(m.hooks.renewalQuiet), a.timerEnd)
 			}
+			a.timer.Reset(time.Until(a.timerAt))
 		}
 	}
 	problem, fence, lost := "", "", (<-chan struct{})(nil)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/certmgr/certmgr/certmgrtest"
 	"golang.org/x/crypto/acme/autocert"
 )
 
@@ -185,5 +186,81 @@ func TestOrdersInsideAnAttemptKeepTheBudget(t *testing.T) {
 	stored := persistedAt(t, m.cache, clock.Now())["a.test"]
 	if got := stored.spentSince(clock.Now().Add(-budgetWindow), clock.Now()); got != 3 {
 		t.Errorf("persisted %+v, want the same 3", stored)
+	}
+}
+
+// TestRenewalQuietAfterA5xx: a renewal by autocert's timer whose request
+// the CA answered with a 5xx ends renewalQuiet later unless the CA answers
+// again (acme.Client sent it again); any answer about the order, a
+// pending poll included, restores renewalMaxAge from its start, and a 5xx
+// never moves its end past that.
+func TestRenewalQuietAfterA5xx(t *testing.T) {
+	m := newPureManager(t, newFakeClock(), func(c *Config) { c.hooks.renewalQuiet = time.Minute })
+	d, err := m.domainFor("a.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.am = m.newAutocert(nil, m.cache)
+	req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+	req = req.WithContext(context.WithValue(req.Context(), senderKey{}, d.am))
+	id, err := m.admitOrder(req, "a.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.stateMu.Lock()
+	a := d.attempt
+	end := a.timerEnd
+	m.stateMu.Unlock()
+	firesAt := func() time.Time {
+		m.stateMu.Lock()
+		defer m.stateMu.Unlock()
+		return a.timerAt
+	}
+	if !firesAt().Equal(end) {
+		t.Fatalf("a new renewal ends at %v, want its renewalMaxAge (%v)", firesAt(), end)
+	}
+	before := time.Now()
+	m.observed("a.test", observation{reservation: id, unavailable: true, problem: "Service Unavailable"})
+	if got := firesAt(); got.Before(before.Add(time.Minute)) || got.After(time.Now().Add(time.Minute)) {
+		t.Errorf("after a 5xx the renewal ends at %v, want renewalQuiet (a minute) from then", got)
+	}
+	m.observed("a.test", observation{reservation: id, answered: true}) // a pending poll
+	if got := firesAt(); !got.Equal(end) {
+		t.Errorf("after another answer the renewal ends at %v, want %v again", got, end)
+	}
+	m.stateMu.Lock()
+	a.timerEnd = time.Now().Add(time.Second) // its renewalMaxAge nearly over
+	m.stateMu.Unlock()
+	m.observed("a.test", observation{reservation: id, unavailable: true, problem: "Service Unavailable"})
+	if got := firesAt(); got.After(time.Now().Add(time.Second)) {
+		t.Errorf("a 5xx moved the renewal's end to %v, past its renewalMaxAge", got)
+	}
+	m.finish(d, a, nil, errors.New("done"))
+}
+
+// TestOrderAfterA5xxDoesNotWait: when the CA answers an order's challenge
+// with 503 until acme.Client gives up, autocert makes its next order in
+// the same attempt at once: the first order counts as ended, so the next
+// one does not wait for the attempt to end (its own), and the attempt
+// fails with the CA's detail.
+func TestOrderAfterA5xxDoesNotWait(t *testing.T) {
+	t.Parallel()
+	const name = "challenge-503.test"
+	e := newEnv(t, envOptions{names: []string{name}})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name,
+		Status: http.StatusServiceUnavailable, Detail: "validation is down", Times: 12})
+	m := e.start(t, nil)
+	err := m.Provision(context.Background(), name)
+	if err == nil || !strings.Contains(err.Error(), "validation is down") {
+		t.Errorf("Provision: %v, want the CA's 503 detail", err)
+	}
+	if n := m.waitedOrders.Load(); n != 0 {
+		t.Errorf("%d orders waited for an order in flight of their own attempt", n)
+	}
+	if n := e.Proxy.Counts(name).Orders; n < 2 {
+		t.Errorf("%d orders, want autocert's next order after the 503s", n)
+	}
+	if st := m.Status(name); st.Failures != 1 {
+		t.Errorf("Status %+v, want the CA's failure counted once", st)
 	}
 }

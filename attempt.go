@@ -34,6 +34,7 @@ type attempt struct {
 
 	timer    *time.Timer          // a renewal's deadline; nil for other attempts
 	timerEnd time.Time            // when timer fires unless a 5xx moved it closer (time.Now's clock)
+	timerAt  time.Time            // when timer fires now: timerEnd, or sooner after a 5xx
 	since    [2]*x509.Certificate // a renewal's: the certificates served as it began (ECDSA, RSA)
 	am       *autocert.Manager    // a PathRenewalInfo attempt's own autocert.Manager, once made
 	fence    string               // the hold of the domain's cluster lock; "" without one

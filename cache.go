@@ -120,7 +120,7 @@ func newCertCache(inner autocert.Cache, mgr cacheOwner) *certCache {
 	if inner == nil {
 		inner = &memCache{m: make(map[string][]byte)}
 	}
-	coord, _ := inner.(Coordinator)
+	coord := coordinatorOf(inner) // through a wrapper's Unwrap, as the Manager's
 	return &certCache{inner: inner, coord: coord, mgr: mgr, kick: make(chan struct{}, 1), pending: make(map[string][]byte), writers: make(map[string]*keyWriter)}
 }
 
@@ -248,7 +248,9 @@ func (c *certCache) put(ctx context.Context, key string, data []byte) error {
 const putTries = 8
 
 // putInner writes key to the inner Cache. A certificate key, if the inner
-// Cache is a Coordinator, is written by compare-and-swap on the revision
+// Cache is or wraps a Coordinator, is written to the Coordinator (the
+// store that its watch reads and its records live in) by compare-and-swap
+// on the revision
 // just read, whose new revision it returns: replicas serve the
 // certificate their store holds last, by revision (see serveAt). It is
 // not written over a certificate issued later (one a replica that held

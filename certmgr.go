@@ -117,7 +117,7 @@ type testHooks struct {
 	dnsCheckTimeout time.Duration    // one whole pre-check; if zero, 15 s
 	maxInFlight     int              // concurrent attempts; if zero, 64
 	renewalMaxAge   time.Duration    // a renewal with no outcome after this failed; if zero, 15 min
-	renewalQuiet    time.Duration    // a renewal silent this long after a 5xx failed; if zero, 30 s
+	renewalQuiet    time.Duration    // a renewal silent this long after a 5xx failed; if zero, requestTimeout and 15 s
 	// The bounds of the interval between two polls of a certificate's
 	// renewal information; if zero, 1 min and 24 h (RFC 9773).
 	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
@@ -137,10 +137,11 @@ func (h testHooks) withDefaults() testHooks {
 	h.dnsCheckTimeout = cmp.Or(h.dnsCheckTimeout, 15*time.Second)
 	h.maxInFlight = cmp.Or(h.maxInFlight, 64)
 	h.renewalMaxAge = cmp.Or(h.renewalMaxAge, 15*time.Minute)
-	h.renewalQuiet = cmp.Or(h.renewalQuiet, 30*time.Second)
 	h.renewalInfoMinPoll = cmp.Or(h.renewalInfoMinPoll, renewalInfoMinPoll)
 	h.renewalInfoMaxPoll = cmp.Or(h.renewalInfoMaxPoll, renewalInfoMaxPoll)
 	h.requestTimeout = cmp.Or(h.requestTimeout, 30*time.Second)
+	// Longer than a request acme.Client sends again after a 5xx may take.
+	h.renewalQuiet = cmp.Or(h.renewalQuiet, h.requestTimeout+15*time.Second)
 	return h
 }
 

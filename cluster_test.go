@@ -42,6 +42,19 @@ type replicas struct {
 // startReplicas starts n Managers allowing names on one store, concurrently.
 func startReplicas(t *testing.T, n int, names ...string) *replicas {
 	t.Helper()
+	return startWrappedReplicas(t, n, nil, names...)
+}
+
+// unwrapCache wraps a Cache, and is no Coordinator itself: certmgr finds
+// the one it wraps through Unwrap.
+type unwrapCache struct{ autocert.Cache }
+
+func (c unwrapCache) Unwrap() autocert.Cache { return c.Cache }
+
+// startWrappedReplicas is startReplicas with each replica's Cache wrapped
+// by wrap, if not nil.
+func startWrappedReplicas(t *testing.T, n int, wrap func(autocert.Cache) autocert.Cache, names ...string) *replicas {
+	t.Helper()
 	checkLeaks(t)
 	r := &replicas{ca: certmgrtest.Start(t, certmgrtest.Options{}), store: certmgrtest.NewMemoryStore()}
 	for _, name := range names {
@@ -52,8 +65,12 @@ func startReplicas(t *testing.T, n int, names ...string) *replicas {
 	errs := make([]error, n)
 	for i := range n {
 		wg.Go(func() {
+			var cache autocert.Cache = r.store.Open()
+			if wrap != nil {
+				cache = wrap(cache)
+			}
 			r.ms[i], errs[i] = New(Config{
-				Autocert: &autocert.Manager{Cache: r.store.Open(), Client: r.ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
+				Autocert: &autocert.Manager{Cache: cache, Client: r.ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
 				Logger:   newTestLogger(&testsupport.Buffer{}),
 			})
 		})
@@ -1013,8 +1030,16 @@ func TestStaleRecordsAreDropped(t *testing.T) {
 // certificates.
 func TestReplicasServeTheStoresLastCertificate(t *testing.T) {
 	t.Parallel()
+	t.Run("coordinator", func(t *testing.T) { t.Parallel(); testServeTheStoresLast(t, nil) })
+	t.Run("wrapped", func(t *testing.T) { // a Cache that wraps the Coordinator
+		t.Parallel()
+		testServeTheStoresLast(t, func(c autocert.Cache) autocert.Cache { return unwrapCache{c} })
+	})
+}
+
+func testServeTheStoresLast(t *testing.T, wrap func(autocert.Cache) autocert.Cache) {
 	const name = "last.test"
-	r := startReplicas(t, 2)
+	r := startWrappedReplicas(t, 2, wrap)
 	ctx := context.Background()
 	now := time.Now()
 	k := certKey{domain: name}
@@ -1202,4 +1227,96 @@ func TestRenewalEndsSoonAfterTheCAFails(t *testing.T) {
 		t.Fatalf("the domain's lock after the renewal ended: %v", err)
 	}
 	unlock()
+}
+
+// recordReadBlocks is a replica's store whose first read of key, once
+// armed, waits for release.
+type recordReadBlocks struct {
+	*certmgrtest.MemoryReplica
+	key     string
+	armed   atomic.Bool
+	once    sync.Once
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (b *recordReadBlocks) GetRevision(ctx context.Context, key string) ([]byte, int64, error) {
+	first := false
+	if key == b.key && b.armed.Load() {
+		b.once.Do(func() { first = true })
+	}
+	if first {
+		close(b.entered)
+		select {
+		case <-b.release:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		}
+	}
+	return b.MemoryReplica.GetRevision(ctx, key)
+}
+
+// TestRenewalHoldsItsOrderFromTheStart: an order autocert's timer makes
+// (the other key type's renewal) while a renewal is between its lock and
+// its reservation (reading the cluster's record) waits for that renewal,
+// and is not admitted into it.
+func TestRenewalHoldsItsOrderFromTheStart(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	const name = "setup.test"
+	store := &recordReadBlocks{MemoryReplica: certmgrtest.NewMemoryStore().Open(), key: recordPrefix + name,
+		entered: make(chan struct{}), release: make(chan struct{})}
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: store, HostPolicy: autocert.HostWhitelist(name)},
+		Logger:   newTestLogger(&testsupport.Buffer{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	d, err := m.domainFor(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	am := m.newAutocert(nil, m.cache)
+	m.stateMu.Lock()
+	d.am = am
+	m.stateMu.Unlock()
+	order := func() *http.Request {
+		req, _ := http.NewRequest("POST", "https://ca.invalid/new-order", nil)
+		return req.WithContext(context.WithValue(req.Context(), senderKey{}, am))
+	}
+	store.armed.Store(true)
+	type result struct {
+		id  string
+		err error
+	}
+	first, second := make(chan result, 1), make(chan result, 1)
+	go func() { id, err := m.admitOrder(order(), name); first <- result{id, err} }()
+	<-store.entered // the renewal holds the lock and reads the record
+	go func() { id, err := m.admitOrder(order(), name); second <- result{id, err} }()
+	var early result
+	waitFor(t, 5*time.Second, "the second order to wait, or be admitted", func() bool {
+		select {
+		case early = <-second:
+			return true
+		default:
+			return m.waitedOrders.Load() > 0
+		}
+	})
+	if early.id != "" || early.err != nil {
+		t.Errorf("the second order was answered (%q, %v) while the renewal set up its own", early.id, early.err)
+	}
+	close(store.release)
+	r := <-first
+	if r.err != nil {
+		t.Fatalf("the renewal's order: %v", r.err)
+	}
+	m.stateMu.Lock()
+	renewal := d.attempt
+	m.stateMu.Unlock()
+	m.finish(d, renewal, nil, errors.New("the CA failed it"))
+	if early.id == "" && early.err == nil {
+		<-second // admitted or refused as an attempt of its own, now that the renewal ended
+	}
 }

@@ -62,6 +62,9 @@ func (m *Manager) renewedElsewhere(ctx context.Context, name string, since [2]*x
 	}
 	cancel()
 	if err != nil {
+		if m.coord != nil && !errors.Is(err, autocert.ErrCacheMiss) {
+			m.cacheFailed("get", k.cacheKey(), err) // m.cache.Get reports its own
+		}
 		return false
 	}
 	c, err := parseCert(k, data, m.now())
