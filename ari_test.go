@@ -523,9 +523,10 @@ func TestRenewalInfoPolledOncePerCluster(t *testing.T) {
 	ms := make([]*Manager, 3)
 	for i := range ms {
 		m, err := New(Config{
-			Autocert: &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
-			Logger:   newTestLogger(&testsupport.Buffer{}),
-			hooks:    testHooks{now: clock.Now, renewalInfoMinPoll: time.Hour, renewalInfoMaxPoll: time.Hour},
+			Autocert:    &autocert.Manager{Cache: store.Open(), Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(names...)},
+			Logger:      newTestLogger(&testsupport.Buffer{}),
+			OrderBudget: max(150, 2*n), // the default, 150 orders in 3 hours, below -ari.shared 1000
+			hooks:       testHooks{now: clock.Now, renewalInfoMinPoll: time.Hour, renewalInfoMaxPoll: time.Hour},
 		})
 		if err != nil {
 			t.Fatal(err)
