@@ -1320,3 +1320,61 @@ func TestRenewalHoldsItsOrderFromTheStart(t *testing.T) {
 		<-second // admitted or refused as an attempt of its own, now that the renewal ended
 	}
 }
+
+// slowReplay is a replica's store that delivers a replay of the records
+// (a watch from revision 1) after delay: a large cluster's.
+type slowReplay struct {
+	*certmgrtest.MemoryReplica
+	delay time.Duration
+}
+
+func (s slowReplay) Watch(ctx context.Context, prefix string, fromRev int64, f func(key string, value []byte, rev int64)) error {
+	if fromRev != 1 {
+		return s.MemoryReplica.Watch(ctx, prefix, fromRev, f)
+	}
+	var once sync.Once
+	return s.MemoryReplica.Watch(ctx, prefix, fromRev, func(key string, value []byte, rev int64) {
+		once.Do(func() {
+			t := time.NewTimer(s.delay) // the store's latency, injected
+			defer t.Stop()
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			}
+		})
+		f(key, value, rev)
+	})
+}
+
+// TestNewWaitsForASlowReplay: a store that answers at once but replays
+// the records more slowly than storeWait, as a large cluster's does, holds
+// New until the replay is done: a fresh replica's Status tells of a
+// domain's failures right after New. (New waits storeWait only for a
+// store that does not answer.)
+func TestNewWaitsForASlowReplay(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	const name = "slow-replay.test"
+	store := certmgrtest.NewMemoryStore()
+	now := time.Now()
+	rec := failureRecord{Failures: 2, LastError: "refused", LastFailure: now, NextAttempt: now.Add(time.Hour)}
+	data, err := json.Marshal(persistedDomain(rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Open().Put(context.Background(), recordPrefix+name, data); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	m, err := New(Config{
+		Autocert: &autocert.Manager{Cache: slowReplay{store.Open(), storeWait + 500*time.Millisecond}, HostPolicy: autocert.HostWhitelist(name)},
+		Logger:   newTestLogger(&testsupport.Buffer{}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if st := m.Status(name); st.Failures != 2 || !st.NextAttempt.Equal(rec.NextAttempt.Truncate(0)) {
+		t.Errorf("Status right after New (%v): %+v, want the store's record", time.Since(start).Round(time.Millisecond), st)
+	}
+}

@@ -19,7 +19,10 @@ import (
 
 // storeWait bounds how long New waits for the store's watch to open: a
 // replica started while the store is unreachable returns from New, serves
-// the fallback, and opens the watch in the background.
+// the fallback, and opens the watch in the background. Once the watch is
+// open, New waits for the replay of the records too (replayRecords),
+// which its own deadline bounds: the store answers, and Status is right
+// from New on.
 const storeWait = time.Second
 
 // The pause between two tries of the store's watch (or of catchUp) grows
@@ -44,17 +47,22 @@ func (m *Manager) watchStore(by time.Time) bool {
 		return false
 	}
 	first := make(chan error)     // the first try's outcome, while New waits for it
+	opened := make(chan struct{}) // closed when the first try's watch opened
 	gaveUp := make(chan struct{}) // closed when New waits no more
 	m.wg.Add(1)
 	go func() {
 		defer m.wg.Done()
-		m.keepWatching(first, gaveUp)
+		m.keepWatching(first, opened, gaveUp)
 	}()
 	t := time.NewTimer(time.Until(by))
 	defer t.Stop()
 	select {
 	case err := <-first:
 		return err == nil // keepWatching reports an error
+	case <-opened:
+		// The store answers: the replay of the records follows, within
+		// its own deadline.
+		return <-first == nil
 	case <-t.C:
 		close(gaveUp)
 		m.cacheFailed("watch", "", fmt.Errorf("certmgr: watching the Cache: not open within %v; tried again in the background", storeWait))
@@ -67,8 +75,9 @@ func (m *Manager) watchStore(by time.Time) bool {
 // that opens only after New returned (late) reports the writes that follow
 // its opening alone: catchUp then reads again what this replica may have
 // read before. first gets the first try's outcome if New still waits for
-// it; gaveUp is closed once New waits no more (and reported the outage).
-func (m *Manager) keepWatching(first chan<- error, gaveUp <-chan struct{}) {
+// it, and opened is closed once the first try's watch is open; gaveUp is
+// closed once New waits no more (and reported the outage).
+func (m *Manager) keepWatching(first chan<- error, opened chan<- struct{}, gaveUp <-chan struct{}) {
 	late, reported := false, false
 	report := func(err error) {
 		if !reported {
@@ -83,6 +92,9 @@ func (m *Manager) keepWatching(first chan<- error, gaveUp <-chan struct{}) {
 		if !watching {
 			err = m.coord.Watch(m.ctx, "", 0, m.storeChanged)
 			watching = err == nil
+			if watching && try == 0 {
+				close(opened)
+			}
 		}
 		if watching {
 			err = m.replayRecords() // what was written before the watch opened
