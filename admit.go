@@ -160,8 +160,8 @@ func (m *Manager) waitForOrderInFlight(req *http.Request, name string) error {
 		m.stateMu.Lock()
 		d := m.domains[name]
 		var done chan struct{}
-		if d != nil && d.attempt != nil && d.attempt.open != "" {
-			done = d.attempt.done
+		if d != nil && d.attempt != nil && d.attempt.open != "" && !lockLostLocked(d.attempt) {
+			done = d.attempt.done // an attempt that lost its lock orders nothing more: checkOrderLocked says so
 		}
 		m.stateMu.Unlock()
 		if done == nil {

@@ -40,6 +40,7 @@ type attempt struct {
 	fence    string               // the hold of the domain's cluster lock; "" without one
 	lost     <-chan struct{}      // closed if the domain's cluster lock is lost; nil without one
 	unlock   func()               // releases the domain's cluster lock; nil without one
+	token    []byte               // the TLS-ALPN-01 token certificate it wrote last, with a Coordinator
 
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
 	// open is the reservation of the attempt's order in flight, if any:
@@ -318,7 +319,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	if a.timer != nil {
 		a.timer.Stop()
 	}
-	unlock, fence, lost := a.unlock, a.fence, a.lost
+	unlock, fence, lost, token := a.unlock, a.fence, a.lost, a.token
 	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
 	// change is the outcome's one change to the domain's failure record,
 	// made here and, in a cluster, to the cluster's record; before is the
@@ -404,10 +405,14 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		// The token of this attempt's challenge, or one a holder before
 		// it left when it lost the lock (an order that reuses the valid
 		// authorization then writes none again). A hold already lost
-		// deletes nothing (the delete is fenced), and must not wait for
-		// a store it may have lost.
+		// deletes nothing fenced, and must not wait for a store it may
+		// have lost: its own token, if no holder after it wrote another,
+		// is deleted in the background (dropLostToken).
 		if !closed(lost) {
 			m.deleteToken(d.name, fence)
+		} else if token != nil {
+			m.wg.Add(1)
+			go m.dropLostToken(d.name, token)
 		}
 		unlock()
 	}

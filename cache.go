@@ -83,6 +83,9 @@ type cacheOwner interface {
 	// that one that lost its lock neither overwrites nor deletes (in
 	// autocert's clean-up) the new holder's (cluster.go).
 	mayWriteToken(domain string) bool
+	// tokenWritten is called after domain's TLS-ALPN-01 certificate was
+	// written, with its value (cluster.go).
+	tokenWritten(domain string, data []byte)
 }
 
 // keyWriter serialises the writes of one key.
@@ -206,6 +209,9 @@ func (c *certCache) Put(ctx context.Context, key string, data []byte) error {
 	if errors.Is(err, errCacheClosed) && isTokenKey(key) {
 		return nil
 	}
+	if domain, ok := strings.CutSuffix(key, "+token"); ok && err == nil {
+		c.mgr.tokenWritten(domain, data)
+	}
 	c.report("put", key, err)
 	return err
 }
@@ -261,20 +267,49 @@ func (c *certCache) putInner(ctx context.Context, key string, data []byte) (int6
 	if c.coord == nil || !isCertKey(key) {
 		return 0, c.inner.Put(ctx, key, data)
 	}
+	pause := putPause
 	for range putTries {
 		stored, rev, err := c.coord.GetRevision(ctx, key)
-		if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
-			return 0, err
+		if err == nil || errors.Is(err, autocert.ErrCacheMiss) {
+			if issuedLater(stored, data) {
+				return 0, nil
+			}
+			var ok bool
+			if rev, ok, err = c.coord.PutIf(ctx, key, data, rev, ""); err == nil && ok {
+				return rev, nil
+			}
 		}
-		if issuedLater(stored, data) {
-			return 0, nil
-		}
-		rev, ok, err := c.coord.PutIf(ctx, key, data, rev, "")
-		if err != nil || ok {
-			return rev, err
+		if err != nil {
+			// A store that fails for a moment (etcd electing a leader):
+			// tried again at once while the attempt holds its lock, lest
+			// another replica find no certificate and order again.
+			if pause > putPauseMax || !sleepCtx(ctx, pause) {
+				return 0, err
+			}
+			pause *= 2
 		}
 	}
 	return 0, fmt.Errorf("certmgr: writing %q: it was written again %d times in a row meanwhile", key, putTries)
+}
+
+// A certificate's write to a Coordinator that fails is tried again after
+// putPause, then twice as long each time, up to putPauseMax: about 1.5 s
+// in all, as long as etcd takes to elect a leader.
+const (
+	putPause    = 100 * time.Millisecond
+	putPauseMax = 800 * time.Millisecond
+)
+
+// sleepCtx waits for d, and reports whether ctx is still live.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // Delete implements autocert.Cache. After Close, a delete is dropped:

@@ -219,6 +219,8 @@ func (c *scriptedCache) Delete(_ context.Context, key string) error {
 // report a line, and lets every token be written.
 type reportingOwner struct{ w io.Writer }
 
+func (o *reportingOwner) tokenWritten(string, []byte) {}
+
 func (o *reportingOwner) certStored(key string, _ []byte, _ int64) { fmt.Fprintf(o.w, "put %s\n", key) }
 
 func (o *reportingOwner) cacheFailed(op, key string, _ error) {

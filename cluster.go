@@ -106,6 +106,53 @@ func (m *Manager) deleteToken(name, fence string) {
 	}
 }
 
+// tokenDropFor bounds how long a replica that lost its lock tries to
+// delete the TLS-ALPN-01 token it wrote (dropLostToken).
+const tokenDropFor = 10 * time.Minute
+
+// tokenWritten records data, name's TLS-ALPN-01 token certificate just
+// written, as the token of name's attempt in flight.
+func (m *Manager) tokenWritten(name string, data []byte) {
+	if m.coord == nil {
+		return
+	}
+	m.stateMu.Lock()
+	if d := m.domains[name]; d != nil && d.attempt != nil {
+		d.attempt.token = data
+	}
+	m.stateMu.Unlock()
+}
+
+// dropLostToken deletes name's TLS-ALPN-01 token certificate from the
+// store if it is still data, the one an attempt of this replica wrote
+// before it lost name's lock: no holder wrote its own since (a holder
+// deletes its own before it unlocks, and every token certificate autocert
+// makes is new), so nobody will delete it. It tries again while the store
+// does not answer (the replica may be cut off), for at most tokenDropFor,
+// until Close.
+func (m *Manager) dropLostToken(name string, data []byte) {
+	defer m.wg.Done()
+	key := name + "+token"
+	deadline := time.Now().Add(tokenDropFor)
+	for pause := watchRetryMin; ; pause = min(2*pause, watchRetryMax) {
+		ctx, cancel := context.WithTimeout(m.ctx, cacheTimeout)
+		value, rev, err := m.coord.GetRevision(ctx, key)
+		if err == nil && bytes.Equal(value, data) {
+			err = m.cache.write(func() error { // none after Close
+				_, err := m.coord.DeleteIf(ctx, key, rev, "")
+				return err
+			})
+		}
+		cancel()
+		if err == nil || errors.Is(err, autocert.ErrCacheMiss) || errors.Is(err, errCacheClosed) || time.Now().After(deadline) {
+			return
+		}
+		if !m.sleep(pause) {
+			return
+		}
+	}
+}
+
 // orderHeld returns errLockLost if name's attempt in flight held its
 // cluster lock and lost it: the replica then stops its order at once,
 // since another one may take over. It is nil otherwise.
@@ -116,6 +163,7 @@ func (m *Manager) orderHeld(name string) error {
 	m.stateMu.Lock()
 	defer m.stateMu.Unlock()
 	if d := m.domains[name]; d != nil && d.attempt != nil && lockLostLocked(d.attempt) {
+		d.attempt.open = "" // its order goes no further
 		return errLockLost
 	}
 	return nil

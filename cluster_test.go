@@ -1378,3 +1378,87 @@ func TestNewWaitsForASlowReplay(t *testing.T) {
 		t.Errorf("Status right after New (%v): %+v, want the store's record", time.Since(start).Round(time.Millisecond), st)
 	}
 }
+
+// TestLostReplicaDropsItsOwnToken: a replica that lost its lock while its
+// validation ran leaves no token in the store once its attempt ended: no
+// holder after it wrote another, so it deletes its own (unfenced, by the
+// token's revision). The fault campaign left such a token behind (seed
+// 1796612828209737969) when no other replica tried the name again.
+func TestLostReplicaDropsItsOwnToken(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	const name = "own-token.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	store := certmgrtest.NewMemoryStore()
+	lost, other := store.Open(), store.Open()
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: lost, Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	remove := ca.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true, Times: 1})
+	defer remove()
+	done := make(chan error, 1)
+	go func() { done <- m.Provision(context.Background(), name) }()
+	waitFor(t, 10*time.Second, "the replica's held challenge", func() bool {
+		return ca.Proxy.Requests(certmgrtest.ClassChallenge) == 1
+	})
+	if _, err := other.Get(context.Background(), name+"+token"); err != nil {
+		t.Fatalf("the replica's token: %v", err)
+	}
+	lost.Lose()
+	waitFor(t, 5*time.Second, "the replica to count its lock lost", func() bool { return !m.holdsLock(name) })
+	ca.Proxy.Release()
+	if err := <-done; err == nil {
+		t.Fatal("the replica that lost its lock got a certificate")
+	}
+	if n := m.waitedOrders.Load(); n != 0 {
+		t.Errorf("%d orders waited for the attempt that lost its lock: it orders nothing more, and its next order is refused at once", n)
+	}
+	waitFor(t, 5*time.Second, "the lost replica's token to leave the store", func() bool {
+		_, err := other.Get(context.Background(), name+"+token")
+		return errors.Is(err, autocert.ErrCacheMiss)
+	})
+}
+
+// putFailsOnce is a replica's store whose first write of a certificate
+// key fails, as a write does while etcd elects a leader.
+type putFailsOnce struct {
+	*certmgrtest.MemoryReplica
+	failed atomic.Bool
+}
+
+func (s *putFailsOnce) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
+	if isCertKey(key) && s.failed.CompareAndSwap(false, true) {
+		return 0, false, errors.New("etcdserver: leader changed")
+	}
+	return s.MemoryReplica.PutIf(ctx, key, value, rev, fence)
+}
+
+// TestCertificateWriteRetriedAtOnce: a certificate write that fails for a
+// moment is tried again within the attempt (which holds the domain's
+// lock), so that it lands before another replica can find no certificate
+// and order again; it is not left for the retry every cacheRetry.
+func TestCertificateWriteRetriedAtOnce(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	store := &putFailsOnce{MemoryReplica: certmgrtest.NewMemoryStore().Open()}
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: store}, Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	now := time.Now()
+	c := selfSigned(t, "retried.test", ecKey(t), "test", now.Add(-time.Minute), now.Add(time.Hour))
+	if err := m.cache.Put(context.Background(), "retried.test", pemCert(t, c)); err != nil {
+		t.Fatalf("Put: %v, want it written on a second try", err)
+	}
+	if !store.failed.Load() {
+		t.Fatal("the first write did not fail")
+	}
+	if _, err := store.Get(context.Background(), "retried.test"); err != nil {
+		t.Errorf("the certificate in the store: %v", err)
+	}
+}
