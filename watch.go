@@ -142,16 +142,7 @@ func (m *Manager) keepWatching(first chan<- error, opened chan<- struct{}, gaveU
 }
 
 // sleep waits for d, and reports whether the Manager is still open.
-func (m *Manager) sleep(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-m.ctx.Done():
-		return false
-	}
-}
+func (m *Manager) sleep(d time.Duration) bool { return sleepCtx(m.ctx, d) }
 
 // catchUp brings this replica up to date with the store once its watch
 // opened late (after New returned, or after a failure): the watch reports
