@@ -408,9 +408,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		// deletes nothing fenced, and must not wait for a store it may
 		// have lost: its own token, if no holder after it wrote another,
 		// is deleted in the background (dropLostToken).
-		if !closed(lost) {
-			m.deleteToken(d.name, fence)
-		} else if token != nil {
+		if (closed(lost) || !m.deleteToken(d.name, fence)) && token != nil {
 			m.wg.Add(1)
 			go m.dropLostToken(d.name, token)
 		}

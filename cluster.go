@@ -90,20 +90,33 @@ func (m *Manager) storeRecord(name, fence string, lost <-chan struct{}, base *fa
 // while the attempt that wrote it still holds name's lock (fence): the
 // replicas share that one key, and autocert's own delete, which comes
 // after the attempt released the lock, is refused (see mayWriteToken).
-func (m *Manager) deleteToken(name, fence string) {
+//
+// A delete that fails (etcd electing a leader) is tried again at once,
+// as a certificate's write is (putPause); it reports whether the token is
+// gone, so that finish leaves one it could not delete to dropLostToken.
+func (m *Manager) deleteToken(name, fence string) bool {
 	key := name + "+token"
 	ctx, cancel := context.WithTimeout(context.Background(), cacheTimeout)
 	defer cancel()
-	_, rev, err := m.coord.GetRevision(ctx, key)
-	if err == nil {
-		err = m.cache.write(func() error { // none after Close
-			_, err := m.coord.DeleteIf(ctx, key, rev, fence)
-			return err
-		})
+	var err error
+	for pause := putPause; ; pause *= 2 {
+		var rev int64
+		_, rev, err = m.coord.GetRevision(ctx, key)
+		if err == nil {
+			err = m.cache.write(func() error { // none after Close
+				_, err := m.coord.DeleteIf(ctx, key, rev, fence)
+				return err
+			})
+		}
+		if err == nil || errors.Is(err, autocert.ErrCacheMiss) {
+			return true
+		}
+		if errors.Is(err, errCacheClosed) || pause > putPauseMax || !sleepCtx(ctx, pause) {
+			break
+		}
 	}
-	if err != nil && !errors.Is(err, autocert.ErrCacheMiss) {
-		m.cacheFailed("delete", key, err)
-	}
+	m.cacheFailed("delete", key, err)
+	return false
 }
 
 // tokenDropFor bounds how long a replica that lost its lock tries to

@@ -1462,3 +1462,44 @@ func TestCertificateWriteRetriedAtOnce(t *testing.T) {
 		t.Errorf("the certificate in the store: %v", err)
 	}
 }
+
+// tokenDeletesFail is a replica's store whose first n deletes of a
+// TLS-ALPN-01 token fail, as they do while etcd elects a leader.
+type tokenDeletesFail struct {
+	*certmgrtest.MemoryReplica
+	left atomic.Int64
+}
+
+func (s *tokenDeletesFail) DeleteIf(ctx context.Context, key string, rev int64, fence string) (bool, error) {
+	if strings.HasSuffix(key, "+token") && s.left.Add(-1) >= 0 {
+		return false, errors.New("etcdserver: leader changed")
+	}
+	return s.MemoryReplica.DeleteIf(ctx, key, rev, fence)
+}
+
+// TestFailedTokenDeleteIsTriedAgain: when the holder's delete of its
+// token fails (the 30-minute campaign left one in etcd across a leader
+// move), it is tried again, under the lock and then in the background,
+// until the token is gone.
+func TestFailedTokenDeleteIsTriedAgain(t *testing.T) {
+	t.Parallel()
+	checkLeaks(t)
+	const name = "token-retry.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	store := &tokenDeletesFail{MemoryReplica: certmgrtest.NewMemoryStore().Open()}
+	store.left.Store(8) // more than the tries under the lock
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: store, Client: ca.NewClient(),
+		HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Provision(context.Background(), name); err == nil {
+		t.Fatal("Provision succeeded with validation failing")
+	}
+	waitFor(t, 15*time.Second, "the token to leave the store", func() bool {
+		_, err := store.MemoryReplica.Get(context.Background(), name+"+token")
+		return errors.Is(err, autocert.ErrCacheMiss)
+	})
+}
