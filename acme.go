@@ -30,12 +30,14 @@ type acmeObserver struct {
 	next    http.RoundTripper
 	life    context.Context // ends at Close: requests in flight are cut
 	timeout time.Duration   // bounds each request, its body included
+	grace   time.Duration   // how long a pending authorization may carry a challenge's error (see stalled)
 	mgr     acmeOwner       // the Manager whose traffic this is
 
 	urlsMu sync.Mutex
-	urls   map[string]tracked  // order, authorization, challenge, finalize and certificate URLs of attempts in flight
-	byName map[string][]string // domain → its URLs in urls
-	failed map[string]bool     // authorizations already seen invalid
+	urls   map[string]tracked   // order, authorization, challenge, finalize and certificate URLs of attempts in flight
+	byName map[string][]string  // domain → its URLs in urls
+	failed map[string]bool      // authorizations already seen invalid
+	erred  map[string]time.Time // pending authorizations → when one was first seen carrying a challenge's error
 }
 
 // acmeOwner is what the ACME transport asks and tells the Manager whose
@@ -78,22 +80,36 @@ type observation struct {
 	ended       bool      // the order can go no further: it, or an authorization, is invalid, expired, deactivated or revoked
 	answered    bool      // any other answer about the order (pending, processing, the certificate)
 	transport   bool      // the request got no answer
+	erred       bool      // a pending authorization carries a challenge's error, for less than the grace yet
+	stalled     bool      // a pending authorization is taken as failed (authzFailed is set): see acmeObserver.stalled
 }
 
 // maxACMEBody bounds what the observer reads of a request or response.
 const maxACMEBody = 1 << 20
 
+// challengeGrace is how long an authorization may stay pending once the
+// CA has put an error on one of its challenges, before certmgr takes it
+// as failed (see stalled): a CA that validates again may still turn it
+// valid meanwhile.
+const challengeGrace = 10 * time.Second
+
 func newACMEObserver(next http.RoundTripper, mgr acmeOwner) *acmeObserver {
 	if next == nil {
 		next = http.DefaultTransport
 	}
-	return &acmeObserver{next: next, mgr: mgr, urls: make(map[string]tracked), byName: make(map[string][]string), failed: make(map[string]bool)}
+	return &acmeObserver{next: next, mgr: mgr, grace: challengeGrace, urls: make(map[string]tracked), byName: make(map[string][]string),
+		failed: make(map[string]bool), erred: make(map[string]time.Time)}
 }
 
 // RoundTrip implements http.RoundTripper.
 func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	if o.mgr.isClosed() {
 		return nil, errClosed
+	}
+	if err := req.Context().Err(); err != nil {
+		// autocert orders again after its context ended: an order that
+		// cannot go out reserves nothing.
+		return nil, err
 	}
 	// A CA that accepts the connection and never answers must not hold an
 	// attempt (and Close) for the five minutes of autocert's context.
@@ -145,10 +161,25 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 			o.mgr.accountSeen(loc)
 		}
 		if err == nil && owner.domain != "" {
-			if ob := o.observe(owner, newOrder, res, body); ob != (observation{}) {
-				if ob.authzFailed && !o.firstFailure(req.URL.String()) {
-					ob.authzFailed = false // autocert polls an invalid authorization again
-				}
+			ob := o.observe(owner, newOrder, res, body)
+			if ob.erred && o.stalled(req.URL.String(), time.Now()) {
+				ob.erred, ob.stalled, ob.authzFailed = false, true, true
+			}
+			switch {
+			case ob.stalled:
+				// Failed in all but name: autocert is shown it so, and ends
+				// the attempt, or tries the next challenge type.
+				body = markInvalid(body)
+				res.ContentLength = int64(len(body))
+				res.Header.Del("Content-Length")
+			case ob.erred:
+				res.Header.Del("Retry-After") // polled again within a second, within the grace
+			}
+			res.Body = io.NopCloser(bytes.NewReader(body))
+			if ob.authzFailed && !o.firstFailure(req.URL.String()) {
+				ob.authzFailed = false // autocert polls an invalid authorization again
+			}
+			if ob != (observation{}) {
 				o.mgr.observed(owner.domain, ob)
 			}
 		}
@@ -206,8 +237,9 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 		Finalize       string   `json:"finalize"`    // an order's
 		Certificate    string   `json:"certificate"` // a valid order's
 		Challenges     []struct {
-			URL   string `json:"url"`
-			Error *struct {
+			URL    string `json:"url"`
+			Status string `json:"status"`
+			Error  *struct {
 				Detail string `json:"detail"`
 			} `json:"error"`
 		} `json:"challenges"`
@@ -252,10 +284,44 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 		}
 	case "expired", "deactivated", "revoked":
 		ob.ended = true
+	case "pending", "processing":
+		// RFC 8555 (section 7.1.6) fails the authorization with its
+		// challenge; a CA that leaves it pending (step-ca v0.30 does) would
+		// hold autocert's attempt, and every handshake waiting for it, for
+		// five minutes.
+		// An invalid challenge fails it at once; an error on a pending
+		// one, after the grace (see stalled).
+		for _, c := range r.Challenges {
+			ob.stalled = ob.stalled || c.Status == "invalid"
+			ob.erred = ob.erred || c.Error != nil
+			if c.Error != nil && c.Error.Detail != "" {
+				ob.problem = c.Error.Detail
+			}
+		}
+		if ob.stalled {
+			ob.erred, ob.authzFailed = false, true
+		} else {
+			ob.answered = true
+		}
 	default:
 		ob.answered = true
 	}
 	return ob
+}
+
+// markInvalid returns the authorization in body with its status
+// "invalid", or body if it cannot be read.
+func markInvalid(body []byte) []byte {
+	var z map[string]json.RawMessage
+	if json.Unmarshal(body, &z) != nil {
+		return body
+	}
+	z["status"] = json.RawMessage(`"invalid"`)
+	b, err := json.Marshal(z)
+	if err != nil {
+		return body
+	}
+	return b
 }
 
 // track remembers URLs of owner's order: those of a new order, and more
@@ -296,6 +362,24 @@ func (o *acmeObserver) firstFailure(url string) bool {
 	return true
 }
 
+// stalled reports whether the pending authorization at url, whose
+// challenge carries an error, has carried one for the observer's grace by
+// now: the CA did not validate it again meanwhile, and certmgr takes it
+// as failed. The first such answer starts the grace.
+func (o *acmeObserver) stalled(url string, now time.Time) bool {
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
+	if _, ok := o.urls[url]; !ok {
+		return false // its attempt ended
+	}
+	first, ok := o.erred[url]
+	if !ok {
+		o.erred[url] = now
+		first = now
+	}
+	return now.Sub(first) >= o.grace
+}
+
 // forget drops what track remembered for domain; called when its attempt
 // ends, so the maps hold only attempts in flight.
 func (o *acmeObserver) forget(domain string) {
@@ -304,6 +388,7 @@ func (o *acmeObserver) forget(domain string) {
 	for _, u := range o.byName[domain] {
 		delete(o.urls, u)
 		delete(o.failed, u)
+		delete(o.erred, u)
 	}
 	delete(o.byName, domain)
 }

@@ -1,6 +1,7 @@
 package certmgr
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -226,6 +227,112 @@ func TestObserverRoundTrip(t *testing.T) {
 	closed = true
 	if _, err := post("/authz/1", jws("")); !errors.Is(err, errClosed) || len(sent) != 3 {
 		t.Errorf("after Close: %v, %d requests sent; want errClosed and none", err, len(sent)-3)
+	}
+}
+
+// TestObserverFailsAPendingAuthorizationWithAnError: a CA that leaves an
+// authorization pending once its challenge failed (step-ca v0.30: an
+// error on a pending challenge, or an invalid challenge) has it failed by
+// the observer: at once for an invalid challenge, and after the grace for
+// an error on a pending one, meanwhile polled every second whatever the
+// CA's Retry-After. autocert is shown it invalid, the CA's detail is the
+// attempt's, and the failure counts once.
+func TestObserverFailsAPendingAuthorizationWithAnError(t *testing.T) {
+	answer := map[string]string{
+		"/authz/1": `{"status":"pending","identifier":{"type":"dns","value":"a.test"},"challenges":[` +
+			`{"url":"https://ca/chall/1","type":"tls-alpn-01","status":"pending","error":{"type":"urn:ietf:params:acme:error:connection","detail":"could not connect"}},` +
+			`{"url":"https://ca/chall/2","type":"http-01","status":"pending"}]}`,
+		"/authz/2": `{"status":"pending","challenges":[{"url":"https://ca/chall/3","status":"invalid","error":{"detail":"no acme-tls/1"}}]}`,
+	}
+	var reports []observation
+	o := newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/new-order" {
+			return acmeResponse(201, nil, `{"status":"pending","authorizations":["https://ca/authz/1","https://ca/authz/2"]}`), nil
+		}
+		return acmeResponse(200, http.Header{"Retry-After": {"60"}}, answer[r.URL.Path]), nil
+	}), &fakeOwner{
+		admit:  func(*http.Request, string) (string, error) { return "r1", nil },
+		report: func(_ string, ob observation) { reports = append(reports, ob) },
+	})
+	o.life = context.Background()
+	o.timeout = time.Minute
+	o.grace = time.Hour
+	post := func(path string) (status, retryAfter string) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", "https://ca"+path, bytes.NewReader(jws("")))
+		if path == "/new-order" {
+			req, _ = http.NewRequest("POST", "https://ca"+path, bytes.NewReader(jws(`{"identifiers":[{"type":"dns","value":"a.test"}]}`)))
+		}
+		res, err := o.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var z struct {
+			Status     string
+			Identifier struct{ Value string }
+		}
+		body, _ := io.ReadAll(res.Body)
+		if err := json.Unmarshal(body, &z); err != nil || path == "/authz/1" && z.Identifier.Value != "a.test" {
+			t.Errorf("%s: the caller read %q (%v), want the CA's answer, its status aside", path, body, err)
+		}
+		if z.Status == "invalid" && res.ContentLength != int64(len(body)) { // rewritten
+			t.Errorf("%s: ContentLength %d for a body of %d bytes", path, res.ContentLength, len(body))
+		}
+		return z.Status, res.Header.Get("Retry-After")
+	}
+	post("/new-order")
+	reports = nil
+
+	// Within the grace: pending, polled again at autocert's own pace.
+	if status, ra := post("/authz/1"); status != "pending" || ra != "" {
+		t.Errorf("within the grace: status %q, Retry-After %q; want pending and none", status, ra)
+	}
+	if len(reports) != 1 || reports[0].authzFailed || reports[0].problem != "could not connect" {
+		t.Errorf("within the grace: reports %+v, want the CA's detail and no failure", reports)
+	}
+	// Past it: invalid, and failed once however often it is polled.
+	o.grace = 0
+	for range 2 {
+		if status, _ := post("/authz/1"); status != "invalid" {
+			t.Errorf("past the grace: status %q, want invalid", status)
+		}
+	}
+	// An invalid challenge fails its pending authorization at once.
+	o.grace = time.Hour
+	if status, _ := post("/authz/2"); status != "invalid" {
+		t.Errorf("an invalid challenge: status %q, want invalid", status)
+	}
+	failed := 0
+	for _, ob := range reports {
+		if ob.authzFailed {
+			failed++
+		}
+	}
+	if failed != 2 || !reports[1].authzFailed || reports[1].problem != "could not connect" || reports[3].problem != "no acme-tls/1" {
+		t.Errorf("reports %+v, want authorizations 1 and 2 failed once each, with the CA's details", reports)
+	}
+}
+
+// TestObserverReservesNothingForAnEndedRequest: autocert orders again
+// after its context ended (its next challenge type, once the wait for
+// the authorization timed out): that order is refused before admission,
+// and reserves nothing.
+func TestObserverReservesNothingForAnEndedRequest(t *testing.T) {
+	admitted, sent := 0, 0
+	o := newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		sent++
+		return nil, r.Context().Err()
+	}), &fakeOwner{admit: func(*http.Request, string) (string, error) { admitted++; return "r1", nil }})
+	o.life = context.Background()
+	o.timeout = time.Minute
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", "https://ca/new-order", bytes.NewReader(jws(`{"identifiers":[{"type":"dns","value":"a.test"}]}`)))
+	if _, err := o.RoundTrip(req); !errors.Is(err, context.Canceled) {
+		t.Errorf("RoundTrip = %v, want context.Canceled", err)
+	}
+	if admitted != 0 || sent != 0 {
+		t.Errorf("%d orders admitted, %d sent; want none", admitted, sent)
 	}
 }
 
@@ -465,7 +572,7 @@ func TestObserverForgetsEndedAttempts(t *testing.T) {
 	}
 	post("/authz/1", jws(""))
 	o.urlsMu.Lock()
-	left := len(o.urls) + len(o.byName) + len(o.failed)
+	left := len(o.urls) + len(o.byName) + len(o.failed) + len(o.erred)
 	o.urlsMu.Unlock()
 	if left != 0 {
 		t.Errorf("%d entries tracked after the attempt ended", left)

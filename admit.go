@@ -218,6 +218,9 @@ func (m *Manager) checkOrderLocked(req *http.Request, d *domain, name string, no
 	if err := m.checkAttemptLocked(d); err != nil {
 		return err
 	}
+	if err := m.checkRenewBeforeLocked(d, now); err != nil {
+		return err
+	}
 	return checkRenewedLocked(d, now)
 }
 
@@ -240,6 +243,10 @@ func (m *Manager) reservationID() string {
 func (m *Manager) refused(err error) {
 	m.refusedOrders.Add(1)
 	m.warnOrderBudget(err)
+	if errors.Is(err, errRenewBefore) && m.renewBeforeSaid.CompareAndSwap(false, true) {
+		m.log.Warn("RenewBefore bounded", "renew_before", m.cfg.Autocert.RenewBefore.String(), "err", err.Error(),
+			"so", "each certificate is renewed once, past two thirds of its lifetime; said once")
+	}
 }
 
 // warnOrderBudget reports an attempt or order that the account's order

@@ -300,13 +300,18 @@ func (m *Manager) renewalInfoURL() (string, error) {
 		return "", err
 	}
 	m.ari.mu.Lock()
-	defer m.ari.mu.Unlock()
+	first := m.ari.url == "" && !m.ari.none
 	m.ari.url = dir.RenewalInfo
 	if dir.RenewalInfo == "" {
 		m.ari.none = true
 		clear(m.ari.certs)
 	}
-	return m.ari.url, nil
+	m.ari.mu.Unlock()
+	if first && dir.RenewalInfo == "" {
+		m.log.Info("renewal information not offered", "directory", m.client.DirectoryURL,
+			"so", "certificates are renewed on autocert's schedule alone (RenewBefore, or a third of their lifetime)")
+	}
+	return dir.RenewalInfo, nil
 }
 
 // getJSON GETs url from the CA and decodes its answer into v. It reports

@@ -425,6 +425,9 @@ func TestCAWithoutRenewalInfoLeavesRenewalToAutocert(t *testing.T) {
 	if st := m.Status(name); !st.RenewAt.IsZero() {
 		t.Errorf("Status.RenewAt = %v, want none", st.RenewAt)
 	}
+	if n := strings.Count(e.logs.String(), "renewal information not offered"); n != 1 {
+		t.Errorf("%d log lines say the CA offers no renewal information, want 1", n)
+	}
 }
 
 // dueRenewals provisions n names on an env whose Manager polls renewal

@@ -42,6 +42,11 @@ type attempt struct {
 	unlock   func()               // releases the domain's cluster lock; nil without one
 	token    []byte               // the TLS-ALPN-01 token certificate it wrote last, with a Coordinator
 
+	// waitedOut is set once a handshake waited HandshakeTimeout for the
+	// attempt: handshakes that come after it get the fallback at once
+	// (answerNow). Guarded by Manager.stateMu.
+	waitedOut bool
+
 	// What the CA said, from the traffic; guarded by Manager.stateMu.
 	// open is the reservation of the attempt's order in flight, if any:
 	// from its admission (admitOrder) until the CA failed it, refused it
@@ -76,6 +81,9 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 			return nil, err
 		}
 		served := m.servedSignal(d)
+		if path == PathHandshake {
+			m.waitedShakes.Add(1)
+		}
 		select {
 		case <-a.done:
 		case <-served:
@@ -87,10 +95,10 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 			select {
 			case <-a.done:
 			case <-ctx.Done():
-				return nil, ctx.Err()
+				return nil, m.gaveUp(ctx, a)
 			}
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, m.gaveUp(ctx, a)
 		}
 		if a.err != nil {
 			return nil, a.err
@@ -103,6 +111,18 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 		}
 	}
 	return nil, fmt.Errorf("certmgr: %s: no certificate for this key type yet", k.domain)
+}
+
+// gaveUp returns the error of a wait for attempt a that ctx ended. A
+// handshake that waited its whole HandshakeTimeout marks a, so that no
+// other handshake waits for it again.
+func (m *Manager) gaveUp(ctx context.Context, a *attempt) error {
+	if context.Cause(ctx) == errHandshakeTimeout {
+		m.stateMu.Lock()
+		a.waitedOut = true
+		m.stateMu.Unlock()
+	}
+	return ctx.Err()
 }
 
 // servedSignal returns a channel closed when a certificate is next served

@@ -484,3 +484,53 @@ func TestFailedLocally(t *testing.T) {
 		}
 	}
 }
+
+// TestCAThatLeavesAuthorizationsPending: a CA that leaves a failed
+// validation pending (step-ca v0.30, imitated by the test CA) with 10
+// handshakes a second: the attempt ends as one failed authorization soon
+// after the grace, with the CA's detail; only the first handshake waits
+// for it, the later ones get the fallback at once; and the CA's orders
+// and failed validations, and the spends recorded, agree.
+func TestCAThatLeavesAuthorizationsPending(t *testing.T) {
+	t.Parallel()
+	const name = "pending.test"
+	e := newEnv(t, envOptions{names: []string{name}, pebble: certmgrtest.Options{PendingFailures: true}})
+	e.DNS.SetA(name, "127.0.0.3") // nothing listens there
+	events := &eventLog{}
+	m := e.start(t, func(c *Config) {
+		c.HandshakeTimeout = 200 * time.Millisecond
+		c.hooks.challengeGrace = 500 * time.Millisecond // autocert polls every second
+		c.OnEvent = events.add
+	})
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	handshakes := 0
+	for events.count(EventFailed) == 0 {
+		if handshakes == 300 {
+			t.Fatalf("the attempt still runs after %d handshakes at 10 a second", handshakes)
+		}
+		<-tick.C
+		if leaf := e.handshake(t, name, insecure); !isFallbackLeaf(leaf) {
+			t.Fatalf("handshake %d got %v, want the fallback", handshakes, leaf.Subject)
+		}
+		handshakes++
+	}
+	if n := m.waitedShakes.Load(); n != 1 || handshakes < 3 {
+		t.Errorf("%d of %d handshakes waited for the attempt, want the first only (and more than 2 handshakes)", n, handshakes)
+	}
+	ev := events.last(EventFailed)
+	if ev.Duration > 15*time.Second {
+		t.Errorf("the attempt took %v, want it ended within 15 s", ev.Duration)
+	}
+	st := waitFailed(t, m, name, 1)
+	if st.LastError == nil || !strings.Contains(st.LastError.Error(), "Failed to connect to 127.0.0.3") {
+		t.Errorf("Status.LastError = %v, want the CA's detail", st.LastError)
+	}
+	spent := 0
+	for _, s := range failureOf(m, name).Spends {
+		spent += s.Authz
+	}
+	if c := e.Proxy.Counts(name); c.Orders != 1 || c.FailedAuthzs != 1 || spent != 1 {
+		t.Errorf("%d orders and %d failed validations at the CA, %d spends recorded; want 1 of each", c.Orders, c.FailedAuthzs, spent)
+	}
+}

@@ -123,6 +123,7 @@ type testHooks struct {
 	renewalInfoMinPoll, renewalInfoMaxPoll time.Duration
 	noRenewalInfo                          bool          // renewal information is never polled (benchmarks compare)
 	requestTimeout                         time.Duration // bounds one ACME request; if zero, 30 s
+	challengeGrace                         time.Duration // see acmeObserver.stalled; if zero, challengeGrace
 }
 
 // withDefaults returns h with its zero fields set.
@@ -140,6 +141,7 @@ func (h testHooks) withDefaults() testHooks {
 	h.renewalInfoMinPoll = cmp.Or(h.renewalInfoMinPoll, renewalInfoMinPoll)
 	h.renewalInfoMaxPoll = cmp.Or(h.renewalInfoMaxPoll, renewalInfoMaxPoll)
 	h.requestTimeout = cmp.Or(h.requestTimeout, 30*time.Second)
+	h.challengeGrace = cmp.Or(h.challengeGrace, challengeGrace)
 	// Longer than a request acme.Client sends again after a 5xx may take.
 	h.renewalQuiet = cmp.Or(h.renewalQuiet, h.requestTimeout+15*time.Second)
 	return h
@@ -149,27 +151,28 @@ func (h testHooks) withDefaults() testHooks {
 // backoff, a DNS pre-check, a handshake timeout and status reporting. Create
 // one with New; its methods are safe for concurrent use.
 type Manager struct {
-	cfg       Config    // defaults applied
-	hooks     testHooks // defaults applied
-	log       *slog.Logger
-	now       func() time.Time
-	timeout   time.Duration
-	cache     *certCache
-	client    *acme.Client // the user's client settings, for newAutocert
-	obs       *acmeObserver
-	dns       *dnscheck.Checker // nil when DNS.KnownIPs is empty
-	coord     Coordinator       // the Cache's, if it is one: replicas act as one
-	fallbacks *fallbackStore
-	base      *autocert.Manager // answers challenges for names with no autocert.Manager of their own
-	acmeTLS   *tls.Config       // the config of TLS-ALPN-01 validation handshakes
-	loads     singleflight.Group
-	http01    atomic.Bool   // HTTPHandler was called: attempts may try http-01
-	idPrefix  string        // of reservation IDs: unique to this Manager
-	nextID    atomic.Uint64 // of reservation IDs
-	limits    limiter       // of repeated warnings
-	account   atomic.Value  // the account's URI (a string), once the CA said it
-	ari       renewals      // the CA's renewal information (ari.go)
-	ariClient *http.Client  // GETs renewal information through obs
+	cfg             Config    // defaults applied
+	hooks           testHooks // defaults applied
+	log             *slog.Logger
+	now             func() time.Time
+	timeout         time.Duration
+	cache           *certCache
+	client          *acme.Client // the user's client settings, for newAutocert
+	obs             *acmeObserver
+	dns             *dnscheck.Checker // nil when DNS.KnownIPs is empty
+	coord           Coordinator       // the Cache's, if it is one: replicas act as one
+	fallbacks       *fallbackStore
+	base            *autocert.Manager // answers challenges for names with no autocert.Manager of their own
+	acmeTLS         *tls.Config       // the config of TLS-ALPN-01 validation handshakes
+	loads           singleflight.Group
+	http01          atomic.Bool   // HTTPHandler was called: attempts may try http-01
+	idPrefix        string        // of reservation IDs: unique to this Manager
+	renewBeforeSaid atomic.Bool   // errRenewBefore was logged
+	nextID          atomic.Uint64 // of reservation IDs
+	limits          limiter       // of repeated warnings
+	account         atomic.Value  // the account's URI (a string), once the CA said it
+	ari             renewals      // the CA's renewal information (ari.go)
+	ariClient       *http.Client  // GETs renewal information through obs
 
 	// Concurrency. A Manager has four mutexes, each declared above what
 	// it guards:
@@ -237,6 +240,7 @@ type Manager struct {
 
 	refusedOrders atomic.Int64 // orders refused locally (for tests)
 	waitedOrders  atomic.Int64 // orders that waited for another order in flight (for tests)
+	waitedShakes  atomic.Int64 // handshakes that waited for an attempt in flight (for tests)
 }
 
 // New returns a Manager for cfg. It reads the persisted failure cache, so
@@ -336,6 +340,7 @@ func New(cfg Config) (*Manager, error) {
 	m.obs = newACMEObserver(next, m)
 	m.obs.life = m.ctx
 	m.obs.timeout = m.hooks.requestTimeout
+	m.obs.grace = m.hooks.challengeGrace
 	m.base = m.newAutocert(nil, m.cache)
 	m.ariClient = &http.Client{Transport: m.obs}
 	m.ari.wake = make(chan struct{}, 1)

@@ -3,6 +3,7 @@ package certmgr
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -16,7 +17,8 @@ import (
 // answerNow returns, at once and without allocating, the certificate for
 // a handshake that needs k: the valid one served for k, or the fallback of
 // a known domain that can start no attempt now (it backs off or waits for
-// DNS). It returns nil when the handshake must take the full path: a name
+// DNS) or whose attempt in flight already held a handshake for the whole
+// HandshakeTimeout (a slow CA: no handshake waits twice). It returns nil when the handshake must take the full path: a name
 // that is not a domain's normalised name, or whose Cache was not read yet.
 func (m *Manager) answerNow(k certKey) *tls.Certificate {
 	if c := m.servedCert(k); c != nil {
@@ -25,7 +27,8 @@ func (m *Manager) answerNow(k certKey) *tls.Certificate {
 	now := m.now()
 	m.stateMu.Lock()
 	d := m.domains[k.domain]
-	waiting := d != nil && m.loadedLocked(d, k, now) && d.attempt == nil && m.waitingLocked(d, now)
+	waiting := d != nil && m.loadedLocked(d, k, now) &&
+		(d.attempt == nil && m.waitingLocked(d, now) || d.attempt != nil && d.attempt.waitedOut)
 	m.stateMu.Unlock()
 	if !waiting {
 		return nil
@@ -180,14 +183,18 @@ func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, 
 }
 
 // handshakeContext returns the context of hello's handshake, ended after
-// HandshakeTimeout.
+// HandshakeTimeout with the cause errHandshakeTimeout.
 func (m *Manager) handshakeContext(hello *tls.ClientHelloInfo) (context.Context, context.CancelFunc) {
 	parent := hello.Context()
 	if parent == nil {
 		parent = context.Background()
 	}
-	return context.WithTimeout(parent, m.timeout)
+	return context.WithTimeoutCause(parent, m.timeout, errHandshakeTimeout)
 }
+
+// errHandshakeTimeout is the cause of a handshake's context that ended
+// after HandshakeTimeout.
+var errHandshakeTimeout = errors.New("certmgr: HandshakeTimeout passed")
 
 // hostPolicy runs the user's HostPolicy, if any.
 func (m *Manager) hostPolicy(ctx context.Context, name string) error {

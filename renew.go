@@ -89,6 +89,48 @@ func checkRenewedLocked(d *domain, now time.Time) error {
 	return nil
 }
 
+// errRenewBefore is wrapped by the error of a renewal that
+// checkRenewBeforeLocked refuses.
+var errRenewBefore = errors.New("certmgr: Autocert.RenewBefore exceeds a third of the certificate's lifetime")
+
+// renewRetryMax is the longest autocert waits before it tries a refused
+// or failed renewal again.
+const renewRetryMax = time.Hour
+
+// checkRenewBeforeLocked returns why autocert's renewal timer may not
+// renew d now: a RenewBefore is set, and every certificate served for d
+// has lived less than two thirds of its lifetime. autocert renews once
+// NotAfter-RenewBefore has passed: a RenewBefore longer than a third of
+// the lifetime (720 h with a CA that issues 24-hour certificates, say)
+// would renew each new certificate at once, again and again. Bounded so,
+// each certificate is renewed once. A certificate whose last third is
+// shorter than renewRetryMax is not bounded (autocert's next try could
+// come after it expired): checkRenewedLocked alone keeps its renewals
+// apart. The CA's renewal information is not bounded by it.
+func (m *Manager) checkRenewBeforeLocked(d *domain, now time.Time) error {
+	if m.cfg.Autocert.RenewBefore <= 0 {
+		return nil // autocert's own threshold is a third of the lifetime
+	}
+	var due time.Time // when the first of them has lived two thirds
+	for _, leaf := range m.issuedLocked(d.name) {
+		if leaf == nil {
+			continue
+		}
+		third := leaf.NotAfter.Sub(leaf.NotBefore) / 3
+		at := leaf.NotAfter.Add(-third)
+		if !now.Before(at) || third < renewRetryMax {
+			return nil
+		}
+		if due.IsZero() || at.Before(due) {
+			due = at
+		}
+	}
+	if due.IsZero() {
+		return nil // none served: nothing to bound
+	}
+	return fmt.Errorf("%w: %w: %s is renewed from %s", ErrBackoff, errRenewBefore, d.name, due.UTC().Format(time.RFC3339))
+}
+
 // loadSlack is how long before autocert's renewal time a domain that
 // this replica does not track is taken up, so that autocert's timer is
 // set by then.

@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"errors"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,5 +98,95 @@ func TestRenewalInfoAttemptOrdersAlone(t *testing.T) {
 	}
 	if _, err := m.admitOrder(order(own), "a.test"); err != nil {
 		t.Errorf("the renewal's own order: %v", err)
+	}
+}
+
+// TestRenewBeforeBoundedToTwoThirdsOfTheLifetime: with a RenewBefore
+// longer than a third of the certificate's lifetime, autocert's timer may
+// renew a certificate only once it has lived two thirds of it (once per
+// certificate, not again and again); without one, with the RSA
+// certificate due, or for a certificate shorter than three hours (whose
+// renewal autocert, after a refusal, might try again only once it
+// expired), nothing is refused.
+func TestRenewBeforeBoundedToTwoThirdsOfTheLifetime(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, func(c *Config) { c.Autocert.RenewBefore = 720 * time.Hour })
+	unbounded := newPureManager(t, clock, nil)
+	const name = "bound.test"
+	t0 := clock.Now()
+	leaf := selfSigned(t, name, ecKey(t), "", t0, t0.Add(24*time.Hour))
+	check := func(m *Manager) error {
+		m.stateMu.Lock()
+		defer m.stateMu.Unlock()
+		d := m.domains[name]
+		return m.checkRenewBeforeLocked(d, clock.Now())
+	}
+	for _, m := range []*Manager{m, unbounded} {
+		if _, err := m.domainFor(name); err != nil {
+			t.Fatal(err)
+		}
+		m.serve(certKey{domain: name}, leaf)
+	}
+	if err := check(m); !errors.Is(err, ErrBackoff) || !errors.Is(err, errRenewBefore) {
+		t.Errorf("a fresh certificate: %v, want ErrBackoff and errRenewBefore", err)
+	}
+	if err := check(unbounded); err != nil {
+		t.Errorf("without RenewBefore: %v, want nil", err)
+	}
+	m.serve(certKey{domain: name, rsa: true}, selfSigned(t, name, ecKey(t), "", t0, t0.Add(3*time.Hour-time.Second)))
+	if err := check(m); err != nil {
+		t.Errorf("beside a certificate shorter than three hours: %v, want nil", err)
+	}
+	m.stateMu.Lock()
+	m.unserveLocked(name)
+	m.stateMu.Unlock()
+	m.serve(certKey{domain: name}, leaf)
+	clock.Advance(16*time.Hour - time.Second)
+	if err := check(m); err == nil {
+		t.Error("a second before two thirds of the lifetime: nil, want refused")
+	}
+	old := selfSigned(t, name, ecKey(t), "", t0.Add(-20*time.Hour), t0.Add(4*time.Hour))
+	m.serve(certKey{domain: name, rsa: true}, old) // due, beside the fresh ECDSA one
+	if err := check(m); err != nil {
+		t.Errorf("the RSA certificate due: %v, want nil", err)
+	}
+	m.stateMu.Lock()
+	m.unserveLocked(name)
+	m.stateMu.Unlock()
+	m.serve(certKey{domain: name}, leaf)
+	clock.Advance(time.Second)
+	if err := check(m); err != nil {
+		t.Errorf("at two thirds of the lifetime: %v, want nil", err)
+	}
+}
+
+// TestRenewBeforeLongerThanTheLifetimeMakesOneOrder: 24-hour
+// certificates and a RenewBefore of 720 hours (autocert would renew each
+// new certificate at once, forever): one order per name, autocert's
+// renewals refused, and that said once in the log.
+func TestRenewBeforeLongerThanTheLifetimeMakesOneOrder(t *testing.T) {
+	t.Parallel()
+	names := []string{"a.day.test", "b.day.test"}
+	e := newEnv(t, envOptions{names: names, pebble: certmgrtest.Options{CertValidity: 24 * time.Hour}})
+	m := e.start(t, func(c *Config) { c.Autocert.RenewBefore = 720 * time.Hour })
+	for _, n := range names {
+		if err := m.Provision(t.Context(), n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// autocert's timer renews at once after each issuance.
+	waitFor(t, 10*time.Second, "autocert's renewal of both names refused", func() bool {
+		return m.refusedOrders.Load() >= int64(len(names))
+	})
+	for _, n := range names {
+		if c := e.Proxy.Counts(n); c.Orders != 1 {
+			t.Errorf("%s: %d orders, want 1", n, c.Orders)
+		}
+		if st := m.Status(n); st.State != StateValid || st.Failures != 0 {
+			t.Errorf("%s: %+v, want valid, no failure", n, st)
+		}
+	}
+	if n := strings.Count(e.logs.String(), "RenewBefore bounded"); n != 1 {
+		t.Errorf("%d log lines say RenewBefore is bounded, want 1", n)
 	}
 }

@@ -33,7 +33,8 @@ type Counts struct {
 	// answered with 200.
 	ChallengeResponses int
 	// FailedAuthzs is the number of distinct authorizations the client was
-	// shown with status "invalid".
+	// shown with status "invalid" (or, with Options.PendingFailures, that
+	// Pebble failed and the client was shown "pending").
 	FailedAuthzs int
 }
 
@@ -67,9 +68,10 @@ type Problem struct {
 // a certificate or an error (waiting at most 2 s). Its methods are safe for
 // concurrent use.
 type Proxy struct {
-	wfe    http.Handler    // Pebble's WFE, called in-process
-	store  *db.MemoryStore // Pebble's state, read to settle challenges and orders
-	settle bool
+	wfe     http.Handler    // Pebble's WFE, called in-process
+	store   *db.MemoryStore // Pebble's state, read to settle challenges and orders
+	settle  bool
+	pending bool // Options.PendingFailures
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -230,11 +232,73 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 
+	out := rec.Body.Bytes()
+	if p.pending && rec.Code < 300 {
+		out = keepPending(class, out)
+		rec.Header().Del("Content-Length")
+	}
 	for k, v := range rec.Header() {
 		w.Header()[k] = v
 	}
 	w.WriteHeader(rec.Code)
-	_, _ = w.Write(rec.Body.Bytes())
+	_, _ = w.Write(out)
+}
+
+// keepPending returns Pebble's answer body to a request of class as
+// step-ca v0.30 would give it (see Options.PendingFailures): an invalid
+// authorization or order is pending, and so is a challenge that could not
+// connect.
+func keepPending(class Class, body []byte) []byte {
+	var doc map[string]json.RawMessage
+	if json.Unmarshal(body, &doc) != nil {
+		return body
+	}
+	switch class {
+	case ClassOrder, ClassAuthz:
+		if string(doc["status"]) != `"invalid"` {
+			return body
+		}
+		doc["status"] = json.RawMessage(`"pending"`)
+		if class == ClassAuthz {
+			var chals []map[string]json.RawMessage
+			if json.Unmarshal(doc["challenges"], &chals) != nil {
+				return body
+			}
+			for _, c := range chals {
+				pendingChallenge(c)
+			}
+			b, err := json.Marshal(chals)
+			if err != nil {
+				return body
+			}
+			doc["challenges"] = b
+		}
+	case ClassChallenge:
+		if !pendingChallenge(doc) {
+			return body
+		}
+	default:
+		return body
+	}
+	b, err := json.Marshal(doc)
+	if err != nil {
+		return body
+	}
+	return b
+}
+
+// pendingChallenge sets the status of the invalid challenge c to
+// "pending" if its validation could not connect (Pebble says so with a
+// connection problem for http-01, and in words for tls-alpn-01), and
+// reports whether it did.
+func pendingChallenge(c map[string]json.RawMessage) bool {
+	var e problemDoc
+	if string(c["status"]) != `"invalid"` || json.Unmarshal(c["error"], &e) != nil ||
+		!strings.HasSuffix(e.Type, ":connection") && !strings.HasPrefix(e.Detail, "Failed to connect to ") {
+		return false
+	}
+	c["status"] = json.RawMessage(`"pending"`)
+	return true
 }
 
 // jwsPayload returns the decoded payload of a flattened JWS JSON body, or

@@ -237,3 +237,32 @@ func TestClassString(t *testing.T) {
 		}
 	}
 }
+
+// TestKeepPending: with Options.PendingFailures, an invalid authorization
+// or order is shown pending, and so is a challenge that could not
+// connect, with its error; a challenge that failed otherwise stays
+// invalid, and anything else is passed as it is.
+func TestKeepPending(t *testing.T) {
+	for _, tt := range []struct {
+		class    Class
+		in, want string
+	}{
+		{ClassAuthz,
+			`{"status":"invalid","challenges":[{"status":"invalid","error":{"type":"urn:ietf:params:acme:error:unauthorized","detail":"Failed to connect to 127.0.0.3:5001 for the tls-alpn-01 challenge"}}]}`,
+			`{"challenges":[{"error":{"type":"urn:ietf:params:acme:error:unauthorized","detail":"Failed to connect to 127.0.0.3:5001 for the tls-alpn-01 challenge"},"status":"pending"}],"status":"pending"}`},
+		{ClassAuthz,
+			`{"status":"invalid","challenges":[{"status":"invalid","error":{"type":"urn:ietf:params:acme:error:unauthorized","detail":"Cannot negotiate ALPN protocol"}}]}`,
+			`{"challenges":[{"error":{"type":"urn:ietf:params:acme:error:unauthorized","detail":"Cannot negotiate ALPN protocol"},"status":"invalid"}],"status":"pending"}`},
+		{ClassChallenge,
+			`{"status":"invalid","error":{"type":"urn:ietf:params:acme:error:connection","detail":"refused"}}`,
+			`{"error":{"type":"urn:ietf:params:acme:error:connection","detail":"refused"},"status":"pending"}`},
+		{ClassOrder, `{"status":"invalid"}`, `{"status":"pending"}`},
+		{ClassAuthz, `{"status":"valid","challenges":[]}`, `{"status":"valid","challenges":[]}`},
+		{ClassCert, `{"status":"invalid"}`, `{"status":"invalid"}`},
+		{ClassAuthz, `not json`, `not json`},
+	} {
+		if got := string(keepPending(tt.class, []byte(tt.in))); got != tt.want {
+			t.Errorf("keepPending(%v, %s) =\n %s, want\n %s", tt.class, tt.in, got, tt.want)
+		}
+	}
+}

@@ -44,6 +44,13 @@ type Options struct {
 	// requests as soon as Pebble does, as a real CA would; clients then
 	// observe Pebble's asynchronous processing and poll.
 	NoSettle bool
+	// PendingFailures makes the test CA report a failed validation as
+	// step-ca v0.30 does: the authorization and its order stay
+	// "pending"; a challenge whose validation could not connect stays
+	// "pending" too, carrying its error, and one that failed otherwise is
+	// "invalid". Pebble itself failed them, and Counts.FailedAuthzs
+	// counts them.
+	PendingFailures bool
 }
 
 // Server is a running test CA. Its fields must not be changed.
@@ -155,6 +162,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.Roots.AddCert(s.Root)
 
 	s.Proxy = newProxy(wfeImpl.Handler(), store, !opts.NoSettle)
+	s.Proxy.pending = opts.PendingFailures
 	s.management = wfeImpl.ManagementHandler()
 	s.front = httptest.NewUnstartedServer(s.Proxy)
 	s.front.Config.ErrorLog = s.errLog
