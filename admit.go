@@ -242,6 +242,7 @@ func (m *Manager) reservationID() string {
 // refused counts and logs an order refused locally.
 func (m *Manager) refused(err error) {
 	m.refusedOrders.Add(1)
+	m.log.Debug("order refused", "err", err.Error())
 	m.warnOrderBudget(err)
 	if errors.Is(err, errRenewBefore) && m.renewBeforeSaid.CompareAndSwap(false, true) {
 		m.log.Warn("RenewBefore bounded", "renew_before", m.cfg.Autocert.RenewBefore.String(), "err", err.Error(),

@@ -57,7 +57,9 @@ type Config struct {
 
 	// HandshakeTimeout is how long a handshake waits for a certificate
 	// before it gets a self-signed fallback; the attempt goes on in the
-	// background. If zero, DefaultHandshakeTimeout (10 s).
+	// background. Once one handshake waited this long for an attempt,
+	// those after it get the fallback at once until the attempt ends. If
+	// zero, DefaultHandshakeTimeout (10 s).
 	HandshakeTimeout time.Duration
 
 	// Backoff is the schedule of ACME attempts after consecutive failures.
