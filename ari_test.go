@@ -6,13 +6,17 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math/big"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/certmgrtest"
@@ -589,5 +593,91 @@ func TestRenewalInfoPolledOncePerCluster(t *testing.T) {
 			default:
 			}
 		}
+	}
+}
+
+// TestRenewalInfoPollIntervals: when a certificate's renewal information
+// is polled next, on a fake clock: 6 hours after an answer without a
+// Retry-After; the CA's Retry-After, bounded to 1 minute and 24 hours; an
+// hour after an answer that cannot be used; a minute after the CA could
+// not be reached.
+func TestRenewalInfoPollIntervals(t *testing.T) {
+	clock := newFakeClock()
+	now := clock.Now()
+	window := fmt.Sprintf(`{"suggestedWindow": {"start": %q, "end": %q}}`,
+		now.Add(60*24*time.Hour).Format(time.RFC3339), now.Add(62*24*time.Hour).Format(time.RFC3339))
+	var (
+		answerMu   sync.Mutex
+		retryAfter string
+		body       = window
+		polled     int
+	)
+	var srv *httptest.Server
+	srv = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/dir" {
+			fmt.Fprintf(w, `{"renewalInfo": %q}`, srv.URL+"/ari")
+			return
+		}
+		answerMu.Lock()
+		defer answerMu.Unlock()
+		polled++
+		if body == "" {
+			panic(http.ErrAbortHandler) // unreachable: no answer
+		}
+		if retryAfter != "" {
+			w.Header().Set("Retry-After", retryAfter)
+		}
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	m := newPureManager(t, clock, func(c *Config) {
+		c.Autocert.Client = &acme.Client{DirectoryURL: srv.URL + "/dir", HTTPClient: srv.Client()}
+	})
+	const name = "intervals.test"
+	k := certKey{domain: name}
+	c := selfSigned(t, name, ecKey(t), "", now.Add(-time.Hour), now.Add(90*24*time.Hour))
+	c.Leaf.AuthorityKeyId = []byte{1, 2, 3, 4}
+	if _, err := m.domainFor(name); err != nil {
+		t.Fatal(err)
+	}
+	nextPoll := func() time.Duration {
+		m.ari.mu.Lock()
+		defer m.ari.mu.Unlock()
+		if ri := m.ari.certs[k]; ri != nil {
+			return ri.nextPoll.Sub(clock.Now())
+		}
+		return -1
+	}
+	m.serve(k, c) // tracked, and polled at once by the Manager's loop
+	waitFor(t, 10*time.Second, "the first poll", func() bool { return nextPoll() > 0 })
+	if got := nextPoll(); got != 6*time.Hour {
+		t.Errorf("after an answer without Retry-After: next poll in %v, want 6h", got)
+	}
+	for _, tc := range []struct {
+		retryAfter, body string
+		want             time.Duration
+	}{
+		{"7200", window, 2 * time.Hour},
+		{"10", window, time.Minute},
+		{"259200", window, 24 * time.Hour},
+		{"", `{"suggestedWindow": {"start": "soon"`, time.Hour},
+		{"", "", time.Minute},
+	} {
+		answerMu.Lock()
+		retryAfter, body = tc.retryAfter, tc.body
+		answerMu.Unlock()
+		clock.Advance(time.Second)
+		m.ari.mu.Lock()
+		m.ari.certs[k].nextPoll = clock.Now() // due
+		m.ari.mu.Unlock()
+		m.pollAll([]certKey{k}, clock.Now())
+		if got := nextPoll(); got != tc.want {
+			t.Errorf("after Retry-After %q and %.20q: next poll in %v, want %v", tc.retryAfter, tc.body, got, tc.want)
+		}
+	}
+	answerMu.Lock()
+	defer answerMu.Unlock()
+	if polled < 6 { // net/http sends a GET again on a broken connection
+		t.Errorf("%d polls reached the CA, want at least 6", polled)
 	}
 }

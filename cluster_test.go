@@ -538,7 +538,7 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 			ms[i].http01.Store(http01)
 		}
 		spends := simulateFailures(t, clock, ms)
-		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().Now())
+		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().Now(), true)
 	}
 }
 
@@ -1502,4 +1502,155 @@ func TestFailedTokenDeleteIsTriedAgain(t *testing.T) {
 		_, err := store.MemoryReplica.Get(context.Background(), name+"+token")
 		return errors.Is(err, autocert.ErrCacheMiss)
 	})
+}
+
+// putCounter is a replica's store that counts its conditional writes.
+type putCounter struct {
+	*certmgrtest.MemoryReplica
+	putIfs atomic.Int64
+}
+
+func (p *putCounter) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
+	p.putIfs.Add(1)
+	return p.MemoryReplica.PutIf(ctx, key, value, rev, fence)
+}
+
+// TestRecordWriteOfALostHoldDoesNotLand: a record write under a hold the
+// store has ended lands nowhere. A holder that has not heard yet (paused
+// while its lease expired) writes with the hold's fence, which the store
+// refuses; one that has heard (lost closed) sends the store no write.
+func TestRecordWriteOfALostHoldDoesNotLand(t *testing.T) {
+	t.Parallel()
+	const name = "fenced.test"
+	store := certmgrtest.NewMemoryStore()
+	replica := &putCounter{MemoryReplica: store.Open()}
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica}, Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	fence, lost, unlock, err := replica.Lock(t.Context(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	replica.Lose() // the store ends the hold, and gives the lock to the next
+	other := store.Open()
+	_, _, unlockOther, err := other.Lock(t.Context(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlockOther()
+
+	write := func(r *failureRecord) error { r.Failures = 7; return nil }
+	notHeard := make(chan struct{}) // the holder's view: still held
+	if err := m.updateRecord(t.Context(), name, fence, notHeard, nil, write); err == nil {
+		t.Error("the paused holder's write succeeded")
+	}
+	if data, err := other.Get(t.Context(), recordPrefix+name); !errors.Is(err, autocert.ErrCacheMiss) {
+		t.Errorf("the paused holder's record landed: %q, %v", data, err)
+	}
+	n := replica.putIfs.Load()
+	if err := m.updateRecord(t.Context(), name, fence, lost, nil, write); !errors.Is(err, errLockLost) {
+		t.Errorf("the write of a holder that knows it lost the lock: %v, want errLockLost", err)
+	}
+	if sent := replica.putIfs.Load() - n; sent != 0 {
+		t.Errorf("a holder that knows it lost the lock sent %d writes to the store, want none", sent)
+	}
+}
+
+// laggingReads is a replica's store whose reads of key return a stale
+// record (a serializable read from a lagging etcd member) and whose watch
+// leaves key's writes out, until a conditional write of key fails: the
+// conflict sends its next read to the leader.
+type laggingReads struct {
+	*certmgrtest.MemoryReplica
+	key string
+
+	mu    sync.Mutex
+	stale []byte // nil once a write conflicted
+	rev   int64
+}
+
+func (l *laggingReads) lagging() ([]byte, int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.stale, l.rev
+}
+
+func (l *laggingReads) GetRevision(ctx context.Context, key string) ([]byte, int64, error) {
+	if stale, rev := l.lagging(); key == l.key && stale != nil {
+		return stale, rev, nil
+	}
+	return l.MemoryReplica.GetRevision(ctx, key)
+}
+
+func (l *laggingReads) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
+	newRev, ok, err := l.MemoryReplica.PutIf(ctx, key, value, rev, fence)
+	if key == l.key && err == nil && !ok {
+		l.mu.Lock()
+		l.stale = nil
+		l.mu.Unlock()
+	}
+	return newRev, ok, err
+}
+
+func (l *laggingReads) Watch(ctx context.Context, prefix string, fromRev int64, f func(key string, value []byte, rev int64)) error {
+	return l.MemoryReplica.Watch(ctx, prefix, fromRev, func(key string, value []byte, rev int64) {
+		if stale, _ := l.lagging(); key != l.key || stale == nil {
+			f(key, value, rev)
+		}
+	})
+}
+
+// TestClusterBudgetCheckedOnTheRecordWritten: a replica whose reads of a
+// domain's record lag behind the store (another replica's failures, not
+// seen yet) makes no order past the cluster's budget: the order's
+// reservation is checked against the record it is written over, which
+// it reads again after the write conflicts.
+func TestClusterBudgetCheckedOnTheRecordWritten(t *testing.T) {
+	t.Parallel()
+	const name = "lagging.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.3") // were an order made, its validation would fail
+	store := certmgrtest.NewMemoryStore()
+	writer := store.Open()
+	now := time.Now()
+	record := func(spends int) []byte {
+		t.Helper()
+		rec := failureRecord{Failures: spends, LastFailure: now.Add(-time.Minute), LastError: "failed"}
+		for i := range spends {
+			rec.Spends = append(rec.Spends, spend{At: now.Add(time.Duration(i-10) * time.Minute), Authz: 1})
+		}
+		data, err := json.Marshal(persistedDomain(rec))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return data
+	}
+	key := recordPrefix + name
+	staleRev, ok, err := writer.PutIf(t.Context(), key, record(3), 0, "") // one authorization left of 4; no backoff
+	if !ok || err != nil {
+		t.Fatalf("writing the record: %v, %v", ok, err)
+	}
+	if _, ok, err := writer.PutIf(t.Context(), key, record(4), staleRev, ""); !ok || err != nil {
+		t.Fatalf("writing the record: %v, %v", ok, err)
+	}
+	lag := &laggingReads{MemoryReplica: store.Open(), key: key, stale: record(3), rev: staleRev}
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: lag, Client: ca.NewClient(), HostPolicy: autocert.HostWhitelist(name)},
+		Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if err := m.Provision(t.Context(), name); !errors.Is(err, ErrBackoff) {
+		t.Errorf("Provision = %v, want ErrBackoff: the budget is spent", err)
+	}
+	if n := ca.Proxy.Requests(certmgrtest.ClassNewOrder); n != 0 {
+		t.Errorf("%d orders reached the CA, want none", n)
+	}
+	data, _, err := writer.GetRevision(t.Context(), key)
+	if rec := decodeRecord(data, time.Now()); err != nil || len(rec.Spends) != 4 {
+		t.Errorf("the store's record: %d spends (%v), want the 4 it held", len(rec.Spends), err)
+	}
 }
