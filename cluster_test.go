@@ -141,12 +141,35 @@ func TestReplicasOrderOnce(t *testing.T) {
 	}
 }
 
+// keyReads is a replica's store that counts the reads of one key.
+type keyReads struct {
+	*certmgrtest.MemoryReplica
+	key string
+	n   atomic.Int64
+}
+
+func (k *keyReads) Get(ctx context.Context, key string) ([]byte, error) {
+	if key == k.key {
+		k.n.Add(1)
+	}
+	return k.MemoryReplica.Get(ctx, key)
+}
+
+func (k *keyReads) GetRevision(ctx context.Context, key string) ([]byte, int64, error) {
+	if key == k.key {
+		k.n.Add(1)
+	}
+	return k.MemoryReplica.GetRevision(ctx, key)
+}
+
 // TestReplicasWatchServesAtOnce: a certificate one replica obtains is
 // served by the others within a second, without a Cache read of theirs.
 func TestReplicasWatchServesAtOnce(t *testing.T) {
 	t.Parallel()
 	const name = "watch.test"
-	r := startReplicas(t, 3, name)
+	r := startWrappedReplicas(t, 3, func(c autocert.Cache) autocert.Cache {
+		return &keyReads{MemoryReplica: c.(*certmgrtest.MemoryReplica), key: name}
+	}, name)
 	if err := r.ms[0].Provision(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}
@@ -155,6 +178,11 @@ func TestReplicasWatchServesAtOnce(t *testing.T) {
 		return r.ms[1].servedCert(certKey{domain: name}) != nil && r.ms[2].servedCert(certKey{domain: name}) != nil
 	})
 	t.Logf("served everywhere %v after Provision returned", time.Since(start))
+	for _, i := range []int{1, 2} {
+		if n := r.ms[i].cfg.Autocert.Cache.(*keyReads).n.Load(); n != 0 {
+			t.Errorf("replica %d read the certificate from the store %d times, want none", i, n)
+		}
+	}
 }
 
 // TestReplicasShareOneAccount: replicas starting together make one ACME

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/certmgr/certmgr/certmgrtest"
 )
 
 // TestFallbackStoreIsBounded: the store keeps at most its bound of
@@ -79,17 +81,32 @@ func TestIsFallback(t *testing.T) {
 }
 
 // TestHandshakeTimeoutDefault: a zero HandshakeTimeout is
-// DefaultHandshakeTimeout, 10 s; another is kept.
+// DefaultHandshakeTimeout, 10 s; another is kept. A handshake whose
+// attempt outlives it gets the fallback while the attempt goes on (the
+// CA holds the validation until the handshake returned), and the
+// certificate once the attempt ended.
 func TestHandshakeTimeoutDefault(t *testing.T) {
+	t.Parallel()
 	if DefaultHandshakeTimeout != 10*time.Second {
 		t.Errorf("DefaultHandshakeTimeout = %v, want 10s", DefaultHandshakeTimeout)
 	}
 	if m := newPureManager(t, newFakeClock(), nil); m.timeout != DefaultHandshakeTimeout {
 		t.Errorf("timeout %v, want the default", m.timeout)
 	}
-	if m := newPureManager(t, newFakeClock(), func(c *Config) { c.HandshakeTimeout = time.Second }); m.timeout != time.Second {
-		t.Errorf("timeout %v, want 1s", m.timeout)
+	const name = "slow.test"
+	e := newEnv(t, envOptions{names: []string{name}})
+	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true})
+	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 200 * time.Millisecond })
+	if m.timeout != 200*time.Millisecond {
+		t.Errorf("timeout %v, want 200ms", m.timeout)
 	}
+	e.expectFallback(t, name)
+	if st := m.Status(name); st.State != StateObtaining {
+		t.Errorf("after the handshake: %v, want the attempt still obtaining", st.State)
+	}
+	e.Proxy.Release()
+	waitFor(t, 10*time.Second, "the attempt to end", func() bool { return m.Status(name).State == StateValid })
+	e.expectIssued(t, name)
 }
 
 // TestFallbacksAreBoundedByMaxFallbacks: a Manager's fallbacks for

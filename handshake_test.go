@@ -16,8 +16,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr/certmgrtest"
+	"github.com/certmgr/certmgr/internal/testsupport"
 )
 
 // TestServeKeepsTheLaterIssued: serve replaces a certificate only with one
@@ -320,5 +324,120 @@ func TestRemoteNamesMakeNoCacheErrors(t *testing.T) {
 	}
 	if n := cacheErrors.Load(); n > 1 {
 		t.Errorf("%d cache-error events from remote clients' names, want at most 1 a minute", n)
+	}
+}
+
+// countingStore is a replica's store that counts every request but its
+// watch's.
+type countingStore struct {
+	*certmgrtest.MemoryReplica
+	n atomic.Int64
+}
+
+func (c *countingStore) Get(ctx context.Context, key string) ([]byte, error) {
+	c.n.Add(1)
+	return c.MemoryReplica.Get(ctx, key)
+}
+
+func (c *countingStore) Put(ctx context.Context, key string, data []byte) error {
+	c.n.Add(1)
+	return c.MemoryReplica.Put(ctx, key, data)
+}
+
+func (c *countingStore) Delete(ctx context.Context, key string) error {
+	c.n.Add(1)
+	return c.MemoryReplica.Delete(ctx, key)
+}
+
+func (c *countingStore) GetRevision(ctx context.Context, key string) ([]byte, int64, error) {
+	c.n.Add(1)
+	return c.MemoryReplica.GetRevision(ctx, key)
+}
+
+func (c *countingStore) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
+	c.n.Add(1)
+	return c.MemoryReplica.PutIf(ctx, key, value, rev, fence)
+}
+
+func (c *countingStore) DeleteIf(ctx context.Context, key string, rev int64, fence string) (bool, error) {
+	c.n.Add(1)
+	return c.MemoryReplica.DeleteIf(ctx, key, rev, fence)
+}
+
+func (c *countingStore) Lock(ctx context.Context, name string) (string, <-chan struct{}, func(), error) {
+	c.n.Add(1)
+	return c.MemoryReplica.Lock(ctx, name)
+}
+
+// countingCache is an autocert.Cache that counts its calls.
+type countingCache struct {
+	autocert.Cache
+	n atomic.Int64
+}
+
+func (c *countingCache) Get(ctx context.Context, key string) ([]byte, error) {
+	c.n.Add(1)
+	return c.Cache.Get(ctx, key)
+}
+
+func (c *countingCache) Put(ctx context.Context, key string, data []byte) error {
+	c.n.Add(1)
+	return c.Cache.Put(ctx, key, data)
+}
+
+func (c *countingCache) Delete(ctx context.Context, key string) error {
+	c.n.Add(1)
+	return c.Cache.Delete(ctx, key)
+}
+
+// TestServedHandshakeMakesNoStoreOrDNSRequest: once a certificate is
+// served, handshakes for it make no Cache call and no DNS query, on one
+// process (a DirCache) and on a replica (a Coordinator), both running
+// the DNS pre-check.
+func TestServedHandshakeMakesNoStoreOrDNSRequest(t *testing.T) {
+	t.Parallel()
+	const name = "served.test"
+	ca := certmgrtest.Start(t, certmgrtest.Options{})
+	ca.DNS.SetA(name, "127.0.0.1")
+	var current atomic.Pointer[Manager]
+	if err := ca.ServeTLS(&tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return current.Load().TLSConfig(), nil
+	}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	single := &countingCache{Cache: autocert.DirCache(t.TempDir())}
+	replica := &countingStore{MemoryReplica: certmgrtest.NewMemoryStore().Open()}
+	for _, tc := range []struct {
+		what  string
+		cache autocert.Cache
+		calls *atomic.Int64
+	}{{"one process", single, &single.n}, {"a replica", replica, &replica.n}} {
+		m, err := New(dnsConfig(ca, Config{Autocert: &autocert.Manager{Cache: tc.cache, Client: ca.NewClient(),
+			HostPolicy: autocert.HostWhitelist(name)}, Logger: newTestLogger(&testsupport.Buffer{})}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		current.Store(m)
+		if err := m.Provision(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := m.GetCertificate(testsupport.Hello(name)); err != nil || IsFallback(c) {
+			t.Fatalf("%s: the first handshake: %v", tc.what, err)
+		}
+		calls := tc.calls.Load()
+		ca.DNS.ResetQueries()
+		for range 100 {
+			if c, err := m.GetCertificate(testsupport.Hello(name)); err != nil || IsFallback(c) {
+				t.Fatalf("%s: a handshake: %v", tc.what, err)
+			}
+		}
+		if n := tc.calls.Load() - calls; n != 0 {
+			t.Errorf("%s: 100 served handshakes made %d store requests, want none", tc.what, n)
+		}
+		if n := ca.DNS.Queries(name, dns.TypeA) + ca.DNS.Queries(name, dns.TypeAAAA) + ca.DNS.Queries(name, dns.TypeCAA); n != 0 {
+			t.Errorf("%s: 100 served handshakes made %d DNS queries, want none", tc.what, n)
+		}
+		m.Close()
 	}
 }

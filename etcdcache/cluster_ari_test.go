@@ -171,7 +171,8 @@ func (ac *ariCluster) expectOneRenewal(t *testing.T, old *tls.Certificate, since
 }
 
 // TestRenewalInfoRenewsOnceForTheCluster: the CA opens the renewal window
-// of a certificate that 3 replicas serve and poll: each sees it, and the
+// of a certificate that 3 replicas serve and poll (sharing the answer:
+// which of them saw the window before the renewal is only logged); the
 // cluster makes one renewal order; every replica serves the renewed
 // certificate.
 func TestRenewalInfoRenewsOnceForTheCluster(t *testing.T) {
@@ -192,8 +193,8 @@ func TestRenewalInfoRenewsOnceForTheCluster(t *testing.T) {
 
 // TestRevokedCertificateReplacedOnceForTheCluster: a certificate that 3
 // replicas serve is revoked; the CA's renewal information then suggests
-// a window already past, which each replica sees, and the cluster makes
-// one order for its replacement; every replica serves it.
+// a window already past, and the cluster makes one order for its
+// replacement; every replica serves it.
 func TestRevokedCertificateReplacedOnceForTheCluster(t *testing.T) {
 	t.Parallel()
 	const name = "revoked.test"

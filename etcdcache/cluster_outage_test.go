@@ -143,6 +143,7 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 		r.link.cut()
 	}
 	c.etcd.Stop()
+	stopped := time.Now()
 	if after := c.serials(served); strings.Join(after, " ") != strings.Join(before, " ") {
 		t.Errorf("serials served while etcd is down: %v, want %v", after, before)
 	}
@@ -151,6 +152,17 @@ func TestEtcdRestartUnderLiveReplicas(t *testing.T) {
 		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: waited, Roots: c.ca.Roots}); err == nil {
 			t.Errorf("replica %d served a CA-issued certificate for %s while etcd is down", i, waited)
 		}
+	}
+	// And all along, until every replica's lease has expired.
+	for {
+		since := time.Since(stopped)
+		if after := c.serials(served); strings.Join(after, " ") != strings.Join(before, " ") {
+			t.Fatalf("serials served %v after etcd went down: %v, want %v", since.Round(time.Millisecond), after, before)
+		}
+		if since > 2*testTTL {
+			break
+		}
+		time.Sleep(200 * time.Millisecond) // paces the handshakes; no outcome is waited for
 	}
 	if n := c.ca.Proxy.Counts(waited).Orders; n != 0 {
 		t.Errorf("%d orders while etcd is down, want none", n)
