@@ -311,6 +311,21 @@ func TestObserverFailsAPendingAuthorizationWithAnError(t *testing.T) {
 	if failed != 2 || !reports[1].authzFailed || reports[1].problem != "could not connect" || reports[3].problem != "no acme-tls/1" {
 		t.Errorf("reports %+v, want authorizations 1 and 2 failed once each, with the CA's details", reports)
 	}
+
+	// A CA that validates again within the grace: valid, never failed.
+	answer["/authz/3"] = strings.Replace(answer["/authz/1"], "chall/", "chall3/", 2)
+	o.track(tracked{domain: "a.test", reservation: "r1"}, false, []string{"https://ca/authz/3"})
+	reports = nil
+	if status, _ := post("/authz/3"); status != "pending" {
+		t.Errorf("an error within the grace: status %q, want pending", status)
+	}
+	answer["/authz/3"] = `{"status":"valid","identifier":{"type":"dns","value":"a.test"},"challenges":[{"url":"https://ca/chall3/1","status":"valid"}]}`
+	if status, _ := post("/authz/3"); status != "valid" {
+		t.Errorf("validated again: status %q, want valid", status)
+	}
+	if len(reports) != 2 || reports[0].authzFailed || reports[1].authzFailed || !reports[1].authzValid {
+		t.Errorf("reports %+v, want no failure, and the authorization valid", reports)
+	}
 }
 
 // TestObserverReservesNothingForAnEndedRequest: autocert orders again

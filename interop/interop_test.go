@@ -121,7 +121,8 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 }
 
 // TestStepCAIssues: a certificate from step-ca, by a handshake and by
-// Provision, verified against step-ca's root.
+// Provision, verified against step-ca's root; that step-ca offers no
+// renewal information is said once.
 func TestStepCAIssues(t *testing.T) {
 	t.Parallel()
 	const byHandshake, byProvision = "handshake.step.test", "provision.step.test"
@@ -132,7 +133,8 @@ func TestStepCAIssues(t *testing.T) {
 	ca := startStepCA(t, l.Addr().(*net.TCPAddr).Port)
 	ca.DNS.SetA(byHandshake, "127.0.0.1")
 	ca.DNS.SetA(byProvision, "127.0.0.1")
-	m := newManager(t, ca, t.TempDir(), &syncBuffer{}, []string{byHandshake, byProvision}, nil)
+	logs := &syncBuffer{}
+	m := newManager(t, ca, t.TempDir(), logs, []string{byHandshake, byProvision}, nil)
 	serveTLS(t, l, m.TLSConfig())
 
 	chain, took, err := handshake(l.Addr().String(), byHandshake)
@@ -172,6 +174,13 @@ func TestStepCAIssues(t *testing.T) {
 		if orders, failed := ca.Counts.of(name); orders != 1 || failed != 0 {
 			t.Errorf("%s: %d orders, %d failed authorizations; want 1 and 0", name, orders, failed)
 		}
+	}
+	// step-ca's directory has no renewalInfo: said once.
+	waitFor(t, 10*time.Second, "the log to say the CA offers no renewal information", func() bool {
+		return strings.Contains(logs.String(), "renewal information not offered")
+	})
+	if n := strings.Count(logs.String(), "renewal information not offered"); n != 1 {
+		t.Errorf("%d log lines say the CA offers no renewal information, want 1", n)
 	}
 }
 
