@@ -551,9 +551,13 @@ func TestReplicasObeyOneRateLimit(t *testing.T) {
 // continuous failure, three replicas taking turns (handshake attempts and
 // autocert's renewals alike) spend at most 4 failed authorizations in
 // any rolling hour for the cluster, and at most 2 a day after the first.
+// With a Backoff of a minute, the cluster's budget of 4 binds every hour.
 func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 	t.Parallel()
-	for _, http01 := range []bool{false, true} {
+	for _, tc := range []struct {
+		http01  bool
+		backoff Backoff
+	}{{false, Backoff{}}, {true, Backoff{}}, {false, Backoff{Steps: []time.Duration{time.Minute}, Jitter: -1}}} {
 		clock := newFakeClock()
 		rng := rand.New(rand.NewPCG(1, 2))
 		store := certmgrtest.NewMemoryStore()
@@ -562,11 +566,57 @@ func TestReplicasKeepOneBudgetFor48Hours(t *testing.T) {
 			ms[i] = newPureManager(t, clock, func(c *Config) {
 				c.Autocert.Cache = store.Open()
 				c.hooks.rand = rng.Float64
+				c.Backoff = tc.backoff
 			})
-			ms[i].http01.Store(http01)
+			ms[i].http01.Store(tc.http01)
 		}
 		spends := simulateFailures(t, clock, ms)
-		checkBudget48h(t, fmt.Sprintf("3 replicas, http01=%v", http01), spends, newFakeClock().Now(), true)
+		what := fmt.Sprintf("3 replicas, http01=%v", tc.http01)
+		if tc.backoff.Steps != nil {
+			what = "3 replicas, backoff of a minute"
+			if n := countIn(spends, newFakeClock().Now(), time.Hour); n != 4 {
+				t.Errorf("%s: %d failed authorizations in the first hour, want the budget's 4", what, n)
+			}
+		}
+		checkBudget48h(t, what, spends, newFakeClock().Now(), tc.backoff.Steps == nil)
+	}
+}
+
+// TestReplicasRacingKeepOneBudget: three replicas attempt one failing
+// name at once, round after round, each after its operator's Retry: the
+// cluster fails at most 4 authorizations at the CA in the hour, and its
+// record holds what the CA failed.
+func TestReplicasRacingKeepOneBudget(t *testing.T) {
+	t.Parallel()
+	const name = "racing.test"
+	r := startReplicas(t, 3, name)
+	r.ca.DNS.SetA(name, "127.0.0.3") // nothing listens there: validation fails
+	for range 4 {
+		var wg sync.WaitGroup
+		for _, m := range r.ms {
+			wg.Go(func() {
+				m.Retry(name)
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				m.Provision(ctx, name)
+			})
+		}
+		wg.Wait()
+	}
+	c := r.ca.Proxy.Counts(name)
+	if c.FailedAuthzs > 4 || c.FailedAuthzs < 2 {
+		t.Errorf("%d failed authorizations at the CA over 4 rounds of 3 racing replicas, want at most the budget of 4 (and a few)", c.FailedAuthzs)
+	}
+	data, _, err := r.store.Open().GetRevision(context.Background(), recordPrefix+name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spent := 0
+	for _, s := range decodeRecord(data, time.Now()).Spends {
+		spent += s.Authz
+	}
+	if spent != c.FailedAuthzs {
+		t.Errorf("the cluster's record holds %d spends, the CA failed %d authorizations", spent, c.FailedAuthzs)
 	}
 }
 

@@ -74,7 +74,7 @@ var mutants = []mutant{
 		file: "certmgr.go",
 		old:  `m.cfg.AuthzBudget = cmp.Or(cfg.AuthzBudget, 4)`,
 		new:  `m.cfg.AuthzBudget = cmp.Or(cfg.AuthzBudget, 5)`,
-		pkg:  ".", tests: "^TestScheduleKeepsBudget$",
+		pkg:  ".", tests: "^(TestScheduleKeepsBudget|TestReplicasKeepOneBudgetFor48Hours)$",
 	},
 	{
 		name: "an order whose context ended reserves",
