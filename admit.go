@@ -273,6 +273,12 @@ func (m *Manager) observed(name string, ob observation) {
 		d.fail.settle(ob.reservation, ob.authzFailed)
 	a := d.attempt
 	end := false
+	if ob.order {
+		m.counts.orders.Add(1)
+	}
+	if ob.authzFailed {
+		m.counts.failedAuthz.Add(1)
+	}
 	if a != nil {
 		if ob.order {
 			a.orders++

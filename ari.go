@@ -389,12 +389,18 @@ func (m *Manager) pollRenewalInfo(url string, k certKey) error {
 	case m.ctx.Err() != nil:
 		return nil // Close
 	case !answered:
+		m.counts.polls[2].Add(1)
 		return err
 	}
 	now := m.now()
 	start, end := answer.SuggestedWindow.Start, answer.SuggestedWindow.End
 	if err == nil {
 		err = checkWindow(start, end, leaf)
+	}
+	if err == nil {
+		m.counts.polls[0].Add(1)
+	} else {
+		m.counts.polls[1].Add(1)
 	}
 	interval := renewalInfoDefaultPoll
 	if err != nil {
@@ -567,6 +573,9 @@ func (m *Manager) renewBefore(leaf *x509.Certificate) time.Duration {
 // notAfter.
 func (m *Manager) renewBeforeOf(notBefore, notAfter time.Time) time.Duration {
 	if rb := m.cfg.Autocert.RenewBefore; rb > 0 {
+		if third := notAfter.Sub(notBefore) / 3; rb > third && third >= renewRetryMax {
+			return third // bounded: see checkRenewBeforeLocked
+		}
 		return min(rb, 30*24*time.Hour)
 	}
 	return min(notAfter.Sub(notBefore)/3, 30*24*time.Hour)

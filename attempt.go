@@ -353,6 +353,14 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 	}
 	switch {
 	case err == nil:
+		m.counts.attempt(a.path, resultSucceeded)
+	case local:
+		m.counts.attempt(a.path, resultLocal)
+	default:
+		m.counts.attempt(a.path, resultFailed)
+	}
+	switch {
+	case err == nil:
 		kind := EventObtained
 		renewed := a.path == PathRenewal || a.path == PathRenewalInfo && a.orders > 0
 		switch {

@@ -188,9 +188,10 @@ type Manager struct {
 	//   - servedMu guards served, the certificates handshakes get, and
 	//     servedRev, the store's revision of each one from a Coordinator.
 	//   - accountMu guards key.
+	//   - overdueMu guards overdueSaid.
 	//
 	// The lock order is persistMu, then stateMu, then servedMu; accountMu
-	// is taken alone. Under stateMu, servedMu and accountMu certmgr makes
+	// and overdueMu are taken alone. Under stateMu, servedMu, accountMu and overdueMu certmgr makes
 	// no call out: no OnEvent callback or log line (emit), no HostPolicy,
 	// no Cache call and no call into an autocert.Manager. autocert holds
 	// locks of its own while it calls the Cache, whose errors go to
@@ -234,6 +235,9 @@ type Manager struct {
 	accountMu sync.Mutex
 	key       crypto.Signer // the ACME account key, once known
 
+	overdueMu   sync.Mutex
+	overdueSaid map[string]time.Time // domains whose renewal is overdue → when it was last said (warnOverdue)
+
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // attempts and the cache retry loop
@@ -243,6 +247,7 @@ type Manager struct {
 	refusedOrders atomic.Int64 // orders refused locally (for tests)
 	waitedOrders  atomic.Int64 // orders that waited for another order in flight (for tests)
 	waitedShakes  atomic.Int64 // handshakes that waited for an attempt in flight (for tests)
+	counts        counters     // for monitoring (Counters)
 }
 
 // New returns a Manager for cfg. It reads the persisted failure cache, so
@@ -345,6 +350,7 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.grace = m.hooks.challengeGrace
 	m.base = m.newAutocert(nil, m.cache)
 	m.ariClient = &http.Client{Transport: m.obs}
+	m.overdueSaid = make(map[string]time.Time)
 	m.ari.wake = make(chan struct{}, 1)
 	m.ari.certs = make(map[certKey]*renewalInfo)
 	m.ari.loads = make(map[string]time.Time)

@@ -43,6 +43,7 @@ func (m *Manager) lockDomain(ctx context.Context, d *domain, a *attempt) error {
 	if m.coord == nil {
 		return nil
 	}
+	m.counts.lockWaits.Add(1)
 	fence, lost, unlock, err := m.coord.Lock(ctx, lockName(d.name))
 	switch {
 	case err == nil:

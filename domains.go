@@ -175,6 +175,7 @@ func (m *Manager) sweepLoop() {
 	defer m.wg.Done()
 	for m.sleep(recordSweep) {
 		m.sweepRecords()
+		m.warnOverdue()
 	}
 }
 

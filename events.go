@@ -29,6 +29,7 @@ const (
 	EventRenewalScheduled                         // Info: the CA's renewal information suggested WindowStart to WindowEnd; renewal at RenewAt
 	EventRenewalSuggested                         // Info: the CA's suggested window is open, before autocert's own schedule: renewal at RenewAt; ExplanationURL says why, if given
 	EventRenewalInfoUnusable                      // Warn: the CA's renewal information for a certificate cannot be used (once per certificate); the schedule stays
+	EventRenewalOverdue                           // Error: the certificate served is not renewed though it should be (Status.RenewalOverdue); RenewAt is when it was due; once a day
 )
 
 var eventMessages = [...]string{
@@ -49,6 +50,7 @@ var eventMessages = [...]string{
 	EventRenewalScheduled:    "renewal scheduled",
 	EventRenewalSuggested:    "renewal suggested by CA",
 	EventRenewalInfoUnusable: "renewal information unusable",
+	EventRenewalOverdue:      "certificate renewal overdue",
 }
 
 // String returns the event's log message, e.g. "certificate obtained".
@@ -65,7 +67,7 @@ func (k EventKind) level() slog.Level {
 		return slog.LevelDebug
 	case EventFailed, EventRateLimited, EventTableFull, EventOrderBudget, EventRenewalInfoUnusable:
 		return slog.LevelWarn
-	case EventCacheError:
+	case EventCacheError, EventRenewalOverdue:
 		return slog.LevelError
 	}
 	return slog.LevelInfo

@@ -119,9 +119,16 @@ func IsFallback(cert *tls.Certificate) bool {
 // it, and it beats a fallback), else the self-signed fallback, logged
 // once per change of the domain's state.
 func (m *Manager) fallback(k certKey) (*tls.Certificate, error) {
+	c, _, err := m.fallbackOrRSA(k)
+	return c, err
+}
+
+// fallbackOrRSA is fallback, and reports whether the certificate is the
+// self-signed fallback.
+func (m *Manager) fallbackOrRSA(k certKey) (c *tls.Certificate, fallback bool, err error) {
 	if !k.rsa {
 		if c := m.servedCert(certKey{domain: k.domain, rsa: true}); c != nil {
-			return c, nil
+			return c, false, nil
 		}
 	}
 	name := k.domain
@@ -135,5 +142,6 @@ func (m *Manager) fallback(k certKey) (*tls.Certificate, error) {
 	if first {
 		m.emit(Event{Kind: EventFallback, Time: m.now(), Domain: name})
 	}
-	return m.fallbacks.get(name)
+	c, err = m.fallbacks.get(name)
+	return c, err == nil, err
 }

@@ -20,9 +20,9 @@ import (
 // DNS) or whose attempt in flight already held a handshake for the whole
 // HandshakeTimeout (a slow CA: no handshake waits twice). It returns nil when the handshake must take the full path: a name
 // that is not a domain's normalised name, or whose Cache was not read yet.
-func (m *Manager) answerNow(k certKey) *tls.Certificate {
+func (m *Manager) answerNow(k certKey) (c *tls.Certificate, fallback bool) {
 	if c := m.servedCert(k); c != nil {
-		return c
+		return c, false
 	}
 	now := m.now()
 	m.stateMu.Lock()
@@ -31,10 +31,10 @@ func (m *Manager) answerNow(k certKey) *tls.Certificate {
 		(d.attempt == nil && m.waitingLocked(d, now) || d.attempt != nil && d.attempt.waitedOut)
 	m.stateMu.Unlock()
 	if !waiting {
-		return nil
+		return nil, false
 	}
-	c, _ := m.fallback(k)
-	return c
+	c, fallback, _ = m.fallbackOrRSA(k)
+	return c, fallback
 }
 
 // servedCert returns the valid certificate held for k, or nil.
@@ -154,32 +154,57 @@ func b2i(b bool) int {
 // or every TLS-ALPN-01 validation fails at the handshake.
 func (m *Manager) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 	if wantsTokenCert(hello) {
+		m.counts.handshakes[answerChallenge].Add(1)
 		return m.tokenCert(hello)
 	}
 	// The hot path: the raw name, as most clients send it normalised.
 	k := certKey{domain: hello.ServerName, rsa: !supportsECDSA(hello)}
-	if c := m.answerNow(k); c != nil {
+	if c, fallback := m.answerNow(k); c != nil {
+		m.countAnswer(fallback)
 		return c, nil
 	}
+	c, fallback, err := m.getCertificate(hello, k)
+	switch {
+	case err != nil:
+		m.counts.handshakes[answerRefused].Add(1)
+	default:
+		m.countAnswer(fallback)
+	}
+	return c, err
+}
+
+// countAnswer counts a handshake answered with a certificate, or with
+// the fallback.
+func (m *Manager) countAnswer(fallback bool) {
+	if fallback {
+		m.counts.handshakes[answerFallback].Add(1)
+	} else {
+		m.counts.handshakes[answerCertificate].Add(1)
+	}
+}
+
+// getCertificate is GetCertificate past the hot path: for k, a name as
+// the client sent it.
+func (m *Manager) getCertificate(hello *tls.ClientHelloInfo, k certKey) (c *tls.Certificate, fallback bool, err error) {
 	name, err := normalize(hello.ServerName)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if k.domain != name {
 		k.domain = name
-		if c := m.answerNow(k); c != nil {
-			return c, nil
+		if c, fallback := m.answerNow(k); c != nil {
+			return c, fallback, nil
 		}
 	}
 	ctx, cancel := m.handshakeContext(hello)
 	defer cancel()
 	if err := m.hostPolicy(ctx, name); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if cert, err := m.obtain(ctx, k, PathHandshake); err == nil {
-		return cert, nil
+		return cert, false, nil
 	}
-	return m.fallback(k)
+	return m.fallbackOrRSA(k)
 }
 
 // handshakeContext returns the context of hello's handshake, ended after

@@ -89,7 +89,7 @@ func TestAnswerNow(t *testing.T) {
 		"valid.test": "valid", "backoff.test": "fallback",
 		"unread.test": "", "due.test": "", "obtaining.test": "", "unknown.test": "", "VALID.test": "",
 	} {
-		c := m.answerNow(certKey{domain: name})
+		c, _ := m.answerNow(certKey{domain: name})
 		got := ""
 		switch {
 		case c == valid:
@@ -105,7 +105,7 @@ func TestAnswerNow(t *testing.T) {
 	}
 	// The Cache is read again every cacheRetry while the domain waits.
 	clock.Advance(30 * time.Second)
-	if c := m.answerNow(certKey{domain: "backoff.test"}); c != nil {
+	if c, _ := m.answerNow(certKey{domain: "backoff.test"}); c != nil {
 		t.Error("answerNow answered a domain whose Cache read is stale")
 	}
 }

@@ -1,7 +1,9 @@
 package certmgr
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,6 +45,36 @@ type Status struct {
 	// time the CA's renewal information suggested; zero if it suggested
 	// none (autocert's timer then renews it).
 	RenewAt time.Time
+	// RenewDue is when the certificate served is due for renewal:
+	// RenewAt, or autocert's own time if that comes first (NotAfter less
+	// RenewBefore, bounded to a third of the lifetime, or less a third of
+	// the lifetime); zero if none is served.
+	RenewDue time.Time
+	// RenewalOverdue reports that the certificate served should have
+	// been renewed by now: RenewDue passed more than a twelfth of its
+	// lifetime ago (at most a day ago), or less than a sixth of its
+	// lifetime is left. EventRenewalOverdue says so, once a day.
+	RenewalOverdue bool
+}
+
+// overdueMargin is how long after RenewDue a certificate of the given
+// lifetime is overdue for renewal.
+func overdueMargin(lifetime time.Duration) time.Duration {
+	return min(lifetime/12, 24*time.Hour)
+}
+
+// settle completes s, computed by statusLocked, with the CA's renewal
+// time renewAt and whether the renewal is overdue at now; lifetime is
+// that of the certificate served.
+func (s *Status) settle(renewAt time.Time, lifetime time.Duration, now time.Time) {
+	if s.State != StateValid || lifetime <= 0 {
+		return
+	}
+	s.RenewAt = renewAt
+	if !renewAt.IsZero() && renewAt.Before(s.RenewDue) {
+		s.RenewDue = renewAt
+	}
+	s.RenewalOverdue = !now.Before(s.RenewDue.Add(overdueMargin(lifetime))) || !now.Before(s.NotAfter.Add(-lifetime/6))
 }
 
 // Status returns the status of domain. A name certmgr does not track
@@ -69,10 +101,10 @@ func (m *Manager) Status(domain string) Status {
 			return Status{Domain: name}
 		}
 	}
-	s := m.statusLocked(d, now)
+	s, lifetime := m.statusLocked(d, now)
 	m.stateMu.Unlock()
 	if s.State == StateValid {
-		s.RenewAt = m.ari.renewAt(name)
+		s.settle(m.ari.renewAt(name), lifetime, now)
 	}
 	return s
 }
@@ -97,31 +129,44 @@ func (m *Manager) Domains() []Status {
 	now := m.now()
 	m.stateMu.Lock()
 	out := make([]Status, 0, len(m.domains)+len(m.dormant))
+	lifetimes := make([]time.Duration, 0, cap(out))
 	for _, d := range m.domains {
-		out = append(out, m.statusLocked(d, now))
+		s, lifetime := m.statusLocked(d, now)
+		out, lifetimes = append(out, s), append(lifetimes, lifetime)
 	}
 	for name, f := range m.dormant {
 		if m.coord != nil && m.domains[name] == nil {
 			d := recordOnly(name, f)
 			d.notAfter = maxTime(m.issuedNotAfterLocked(name), f.NotAfter)
-			out = append(out, m.statusLocked(d, now))
+			s, lifetime := m.statusLocked(d, now)
+			out, lifetimes = append(out, s), append(lifetimes, lifetime)
 		}
 	}
 	m.stateMu.Unlock()
 	for i := range out {
 		if out[i].State == StateValid {
-			out[i].RenewAt = m.ari.renewAt(out[i].Domain)
+			out[i].settle(m.ari.renewAt(out[i].Domain), lifetimes[i], now)
 		}
 	}
 	slices.SortFunc(out, func(a, b Status) int { return strings.Compare(a.Domain, b.Domain) })
 	return out
 }
 
-// statusLocked computes d's status at now. It writes nothing.
-func (m *Manager) statusLocked(d *domain, now time.Time) Status {
+// statusLocked computes d's status at now, all but what settle adds,
+// and returns the lifetime of the certificate served, if known. It
+// writes nothing.
+func (m *Manager) statusLocked(d *domain, now time.Time) (Status, time.Duration) {
 	s := Status{Domain: d.name, Failures: d.fail.Failures, NotAfter: d.notAfter}
 	if !now.Before(s.NotAfter) {
 		s.NotAfter = time.Time{}
+	}
+	lifetime := d.lifetime
+	if lifetime <= 0 && !d.fail.NotBefore.IsZero() && d.fail.NotAfter.Equal(d.notAfter) {
+		lifetime = d.fail.NotAfter.Sub(d.fail.NotBefore) // known from the record alone
+	}
+	if !s.NotAfter.IsZero() && lifetime > 0 {
+		notBefore := s.NotAfter.Add(-lifetime)
+		s.RenewDue = maxTime(s.NotAfter.Add(-m.renewBeforeOf(notBefore, s.NotAfter)), notBefore)
 	}
 	if d.fail.Failures > 0 {
 		s.LastError = d.lastErr
@@ -154,5 +199,69 @@ func (m *Manager) statusLocked(d *domain, now time.Time) Status {
 	case d.fail.Failures > 0:
 		s.State = StateBackoff
 	}
-	return s
+	return s, lifetime
+}
+
+// MarshalText implements encoding.TextMarshaler: the state's name, as
+// String gives it. A state without a name is an error.
+func (s State) MarshalText() ([]byte, error) {
+	if s < 0 || int(s) >= len(stateNames) {
+		return nil, fmt.Errorf("certmgr: no such state: %d", int(s))
+	}
+	return []byte(stateNames[s]), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler: it reads a state's
+// name, as MarshalText writes it.
+func (s *State) UnmarshalText(text []byte) error {
+	for i, name := range stateNames {
+		if string(text) == name {
+			*s = State(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("certmgr: no such state: %q", text)
+}
+
+// statusJSON is the JSON of a Status: snake-case keys, the state by its
+// name, the last error as its text, and no zero time.
+type statusJSON struct {
+	Domain         string    `json:"domain"`
+	State          State     `json:"state"`
+	NotAfter       time.Time `json:"not_after,omitzero"`
+	Failures       int       `json:"failures"`
+	LastError      string    `json:"last_error,omitempty"`
+	NextAttempt    time.Time `json:"next_attempt,omitzero"`
+	RenewAt        time.Time `json:"renew_at,omitzero"`
+	RenewDue       time.Time `json:"renew_due,omitzero"`
+	RenewalOverdue bool      `json:"renewal_overdue"`
+}
+
+// MarshalJSON implements json.Marshaler. The keys are domain, state (its
+// name: "none", "obtaining", "valid", "backoff" or "waiting-dns"),
+// not_after, failures, last_error (the error's text), next_attempt,
+// renew_at, renew_due and renewal_overdue; a zero time, or no error, is
+// left out.
+func (s Status) MarshalJSON() ([]byte, error) {
+	j := statusJSON{Domain: s.Domain, State: s.State, NotAfter: s.NotAfter, Failures: s.Failures,
+		NextAttempt: s.NextAttempt, RenewAt: s.RenewAt, RenewDue: s.RenewDue, RenewalOverdue: s.RenewalOverdue}
+	if s.LastError != nil {
+		j.LastError = s.LastError.Error()
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON implements json.Unmarshaler: it reads what MarshalJSON
+// writes. The last error comes back as an error with the same text.
+func (s *Status) UnmarshalJSON(data []byte) error {
+	var j statusJSON
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	*s = Status{Domain: j.Domain, State: j.State, NotAfter: j.NotAfter, Failures: j.Failures,
+		NextAttempt: j.NextAttempt, RenewAt: j.RenewAt, RenewDue: j.RenewDue, RenewalOverdue: j.RenewalOverdue}
+	if j.LastError != "" {
+		s.LastError = errors.New(j.LastError)
+	}
+	return nil
 }

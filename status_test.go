@@ -1,8 +1,10 @@
 package certmgr
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http/httptest"
 	"reflect"
 	"testing"
 	"time"
@@ -69,7 +71,7 @@ func TestStatusComputation(t *testing.T) {
 			d.name = "a.test"
 			before := d
 			m.stateMu.Lock()
-			got := m.statusLocked(&d, now)
+			got, _ := m.statusLocked(&d, now)
 			m.stateMu.Unlock()
 			want := tt.want
 			want.Domain = "a.test"
@@ -90,7 +92,7 @@ func TestStatusOfPersistedFailure(t *testing.T) {
 	m := newPureManager(t, clock, nil)
 	d := &domain{name: "a.test", fail: failureRecord{Failures: 1, LastError: "certmgr: a.test: Connection refused", NextAttempt: clock.Now().Add(time.Minute)}}
 	m.stateMu.Lock()
-	st := m.statusLocked(d, clock.Now())
+	st, _ := m.statusLocked(d, clock.Now())
 	m.stateMu.Unlock()
 	var ae *AttemptError
 	if !errors.As(st.LastError, &ae) || ae.Domain != "a.test" || ae.Detail != "Connection refused" ||
@@ -148,5 +150,96 @@ func TestStateString(t *testing.T) {
 		if got := s.String(); got != want {
 			t.Errorf("State(%d).String() = %q, want %q", int(s), got, want)
 		}
+	}
+}
+
+// TestStatusJSON: a Status marshals to snake-case keys, its state by
+// name, its error as text and no zero time, and back; a State round-trips
+// through its text.
+func TestStatusJSON(t *testing.T) {
+	now := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	s := Status{Domain: "a.test", State: StateBackoff, Failures: 2, LastError: errors.New("certmgr: a.test: Connection refused"),
+		NextAttempt: now.Add(time.Minute)}
+	data, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(data, &m); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{"domain": "a.test", "state": "backoff", "failures": 2.0, "last_error": "certmgr: a.test: Connection refused",
+		"next_attempt": "2026-12-07T10:01:00Z", "renewal_overdue": false}
+	if !reflect.DeepEqual(m, want) {
+		t.Errorf("json.Marshal = %s, want the keys and values %v", data, want)
+	}
+	valid := Status{Domain: "b.test", State: StateValid, NotAfter: now.Add(90 * 24 * time.Hour), RenewAt: now.Add(60 * 24 * time.Hour),
+		RenewDue: now.Add(59 * 24 * time.Hour), RenewalOverdue: true}
+	for _, in := range []Status{s, valid} {
+		data, err := json.Marshal(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out Status
+		if err := json.Unmarshal(data, &out); err != nil {
+			t.Fatal(err)
+		}
+		if out.LastError != nil && in.LastError != nil && out.LastError.Error() == in.LastError.Error() {
+			out.LastError = in.LastError
+		}
+		if !reflect.DeepEqual(out, in) {
+			t.Errorf("round trip of %s: %+v, want %+v", data, out, in)
+		}
+	}
+	for st := StateNone; st <= StateWaitingDNS; st++ {
+		text, err := st.MarshalText()
+		var back State
+		if err != nil || back.UnmarshalText(text) != nil || back != st || string(text) != st.String() {
+			t.Errorf("State %d: text %q (%v), back %d", st, text, err, back)
+		}
+	}
+	if _, err := State(9).MarshalText(); err == nil {
+		t.Error("State(9).MarshalText: no error")
+	}
+	var st State
+	if err := st.UnmarshalText([]byte("expired")); err == nil {
+		t.Error(`UnmarshalText("expired"): no error`)
+	}
+}
+
+// TestStatusHandler: GET gives every domain's JSON, ?domain= one, or 404
+// for a name certmgr knows nothing of; other methods get 405.
+func TestStatusHandler(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	now := clock.Now()
+	for _, name := range []string{"b.test", "a.test"} {
+		if _, err := m.domainFor(name); err != nil {
+			t.Fatal(err)
+		}
+		m.serve(certKey{domain: name}, selfSigned(t, name, ecKey(t), "", now.Add(-time.Hour), now.Add(24*time.Hour)))
+	}
+	h := m.StatusHandler()
+	get := func(method, target string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(method, target, nil))
+		return rec
+	}
+	rec := get("GET", "/status")
+	var all []map[string]any
+	if err := json.Unmarshal(rec.Body.Bytes(), &all); err != nil || rec.Code != 200 || rec.Header().Get("Content-Type") != "application/json" ||
+		len(all) != 2 || all[0]["domain"] != "a.test" || all[1]["state"] != "valid" || all[0]["renew_due"] != now.Add(24*time.Hour-25*time.Hour/3).Format(time.RFC3339) {
+		t.Errorf("GET: %d %s (%v), want both domains, valid, sorted, due at two thirds of their life", rec.Code, rec.Body, err)
+	}
+	rec = get("GET", "/status?domain=A.test")
+	var one map[string]any
+	if err := json.Unmarshal(rec.Body.Bytes(), &one); err != nil || rec.Code != 200 || one["domain"] != "a.test" {
+		t.Errorf("GET ?domain=A.test: %d %s", rec.Code, rec.Body)
+	}
+	if rec := get("GET", "/status?domain=unknown.test"); rec.Code != 404 {
+		t.Errorf("GET ?domain=unknown.test: %d, want 404", rec.Code)
+	}
+	if rec := get("POST", "/status"); rec.Code != 405 {
+		t.Errorf("POST: %d, want 405", rec.Code)
 	}
 }
