@@ -36,8 +36,9 @@ type acmeObserver struct {
 	urlsMu sync.Mutex
 	urls   map[string]tracked   // order, authorization, challenge, finalize and certificate URLs of attempts in flight
 	byName map[string][]string  // domain → its URLs in urls
-	failed map[string]bool      // authorizations already seen invalid
-	erred  map[string]time.Time // pending authorizations → when one was first seen carrying a challenge's error
+	failed   map[string]bool      // authorizations already seen invalid
+	erred    map[string]time.Time // pending authorizations → when one was first seen carrying a challenge's error
+	accepted map[string]bool      // challenges the client accepted (a POST with a payload)
 }
 
 // acmeOwner is what the ACME transport asks and tells the Manager whose
@@ -98,7 +99,7 @@ func newACMEObserver(next http.RoundTripper, mgr acmeOwner) *acmeObserver {
 		next = http.DefaultTransport
 	}
 	return &acmeObserver{next: next, mgr: mgr, grace: challengeGrace, urls: make(map[string]tracked), byName: make(map[string][]string),
-		failed: make(map[string]bool), erred: make(map[string]time.Time)}
+		failed: make(map[string]bool), erred: make(map[string]time.Time), accepted: make(map[string]bool)}
 }
 
 // RoundTrip implements http.RoundTripper.
@@ -117,7 +118,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	defer cancel()
 	stop := context.AfterFunc(o.life, cancel)
 	defer stop()
-	domain, newOrder, newAccount := "", false, false
+	domain, newOrder, newAccount, posted := "", false, false, false
 	if req.Method == http.MethodPost && req.Body != nil {
 		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
 		req.Body.Close()
@@ -129,6 +130,7 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 		domain, newOrder = orderIdentifier(body)
 		newAccount = !newOrder && signedWithJWK(body)
+		posted = hasPayload(body)
 	}
 	if req.Context() != ctx {
 		req = req.WithContext(ctx)
@@ -162,6 +164,9 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		if err == nil && owner.domain != "" {
 			ob := o.observe(owner, newOrder, res, body)
+			if ob.challenge != "" && posted {
+				o.accept(req.URL.String()) // the client accepted this challenge
+			}
 			if ob.erred && o.stalled(req.URL.String(), time.Now()) {
 				ob.erred, ob.stalled, ob.authzFailed = false, true, true
 			}
@@ -290,8 +295,12 @@ func (o *acmeObserver) observe(owner tracked, newOrder bool, res *http.Response,
 		// hold autocert's attempt, and every handshake waiting for it, for
 		// five minutes.
 		// An invalid challenge fails it at once; an error on a pending
-		// one, after the grace (see stalled).
+		// one, after the grace (see stalled). Only a challenge the client
+		// accepted counts: another may carry what an earlier order left.
 		for _, c := range r.Challenges {
+			if !o.isAccepted(c.URL) {
+				continue
+			}
 			ob.stalled = ob.stalled || c.Status == "invalid"
 			ob.erred = ob.erred || c.Error != nil
 			if c.Error != nil && c.Error.Detail != "" {
@@ -362,6 +371,23 @@ func (o *acmeObserver) firstFailure(url string) bool {
 	return true
 }
 
+// accept records that the client accepted the challenge at url, of an
+// attempt in flight.
+func (o *acmeObserver) accept(url string) {
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
+	if _, ok := o.urls[url]; ok {
+		o.accepted[url] = true
+	}
+}
+
+// isAccepted reports whether the client accepted the challenge at url.
+func (o *acmeObserver) isAccepted(url string) bool {
+	o.urlsMu.Lock()
+	defer o.urlsMu.Unlock()
+	return o.accepted[url]
+}
+
 // stalled reports whether the pending authorization at url, whose
 // challenge carries an error, has carried one for the observer's grace by
 // now: the CA did not validate it again meanwhile, and certmgr takes it
@@ -389,6 +415,7 @@ func (o *acmeObserver) forget(domain string) {
 		delete(o.urls, u)
 		delete(o.failed, u)
 		delete(o.erred, u)
+		delete(o.accepted, u)
 	}
 	delete(o.byName, domain)
 }
@@ -410,6 +437,15 @@ func signedWithJWK(body []byte) bool {
 		JWK json.RawMessage `json:"jwk"`
 	}
 	return json.Unmarshal(protected, &h) == nil && len(h.JWK) > 0
+}
+
+// hasPayload reports whether a JWS request body has a payload: a
+// POST-as-GET has none.
+func hasPayload(body []byte) bool {
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	return json.Unmarshal(body, &jws) == nil && jws.Payload != ""
 }
 
 // orderIdentifier reads a JWS request body and reports whether it asks

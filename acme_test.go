@@ -9,6 +9,7 @@ import (
 	"hash/fnv"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -235,19 +236,27 @@ func TestObserverRoundTrip(t *testing.T) {
 // error on a pending challenge, or an invalid challenge) has it failed by
 // the observer: at once for an invalid challenge, and after the grace for
 // an error on a pending one, meanwhile polled every second whatever the
-// CA's Retry-After. autocert is shown it invalid, the CA's detail is the
-// attempt's, and the failure counts once.
+// CA's Retry-After. Only a challenge the client accepted counts. autocert
+// is shown it invalid, the CA's detail is the attempt's, and the failure
+// counts once. A CA that validates again within the grace fails nothing.
 func TestObserverFailsAPendingAuthorizationWithAnError(t *testing.T) {
+	const connErr = `"error":{"type":"urn:ietf:params:acme:error:connection","detail":"could not connect"}`
 	answer := map[string]string{
 		"/authz/1": `{"status":"pending","identifier":{"type":"dns","value":"a.test"},"challenges":[` +
-			`{"url":"https://ca/chall/1","type":"tls-alpn-01","status":"pending","error":{"type":"urn:ietf:params:acme:error:connection","detail":"could not connect"}},` +
+			`{"url":"https://ca/chall/1","type":"tls-alpn-01","status":"pending",` + connErr + `},` +
 			`{"url":"https://ca/chall/2","type":"http-01","status":"pending"}]}`,
-		"/authz/2": `{"status":"pending","challenges":[{"url":"https://ca/chall/3","status":"invalid","error":{"detail":"no acme-tls/1"}}]}`,
+		// An invalid challenge an earlier order left, and the one accepted.
+		"/authz/2": `{"status":"pending","challenges":[{"url":"https://ca/chall/3","status":"invalid","error":{"detail":"left over"}},` +
+			`{"url":"https://ca/chall/4","status":"pending"}]}`,
+		"/authz/3": `{"status":"pending","challenges":[{"url":"https://ca/chall/5","status":"pending",` + connErr + `}]}`,
 	}
 	var reports []observation
 	o := newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
-		if r.URL.Path == "/new-order" {
-			return acmeResponse(201, nil, `{"status":"pending","authorizations":["https://ca/authz/1","https://ca/authz/2"]}`), nil
+		switch {
+		case r.URL.Path == "/new-order":
+			return acmeResponse(201, nil, `{"status":"pending","authorizations":["https://ca/authz/1","https://ca/authz/2","https://ca/authz/3"]}`), nil
+		case strings.HasPrefix(r.URL.Path, "/chall/"):
+			return acmeResponse(200, nil, `{"type":"tls-alpn-01","token":"t","status":"pending","url":"https://ca`+r.URL.Path+`"}`), nil
 		}
 		return acmeResponse(200, http.Header{"Retry-After": {"60"}}, answer[r.URL.Path]), nil
 	}), &fakeOwner{
@@ -257,13 +266,9 @@ func TestObserverFailsAPendingAuthorizationWithAnError(t *testing.T) {
 	o.life = context.Background()
 	o.timeout = time.Minute
 	o.grace = time.Hour
-	post := func(path string) (status, retryAfter string) {
+	send := func(path, payload string) (status, retryAfter string) {
 		t.Helper()
-		req, _ := http.NewRequest("POST", "https://ca"+path, bytes.NewReader(jws("")))
-		if path == "/new-order" {
-			req, _ = http.NewRequest("POST", "https://ca"+path, bytes.NewReader(jws(`{"identifiers":[{"type":"dns","value":"a.test"}]}`)))
-		}
-		res, err := o.RoundTrip(req)
+		res, err := o.RoundTrip(httptest.NewRequest("POST", "https://ca"+path, bytes.NewReader(jws(payload))))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -280,51 +285,92 @@ func TestObserverFailsAPendingAuthorizationWithAnError(t *testing.T) {
 		}
 		return z.Status, res.Header.Get("Retry-After")
 	}
-	post("/new-order")
-	reports = nil
+	poll := func(path string) (status, retryAfter string) { t.Helper(); return send(path, "") }
+	failures := func() (n int) {
+		for _, ob := range reports {
+			if ob.authzFailed {
+				n++
+			}
+		}
+		return n
+	}
+	send("/new-order", `{"identifiers":[{"type":"dns","value":"a.test"}]}`)
+	for _, z := range []string{"/authz/1", "/authz/2", "/authz/3"} {
+		if status, ra := poll(z); status != "pending" || ra != "60" {
+			t.Errorf("%s before any challenge is accepted: status %q, Retry-After %q; want as the CA said", z, status, ra)
+		}
+	}
+	if failures() != 0 {
+		t.Errorf("reports %+v before any challenge is accepted, want no failure", reports)
+	}
 
-	// Within the grace: pending, polled again at autocert's own pace.
-	if status, ra := post("/authz/1"); status != "pending" || ra != "" {
+	// An error on the accepted challenge: within the grace, pending, and
+	// polled again at autocert's own pace; past it, invalid, and failed
+	// once however often it is polled.
+	send("/chall/1", "{}")
+	reports = nil
+	if status, ra := poll("/authz/1"); status != "pending" || ra != "" {
 		t.Errorf("within the grace: status %q, Retry-After %q; want pending and none", status, ra)
 	}
 	if len(reports) != 1 || reports[0].authzFailed || reports[0].problem != "could not connect" {
 		t.Errorf("within the grace: reports %+v, want the CA's detail and no failure", reports)
 	}
-	// Past it: invalid, and failed once however often it is polled.
 	o.grace = 0
 	for range 2 {
-		if status, _ := post("/authz/1"); status != "invalid" {
+		if status, _ := poll("/authz/1"); status != "invalid" {
 			t.Errorf("past the grace: status %q, want invalid", status)
 		}
 	}
-	// An invalid challenge fails its pending authorization at once.
+	if failures() != 1 || !reports[1].authzFailed || reports[1].problem != "could not connect" {
+		t.Errorf("past the grace: reports %+v, want one failure, with the CA's detail", reports)
+	}
+
+	// An invalid challenge the client accepted fails the authorization
+	// at once; one left over from before does not.
 	o.grace = time.Hour
-	if status, _ := post("/authz/2"); status != "invalid" {
-		t.Errorf("an invalid challenge: status %q, want invalid", status)
+	reports = nil
+	send("/chall/4", "{}")
+	if status, _ := poll("/authz/2"); status != "pending" || failures() != 0 {
+		t.Errorf("a left-over invalid challenge: status %q, reports %+v; want pending, no failure", status, reports)
 	}
-	failed := 0
-	for _, ob := range reports {
-		if ob.authzFailed {
-			failed++
-		}
-	}
-	if failed != 2 || !reports[1].authzFailed || reports[1].problem != "could not connect" || reports[3].problem != "no acme-tls/1" {
-		t.Errorf("reports %+v, want authorizations 1 and 2 failed once each, with the CA's details", reports)
+	answer["/authz/2"] = strings.Replace(answer["/authz/2"], `{"url":"https://ca/chall/4","status":"pending"}`,
+		`{"url":"https://ca/chall/4","status":"invalid","error":{"detail":"no acme-tls/1"}}`, 1)
+	if status, _ := poll("/authz/2"); status != "invalid" || failures() != 1 || reports[len(reports)-1].problem != "no acme-tls/1" {
+		t.Errorf("the accepted challenge invalid: status %q, reports %+v; want invalid, failed once with its detail", status, reports)
 	}
 
 	// A CA that validates again within the grace: valid, never failed.
-	answer["/authz/3"] = strings.Replace(answer["/authz/1"], "chall/", "chall3/", 2)
-	o.track(tracked{domain: "a.test", reservation: "r1"}, false, []string{"https://ca/authz/3"})
 	reports = nil
-	if status, _ := post("/authz/3"); status != "pending" {
+	send("/chall/5", "{}")
+	if status, _ := poll("/authz/3"); status != "pending" {
 		t.Errorf("an error within the grace: status %q, want pending", status)
 	}
-	answer["/authz/3"] = `{"status":"valid","identifier":{"type":"dns","value":"a.test"},"challenges":[{"url":"https://ca/chall3/1","status":"valid"}]}`
-	if status, _ := post("/authz/3"); status != "valid" {
+	answer["/authz/3"] = `{"status":"valid","challenges":[{"url":"https://ca/chall/5","status":"valid"}]}`
+	if status, _ := poll("/authz/3"); status != "valid" {
 		t.Errorf("validated again: status %q, want valid", status)
 	}
-	if len(reports) != 2 || reports[0].authzFailed || reports[1].authzFailed || !reports[1].authzValid {
+	if failures() != 0 || !reports[len(reports)-1].authzValid {
 		t.Errorf("reports %+v, want no failure, and the authorization valid", reports)
+	}
+}
+
+// TestObserverGrace: a pending authorization whose accepted challenge
+// carries an error is stalled once the grace has passed since the first
+// answer that carried it, not since the last.
+func TestObserverGrace(t *testing.T) {
+	o := newACMEObserver(nil, &fakeOwner{})
+	o.track(tracked{domain: "a.test"}, true, []string{"https://ca/authz/1"})
+	t0 := time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		at   time.Duration
+		want bool
+	}{{0, false}, {5 * time.Second, false}, {challengeGrace - time.Millisecond, false}, {challengeGrace, true}, {challengeGrace + time.Second, true}} {
+		if got := o.stalled("https://ca/authz/1", t0.Add(tc.at)); got != tc.want {
+			t.Errorf("stalled at %v = %v, want %v", tc.at, got, tc.want)
+		}
+	}
+	if o.stalled("https://ca/authz/untracked", t0) || o.stalled("https://ca/authz/untracked", t0.Add(time.Hour)) {
+		t.Error("an authorization of no attempt in flight is stalled")
 	}
 }
 
@@ -587,7 +633,7 @@ func TestObserverForgetsEndedAttempts(t *testing.T) {
 	}
 	post("/authz/1", jws(""))
 	o.urlsMu.Lock()
-	left := len(o.urls) + len(o.byName) + len(o.failed) + len(o.erred)
+	left := len(o.urls) + len(o.byName) + len(o.failed) + len(o.erred) + len(o.accepted)
 	o.urlsMu.Unlock()
 	if left != 0 {
 		t.Errorf("%d entries tracked after the attempt ended", left)

@@ -80,10 +80,17 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 			m.warnOrderBudget(err)
 			return nil, err
 		}
+		if path == PathHandshake && m.waitedOut(a) {
+			// Another handshake waited its whole timeout for a: this one
+			// gets the fallback at once (a handshake of the other key
+			// type, or one that read the Cache again).
+			return nil, errWaitedOut
+		}
 		served := m.servedSignal(d)
 		if path == PathHandshake {
 			m.waitedShakes.Add(1)
 		}
+		waitStart := time.Now()
 		select {
 		case <-a.done:
 		case <-served:
@@ -95,10 +102,10 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 			select {
 			case <-a.done:
 			case <-ctx.Done():
-				return nil, m.gaveUp(ctx, a)
+				return nil, m.gaveUp(ctx, a, waitStart)
 			}
 		case <-ctx.Done():
-			return nil, m.gaveUp(ctx, a)
+			return nil, m.gaveUp(ctx, a, waitStart)
 		}
 		if a.err != nil {
 			return nil, a.err
@@ -113,17 +120,29 @@ func (m *Manager) obtain(ctx context.Context, k certKey, path Path) (*tls.Certif
 	return nil, fmt.Errorf("certmgr: %s: no certificate for this key type yet", k.domain)
 }
 
-// gaveUp returns the error of a wait for attempt a that ctx ended. A
-// handshake that waited its whole HandshakeTimeout marks a, so that no
-// other handshake waits for it again.
-func (m *Manager) gaveUp(ctx context.Context, a *attempt) error {
-	if context.Cause(ctx) == errHandshakeTimeout {
+// gaveUp returns the error of a wait for attempt a, from since, that
+// ctx ended. A handshake that ran out its HandshakeTimeout, most of it
+// waiting for a (not for its HostPolicy, say), marks a, so that no other
+// handshake waits for it again.
+func (m *Manager) gaveUp(ctx context.Context, a *attempt, since time.Time) error {
+	if context.Cause(ctx) == errHandshakeTimeout && time.Since(since) >= m.timeout/2 {
 		m.stateMu.Lock()
 		a.waitedOut = true
 		m.stateMu.Unlock()
 	}
 	return ctx.Err()
 }
+
+// waitedOut reports whether a handshake waited its whole timeout for a.
+func (m *Manager) waitedOut(a *attempt) bool {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	return a.waitedOut
+}
+
+// errWaitedOut is the error of a handshake that does not wait for an
+// attempt another handshake waited out.
+var errWaitedOut = errors.New("certmgr: a handshake waited its whole timeout for this attempt already")
 
 // servedSignal returns a channel closed when a certificate is next served
 // for d, with a Coordinator (another replica's, through the watch); nil

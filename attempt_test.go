@@ -160,7 +160,7 @@ func TestHandshakesShareOneAttempt(t *testing.T) {
 	// after autocert's detached work fetched the authorizations again.
 	waitDetached(t)
 	m.obs.urlsMu.Lock()
-	tracked := len(m.obs.urls) + len(m.obs.byName) + len(m.obs.failed) + len(m.obs.erred)
+	tracked := len(m.obs.urls) + len(m.obs.byName) + len(m.obs.failed) + len(m.obs.erred) + len(m.obs.accepted)
 	m.obs.urlsMu.Unlock()
 	if tracked != 0 {
 		t.Errorf("the ACME observer still tracks %d entries", tracked)
@@ -492,6 +492,7 @@ func TestCAThatLeavesAuthorizationsPending(t *testing.T) {
 	m := e.start(t, func(c *Config) {
 		c.HandshakeTimeout = 200 * time.Millisecond
 		c.hooks.challengeGrace = 500 * time.Millisecond // autocert polls every second
+		c.hooks.cacheRetry = 50 * time.Millisecond       // handshakes read the Cache again, and find the attempt
 		c.OnEvent = events.add
 	})
 	tick := time.NewTicker(100 * time.Millisecond)

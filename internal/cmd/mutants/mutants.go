@@ -104,6 +104,16 @@ var mutants = []mutant{
 		pkg:  ".", tests: "^TestObserverFailsAPendingAuthorizationWithAnError$",
 	},
 
+	{
+		name: "a challenge the client never accepted fails its authorization",
+		file: "acme.go",
+		old: `			if !o.isAccepted(c.URL) {
+				continue
+			}`,
+		new: ``,
+		pkg: ".", tests: "^TestObserverFailsAPendingAuthorizationWithAnError$",
+	},
+
 	// Handshakes.
 	{
 		name: "no handshake timeout",
@@ -117,6 +127,14 @@ var mutants = []mutant{
 		file: "handshake.go",
 		old:  `|| d.attempt != nil && d.attempt.waitedOut)`,
 		new:  `|| false)`,
+		pkg:  ".", tests: "^TestCAThatLeavesAuthorizationsPending$",
+	},
+
+	{
+		name: "a handshake of the same attempt waits again",
+		file: "attempt.go",
+		old:  `if path == PathHandshake && m.waitedOut(a) {`,
+		new:  `if false && path == PathHandshake && m.waitedOut(a) {`,
 		pkg:  ".", tests: "^TestCAThatLeavesAuthorizationsPending$",
 	},
 
