@@ -33,9 +33,9 @@ type acmeObserver struct {
 	grace   time.Duration   // how long a pending authorization may carry a challenge's error (see stalled)
 	mgr     acmeOwner       // the Manager whose traffic this is
 
-	urlsMu sync.Mutex
-	urls   map[string]tracked   // order, authorization, challenge, finalize and certificate URLs of attempts in flight
-	byName map[string][]string  // domain → its URLs in urls
+	urlsMu   sync.Mutex
+	urls     map[string]tracked   // order, authorization, challenge, finalize and certificate URLs of attempts in flight
+	byName   map[string][]string  // domain → its URLs in urls
 	failed   map[string]bool      // authorizations already seen invalid
 	erred    map[string]time.Time // pending authorizations → when one was first seen carrying a challenge's error
 	accepted map[string]bool      // challenges the client accepted (a POST with a payload)

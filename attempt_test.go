@@ -492,7 +492,7 @@ func TestCAThatLeavesAuthorizationsPending(t *testing.T) {
 	m := e.start(t, func(c *Config) {
 		c.HandshakeTimeout = 200 * time.Millisecond
 		c.hooks.challengeGrace = 500 * time.Millisecond // autocert polls every second
-		c.hooks.cacheRetry = 50 * time.Millisecond       // handshakes read the Cache again, and find the attempt
+		c.hooks.cacheRetry = 50 * time.Millisecond      // handshakes read the Cache again, and find the attempt
 		c.OnEvent = events.add
 	})
 	tick := time.NewTicker(100 * time.Millisecond)
