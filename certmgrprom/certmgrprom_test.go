@@ -2,6 +2,7 @@ package certmgrprom
 
 import (
 	"bufio"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -9,10 +10,12 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr"
@@ -201,4 +205,61 @@ func certPEM(t *testing.T, name string, notBefore, notAfter time.Time) []byte {
 	}
 	return append(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
 		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+}
+
+// BenchmarkScrape10000: one scrape, through promhttp, of a Manager that
+// serves 10,000 domains.
+func BenchmarkScrape10000(b *testing.B) {
+	const n = 10000
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	cache := autocert.DirCache(b.TempDir())
+	now := time.Now()
+	names := make([]string, n)
+	for i := range names {
+		names[i] = fmt.Sprintf("site%05d.scrape.test", i)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 1)), Subject: pkix.Name{CommonName: names[i]}, DNSNames: []string{names[i]},
+			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(90 * 24 * time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := cache.Put(b.Context(), names[i], append(slices.Clone(keyPEM), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	m, err := certmgr.New(certmgr.Config{
+		Autocert: &autocert.Manager{Cache: cache, HostPolicy: func(context.Context, string) error { return nil },
+			Client: &acme.Client{DirectoryURL: "https://127.0.0.1:1/directory"}}, // never asked: every certificate is cached
+		Logger:     slog.New(slog.DiscardHandler),
+		MaxDomains: n,
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { m.Close() })
+	for _, name := range names {
+		if c, err := m.GetCertificate(testsupport.Hello(name)); err != nil || certmgr.IsFallback(c) {
+			b.Fatalf("%s: %v", name, err)
+		}
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewCollector(m))
+	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	var size int
+	b.ResetTimer()
+	for b.Loop() {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		size = rec.Body.Len()
+	}
+	b.ReportMetric(float64(size), "bytes/scrape")
 }

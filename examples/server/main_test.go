@@ -92,14 +92,12 @@ func checkJSONStatus(t *testing.T, url, rootFile string) {
 			if ctype != "application/json" {
 				t.Errorf("GET %s (Accept %q): Content-Type %q, want application/json", tc.url, tc.accept, ctype)
 			}
-			var page struct {
-				Domains []domainStatus `json:"domains"`
-			}
-			if err := json.Unmarshal([]byte(body), &page); err != nil {
+			var domains []domainStatus // certmgr.Status as JSON
+			if err := json.Unmarshal([]byte(body), &domains); err != nil {
 				t.Fatalf("status page: %v\n%s", err, body)
 			}
 			states := make(map[string]string)
-			for _, s := range page.Domains {
+			for _, s := range domains {
 				states[s.Domain] = s.State
 				if s.State == "valid" && !s.NotAfter.After(time.Now()) {
 					t.Errorf("%s: valid, but not_after is %v", s.Domain, s.NotAfter)

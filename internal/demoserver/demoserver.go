@@ -7,7 +7,6 @@ package demoserver
 
 import (
 	"context"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"flag"
@@ -406,13 +405,19 @@ func loopbackOnly(h http.Handler) http.Handler {
 	})
 }
 
-// statusHandler serves m.Domains() as an HTML table, or as JSON when the
-// request asks for it.
+// statusHandler serves m.Domains() as an HTML table, or, when the
+// request asks for JSON, m.StatusHandler's.
 func statusHandler(m *certmgr.Manager) http.Handler {
+	js := m.StatusHandler()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", "GET, HEAD")
 			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+			return
+		}
+		if wantsJSON(r) {
+			w.Header().Add("Vary", "Accept")
+			js.ServeHTTP(w, r)
 			return
 		}
 		rows := []domainStatus{}
@@ -431,19 +436,13 @@ func statusHandler(m *certmgr.Manager) http.Handler {
 		}
 		w.Header().Set("Cache-Control", "no-store")
 		w.Header().Add("Vary", "Accept")
-		if wantsJSON(r) {
-			w.Header().Set("Content-Type", "application/json")
-			enc := json.NewEncoder(w)
-			enc.SetIndent("", "  ")
-			enc.Encode(map[string]any{"domains": rows})
-			return
-		}
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		statusPage.Execute(w, rows)
 	})
 }
 
-// wantsJSON reports whether r asks for JSON, by ?format=json or by
+// wantsJSON reports whether r asks for JSON (the Manager's
+// StatusHandler: an array of certmgr.Status), by ?format=json or by
 // naming application/json in Accept.
 func wantsJSON(r *http.Request) bool {
 	if r.URL.Query().Get("format") == "json" {
