@@ -95,7 +95,7 @@ func TestHandshakeTimeoutDefault(t *testing.T) {
 	}
 	const name = "slow.test"
 	e := newEnv(t, envOptions{names: []string{name}})
-	e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true})
+	unhold := e.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassChallenge, Identifier: name, Hold: true})
 	m := e.start(t, func(c *Config) { c.HandshakeTimeout = 200 * time.Millisecond })
 	if m.timeout != 200*time.Millisecond {
 		t.Errorf("timeout %v, want 200ms", m.timeout)
@@ -104,6 +104,9 @@ func TestHandshakeTimeoutDefault(t *testing.T) {
 	if st := m.Status(name); st.State != StateObtaining {
 		t.Errorf("after the handshake: %v, want the attempt still obtaining", st.State)
 	}
+	// Release only what is held: the challenge may not have come yet.
+	waitFor(t, 10*time.Second, "the CA to hold the challenge", func() bool { return e.Proxy.Requests(certmgrtest.ClassChallenge) >= 1 })
+	unhold()
 	e.Proxy.Release()
 	waitFor(t, 10*time.Second, "the attempt to end", func() bool { return m.Status(name).State == StateValid })
 	e.expectIssued(t, name)
