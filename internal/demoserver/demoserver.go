@@ -35,6 +35,8 @@ const (
 	stagingDirectory = "https://acme-staging-v02.api.letsencrypt.org/directory"
 	// statusPath is where the status page is served.
 	statusPath = "/certmgr/status"
+	// metricsPath is where Hooks.Metrics's handler is served.
+	metricsPath = "/metrics"
 	// shutdownTimeout bounds the graceful shutdown.
 	shutdownTimeout = 5 * time.Second
 	// provisionTimeout bounds the first attempt for each domain.
@@ -60,6 +62,11 @@ type Hooks struct {
 	// and a function that closes it; the server calls that function after
 	// it closed its certmgr.Manager.
 	Cache func() (cache autocert.Cache, close func() error, err error)
+
+	// Metrics, if not nil, returns the handler served at /metrics (the
+	// Prometheus text of certmgrprom, say), to loopback clients only
+	// unless -status-public, as the status page.
+	Metrics func(m *certmgr.Manager) http.Handler
 }
 
 // options are the command's flags.
@@ -249,6 +256,13 @@ func serve(ctx context.Context, o *options, hooks *Hooks, stdout io.Writer, log 
 			h = loopbackOnly(h)
 		}
 		mux.Handle(statusPath, h)
+	}
+	if hooks.Metrics != nil {
+		h := hooks.Metrics(m)
+		if !o.statusPublic {
+			h = loopbackOnly(h)
+		}
+		mux.Handle(metricsPath, h)
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "Hello from %s\n", r.Host)
