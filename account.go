@@ -100,3 +100,13 @@ func (m *Manager) readAccountKey(ctx context.Context) (crypto.Signer, error) {
 // accountSeen records the account's URI, which the CA gave in its answer
 // to a new-account request.
 func (m *Manager) accountSeen(uri string) { m.account.Store(uri) }
+
+// accountSigner implements acmeOwner: the account key, once known.
+func (m *Manager) accountSigner() crypto.Signer {
+	m.accountMu.Lock()
+	defer m.accountMu.Unlock()
+	if m.key != nil {
+		return m.key
+	}
+	return m.client.Key
+}

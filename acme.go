@@ -3,12 +3,15 @@ package certmgr
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -33,6 +36,12 @@ type acmeObserver struct {
 	grace   time.Duration   // how long a pending authorization may carry a challenge's error (see stalled)
 	mgr     acmeOwner       // the Manager whose traffic this is
 
+	directory string // the CA's directory URL
+	profile   string // Config.Profile: every new order asks for it
+
+	dirMu sync.Mutex
+	dir   directoryInfo // what the directory said, once read
+
 	urlsMu   sync.Mutex
 	urls     map[string]tracked   // order, authorization, challenge, finalize and certificate URLs of attempts in flight
 	byName   map[string][]string  // domain → its URLs in urls
@@ -41,9 +50,34 @@ type acmeObserver struct {
 	accepted map[string]bool      // challenges the client accepted (a POST with a payload)
 }
 
+// directoryInfo is what the transport reads of the CA's directory.
+type directoryInfo struct {
+	read        bool
+	newOrder    string   // the new-order URL
+	profiles    []string // the profiles the CA offers, sorted
+	renewalInfo bool     // the CA offers renewal information
+}
+
 // acmeOwner is what the ACME transport asks and tells the Manager whose
 // traffic it carries; *Manager implements it.
 type acmeOwner interface {
+	// accountSigner returns the ACME account's key, once known, or nil
+	// (account.go).
+	accountSigner() crypto.Signer
+	// replacesFor returns the RFC 9773 identifier of the certificate
+	// that the order admitted for domain replaces: one the renewal in
+	// flight renews; "" if none (jws.go's rewrite adds it).
+	replacesFor(domain string) string
+	// replacesRefused tells that the CA refused the order of domain's
+	// attempt because of replaces: its next orders go without.
+	replacesRefused(domain string)
+	// profileRefused returns the error of domain's order that asks for
+	// a profile the CA does not offer (logged once), and makes it the
+	// error of the attempt in flight.
+	profileRefused(domain, profile string, offered []string) error
+	// orderRefused makes err, certmgr's own refusal of domain's order,
+	// the error of the attempt in flight, and returns it.
+	orderRefused(domain string, err error) error
 	// admitOrder admits or refuses a new order for domain before it goes
 	// out, and returns its reservation (admit.go).
 	admitOrder(req *http.Request, domain string) (reservation string, err error)
@@ -119,29 +153,45 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 	stop := context.AfterFunc(o.life, cancel)
 	defer stop()
 	domain, newOrder, newAccount, posted := "", false, false, false
+	var body []byte
 	if req.Method == http.MethodPost && req.Body != nil {
-		body, err := io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
+		var err error
+		body, err = io.ReadAll(io.LimitReader(req.Body, maxACMEBody))
 		req.Body.Close()
 		if err != nil {
 			return nil, err
 		}
-		req = req.Clone(ctx)
-		req.Body = io.NopCloser(bytes.NewReader(body))
-		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+		req = withBody(req.Clone(ctx), body)
 		domain, newOrder = orderIdentifier(body)
+		if dir := o.directoryInfo(); newOrder && dir.newOrder != "" {
+			newOrder = headerURL(body) == dir.newOrder // the directory's word, not the path's
+		}
 		newAccount = !newOrder && signedWithJWK(body)
 		posted = hasPayload(body)
+		if newOrder && o.profile != "" {
+			// Checked before admission: no order, no budget spent.
+			if dir := o.directoryInfo(); dir.read && !slices.Contains(dir.profiles, o.profile) {
+				return nil, o.mgr.profileRefused(domain, o.profile, dir.profiles)
+			}
+		}
 	}
 	if req.Context() != ctx {
 		req = req.WithContext(ctx)
 	}
 	var owner tracked
+	replaces := ""
 	if newOrder {
 		id, err := o.mgr.admitOrder(req, domain)
 		if err != nil {
 			return nil, err
 		}
 		owner = tracked{domain: domain, reservation: id}
+		if req, replaces, err = o.rewrite(req, body, domain); err != nil {
+			// A profile that cannot be asked for: no order goes out, and
+			// the reservation is released.
+			o.mgr.observed(domain, observation{reservation: id, orderFailed: true})
+			return nil, o.mgr.orderRefused(domain, err)
+		}
 	} else {
 		owner = o.owner(req.URL.String())
 		if owner.domain != "" {
@@ -153,6 +203,12 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	res, err := o.next.RoundTrip(req)
+	if err == nil && replaces != "" {
+		res, err = o.withoutReplaces(req, res, domain)
+	}
+	if err == nil && req.Method == http.MethodGet && req.URL.String() == o.directory && res.StatusCode == http.StatusOK {
+		res, err = o.readDirectory(res)
+	}
 	if err == nil {
 		// The body is read here, while ctx lives.
 		var body []byte
@@ -204,6 +260,155 @@ func (o *acmeObserver) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	return res, nil
+}
+
+// withBody returns req, a clone, with body as its body.
+func withBody(req *http.Request, body []byte) *http.Request {
+	req.Body = io.NopCloser(bytes.NewReader(body))
+	req.ContentLength = int64(len(body))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	return req
+}
+
+// rewrite returns the new-order request req (whose body is body) for
+// domain, rewritten to ask for the profile and to name the certificate
+// it replaces, if any, and that certificate's identifier. A profile that
+// cannot be asked for fails it; a replaces that cannot be added is left
+// out.
+func (o *acmeObserver) rewrite(req *http.Request, body []byte, domain string) (*http.Request, string, error) {
+	replaces := o.mgr.replacesFor(domain)
+	if o.profile == "" && replaces == "" {
+		return req, "", nil
+	}
+	set := map[string]string{}
+	if o.profile != "" {
+		set["profile"] = o.profile
+	}
+	if replaces != "" {
+		set["replaces"] = replaces
+	}
+	key := o.mgr.accountSigner()
+	var out []byte
+	err := fmt.Errorf("%w: no account key yet", errNoRewrite)
+	if key != nil {
+		out, err = rewriteOrder(body, key, set, "")
+	}
+	switch {
+	case err == nil:
+		return withBody(req, out), replaces, nil
+	case o.profile != "":
+		return nil, "", fmt.Errorf("certmgr: %s: the order cannot ask for the profile %q: %w", domain, o.profile, err)
+	}
+	return req, "", nil // sent as it was, without replaces
+}
+
+// withoutReplaces returns res, the CA's answer to the new order req that
+// named the certificate it replaces, or, if the CA refused it because of
+// that (409 alreadyReplaced, or a malformed request naming it), its
+// answer to the same order sent again without replaces, with the nonce
+// the refusal gave. The refusal is not observed: it made no order and
+// costs no authorization.
+func (o *acmeObserver) withoutReplaces(req *http.Request, res *http.Response, domain string) (*http.Response, error) {
+	if !refusesReplaces(res) {
+		return res, nil
+	}
+	nonce := res.Header.Get("Replay-Nonce")
+	key := o.mgr.accountSigner()
+	if nonce == "" || key == nil || req.GetBody == nil {
+		return res, nil
+	}
+	rc, err := req.GetBody() // what was sent: next read req.Body
+	if err != nil {
+		return res, nil
+	}
+	body, err := io.ReadAll(rc)
+	if err != nil {
+		return res, nil
+	}
+	out, err := rewriteOrder(body, key, map[string]string{"replaces": ""}, nonce)
+	if err != nil {
+		return res, nil
+	}
+	o.mgr.replacesRefused(domain)
+	res.Body.Close()
+	return o.next.RoundTrip(withBody(req.Clone(req.Context()), out))
+}
+
+// refusesReplaces reports whether res refuses a new order because of its
+// replaces field: 409 (alreadyReplaced), or 400 malformed naming it (or
+// the certificate identifier it carries). It peeks at the body and
+// leaves it readable.
+func refusesReplaces(res *http.Response) bool {
+	if res.StatusCode != http.StatusConflict && res.StatusCode != http.StatusBadRequest {
+		return false
+	}
+	body, _ := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
+	res.Body.Close()
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	if res.StatusCode == http.StatusConflict {
+		return true
+	}
+	var p struct {
+		Type   string `json:"type"`
+		Detail string `json:"detail"`
+	}
+	json.Unmarshal(body, &p)
+	return strings.HasSuffix(p.Type, ":malformed") &&
+		(indexASCIIFold(p.Detail, "replaces") >= 0 || indexASCIIFold(p.Detail, "certid") >= 0)
+}
+
+// readDirectory reads the CA's directory from res, and returns res with
+// its body readable again.
+func (o *acmeObserver) readDirectory(res *http.Response) (*http.Response, error) {
+	body, err := io.ReadAll(io.LimitReader(res.Body, maxACMEBody))
+	res.Body.Close()
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	var d struct {
+		NewOrder    string `json:"newOrder"`
+		RenewalInfo string `json:"renewalInfo"`
+		Meta        struct {
+			Profiles map[string]json.RawMessage `json:"profiles"`
+		} `json:"meta"`
+	}
+	if json.Unmarshal(body, &d) != nil {
+		return res, nil
+	}
+	info := directoryInfo{read: true, newOrder: d.NewOrder, renewalInfo: d.RenewalInfo != ""}
+	for name := range d.Meta.Profiles {
+		info.profiles = append(info.profiles, name)
+	}
+	slices.Sort(info.profiles)
+	o.dirMu.Lock()
+	o.dir = info
+	o.dirMu.Unlock()
+	return res, nil
+}
+
+// directoryInfo returns what the transport read of the directory.
+func (o *acmeObserver) directoryInfo() directoryInfo {
+	o.dirMu.Lock()
+	defer o.dirMu.Unlock()
+	return o.dir
+}
+
+// headerURL returns the url of a JWS request body's protected header.
+func headerURL(body []byte) string {
+	var j flatJWS
+	if json.Unmarshal(body, &j) != nil {
+		return ""
+	}
+	protected, err := base64.RawURLEncoding.DecodeString(j.Protected)
+	if err != nil {
+		return ""
+	}
+	var h struct {
+		URL string `json:"url"`
+	}
+	json.Unmarshal(protected, &h)
+	return h.URL
 }
 
 // observe reads one response about owner's order.

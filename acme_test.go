@@ -3,6 +3,7 @@ package certmgr
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -664,5 +665,15 @@ func (f *fakeOwner) observed(domain string, ob observation) {
 }
 
 func (f *fakeOwner) accountSeen(string) {}
+
+func (f *fakeOwner) accountSigner() crypto.Signer { return nil }
+
+func (f *fakeOwner) replacesFor(string) string { return "" }
+
+func (f *fakeOwner) replacesRefused(string) {}
+
+func (f *fakeOwner) profileRefused(_, _ string, _ []string) error { return errProfile }
+
+func (f *fakeOwner) orderRefused(_ string, err error) error { return err }
 
 func (f *fakeOwner) isClosed() bool { return f.closed != nil && f.closed() }

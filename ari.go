@@ -580,3 +580,16 @@ func (m *Manager) renewBeforeOf(notBefore, notAfter time.Time) time.Duration {
 	}
 	return min(notAfter.Sub(notBefore)/3, 30*24*time.Hour)
 }
+
+// follows reports whether the renewal information of leaf is followed:
+// the CA offers it, and leaf is the certificate tracked for its key.
+func (r *renewals) follows(leaf *x509.Certificate) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, ri := range r.certs {
+		if ri.leaf.Equal(leaf) {
+			return true
+		}
+	}
+	return false
+}

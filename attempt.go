@@ -42,6 +42,17 @@ type attempt struct {
 	unlock   func()               // releases the domain's cluster lock; nil without one
 	token    []byte               // the TLS-ALPN-01 token certificate it wrote last, with a Coordinator
 
+	// replaces is the identifier of the certificate the attempt's last
+	// order named as the one it replaces, if any; noReplaces is set once
+	// the CA refused that: its next orders go without. Guarded by
+	// Manager.stateMu.
+	replaces   string
+	noReplaces bool
+	// refusal is certmgr's own refusal of the attempt's order (a
+	// profile the CA does not offer), which finish reports in place of
+	// autocert's error; guarded by Manager.stateMu.
+	refusal error
+
 	// waitedOut is set once a handshake waited HandshakeTimeout for the
 	// attempt: handshakes that come after it get the fallback at once
 	// (answerNow). Guarded by Manager.stateMu.
@@ -359,6 +370,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		a.timer.Stop()
 	}
 	unlock, fence, lost, token := a.unlock, a.fence, a.lost, a.token
+	if err != nil && a.refusal != nil && a.orders == 0 {
+		err = a.refusal
+	}
 	local := failedLocally(err, m.closed.Load(), a.authzFailed, a.rateLimited, lockLostLocked(a))
 	// change is the outcome's one change to the domain's failure record,
 	// made here and, in a cluster, to the cluster's record; before is the
@@ -401,12 +415,19 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		d.notAfter = maxTime(d.notAfter, cert.Leaf.NotAfter) // Status is valid from here on
 		d.logged = false
 		events = append(events, Event{Kind: kind, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
-			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter})
+			Attempt: attemptNo, Duration: now.Sub(a.start), NotAfter: cert.Leaf.NotAfter, Profile: m.cfg.Profile, Replaces: a.replaces})
 	case local:
 		if ce := (*cacheError)(nil); errors.As(err, &ce) {
 			// The Cache cannot be read: no attempt until it may work again,
 			// lest a certificate that is there be ordered anew.
 			d.localNext = now.Add(m.hooks.cacheRetry)
+		}
+		if a.refusal != nil && (d.notAfter.IsZero() || !now.Before(d.notAfter)) {
+			// autocert keeps its failed state for a minute and answers
+			// "missing certificate" meanwhile: the next attempt starts
+			// afresh, and meets certmgr's refusal again.
+			d.am = nil
+			d.loadedAt = [2]time.Time{}
 		}
 	default:
 		if a.problem != "" {
@@ -436,7 +457,7 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 			d.loadedAt = [2]time.Time{}
 		}
 		events = append(events, Event{Kind: EventFailed, Time: now, Domain: d.name, Path: a.path, Challenge: a.challenge,
-			Attempt: attemptNo, Duration: now.Sub(a.start), Err: err})
+			Attempt: attemptNo, Duration: now.Sub(a.start), Err: err, Profile: m.cfg.Profile, Replaces: a.replaces})
 		if a.rateLimited {
 			events = append(events, Event{Kind: EventRateLimited, Time: now, Domain: d.name, Path: a.path, NextAttempt: d.fail.NextAttempt, Err: err})
 		} else {
@@ -492,7 +513,8 @@ func failedLocally(err error, closing bool, authzFailed int, rateLimited, lockLo
 	}
 	var ce *cacheError
 	return closing || errors.Is(err, errClosed) || errors.Is(err, ErrDNSNotReady) ||
-		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &ce)
+		errors.Is(err, ErrBackoff) || errors.Is(err, errLoading) || errors.As(err, &ce) ||
+		errors.Is(err, errProfile) || errors.Is(err, errNoRewrite)
 }
 
 // isRSA reports whether c's key is an RSA key.

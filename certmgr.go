@@ -108,6 +108,14 @@ type Config struct {
 	// account per 3 hours). If zero, 150.
 	OrderBudget int
 
+	// Profile is the ACME certificate profile every order asks for
+	// (draft-ietf-acme-profiles), such as Let's Encrypt's "shortlived"
+	// (160 hours) or "tlsserver" (45 days). If the CA's directory does
+	// not list it, no order is made: the attempt fails with an error
+	// naming the profiles it lists, which is logged once. If empty, the
+	// CA's default.
+	Profile string
+
 	hooks testHooks
 }
 
@@ -170,6 +178,7 @@ type Manager struct {
 	http01          atomic.Bool   // HTTPHandler was called: attempts may try http-01
 	idPrefix        string        // of reservation IDs: unique to this Manager
 	renewBeforeSaid atomic.Bool   // errRenewBefore was logged
+	profileSaid     atomic.Bool   // errProfile was logged
 	nextID          atomic.Uint64 // of reservation IDs
 	limits          limiter       // of repeated warnings
 	account         atomic.Value  // the account's URI (a string), once the CA said it
@@ -348,6 +357,8 @@ func New(cfg Config) (*Manager, error) {
 	m.obs.life = m.ctx
 	m.obs.timeout = m.hooks.requestTimeout
 	m.obs.grace = m.hooks.challengeGrace
+	m.obs.directory = m.client.DirectoryURL
+	m.obs.profile = cfg.Profile
 	m.base = m.newAutocert(nil, m.cache)
 	m.ariClient = &http.Client{Transport: m.obs}
 	m.overdueSaid = make(map[string]time.Time)

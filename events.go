@@ -95,6 +95,8 @@ type Event struct {
 	Domain      string        // normalised name
 	Path        Path          // what started the attempt
 	Challenge   string        // challenge type that was used, where known
+	Profile     string        // the profile the attempt's orders asked for (Config.Profile)
+	Replaces    string        // the identifier of the certificate the attempt's last order replaced (RFC 9773), if it named one
 	Attempt     int           // the attempt's number: 1 for the first after a success
 	Duration    time.Duration // how long the attempt took
 	NotAfter    time.Time     // expiry of the certificate obtained or loaded
@@ -127,6 +129,12 @@ func (e Event) attrs() []slog.Attr {
 	}
 	if e.Challenge != "" {
 		attrs = append(attrs, slog.String("challenge", e.Challenge))
+	}
+	if e.Profile != "" {
+		attrs = append(attrs, slog.String("profile", e.Profile))
+	}
+	if e.Replaces != "" {
+		attrs = append(attrs, slog.String("replaces", e.Replaces))
 	}
 	if e.Attempt != 0 {
 		attrs = append(attrs, slog.Int("attempt", e.Attempt))

@@ -91,6 +91,22 @@ type Proxy struct {
 	authzs   map[string]bool     // authorization paths counted in Authzs
 	failed   map[string]bool     // authorization paths counted in FailedAuthzs
 	problems []Problem
+	orders   []OrderRequest
+}
+
+// OrderRequest is what a new-order request the proxy received asked for.
+type OrderRequest struct {
+	Identifiers []string // lower case
+	Profile     string   // the profile it named, if any
+	Replaces    string   // the certificate it named as replaced (RFC 9773), if any
+}
+
+// OrderRequests returns the new-order requests received so far, in
+// order, whatever became of them.
+func (p *Proxy) OrderRequests() []OrderRequest {
+	p.stateMu.Lock()
+	defer p.stateMu.Unlock()
+	return append([]OrderRequest(nil), p.orders...)
 }
 
 // settleLimit bounds how long an answer is held while settling.
@@ -321,18 +337,25 @@ func jwsPayload(body []byte) []byte {
 // rule that applies to it and the channel a Release will close.
 func (p *Proxy) arrive(class Class, path string, payload []byte) ([]string, *Rule, <-chan struct{}) {
 	var idents []string
+	var order *OrderRequest
 	if class == ClassNewOrder {
 		var o struct {
 			Identifiers []struct{ Value string } `json:"identifiers"`
+			Profile     string                   `json:"profile"`
+			Replaces    string                   `json:"replaces"`
 		}
 		if json.Unmarshal(payload, &o) == nil {
 			for _, id := range o.Identifiers {
 				idents = append(idents, strings.ToLower(id.Value))
 			}
+			order = &OrderRequest{Identifiers: idents, Profile: o.Profile, Replaces: o.Replaces}
 		}
 	}
 	p.stateMu.Lock()
 	defer p.stateMu.Unlock()
+	if order != nil {
+		p.orders = append(p.orders, *order)
+	}
 	if idents == nil {
 		idents = p.idents[path]
 	}

@@ -51,6 +51,12 @@ type Options struct {
 	// "invalid". Pebble itself failed them, and Counts.FailedAuthzs
 	// counts them.
 	PendingFailures bool
+	// Profiles are certificate profiles the CA offers besides "default"
+	// (whose lifetime is CertValidity), by name, with their certificates'
+	// lifetime, rounded up to whole seconds. Pebble picks a profile at
+	// random for an order that names none: with Profiles, an order that
+	// should get the default must name it.
+	Profiles map[string]time.Duration
 }
 
 // Server is a running test CA. Its fields must not be changed.
@@ -141,6 +147,9 @@ func NewServer(opts Options) (*Server, error) {
 	validity := uint64((opts.CertValidity + time.Second - 1) / time.Second)
 	profiles := map[string]ca.Profile{
 		"default": {Description: "certmgrtest profile", ValidityPeriod: validity},
+	}
+	for name, life := range opts.Profiles {
+		profiles[name] = ca.Profile{Description: "certmgrtest profile " + name, ValidityPeriod: uint64((life + time.Second - 1) / time.Second)}
 	}
 
 	logger := log.New(out, "pebble: ", log.Lmicroseconds)
