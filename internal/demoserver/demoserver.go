@@ -75,6 +75,7 @@ type options struct {
 	knownIPs     []netip.Addr
 	cacheDir     string
 	email        string
+	profile      string
 	directory    string
 	production   bool
 	httpsAddr    string
@@ -106,6 +107,7 @@ func (o *options) parse(args []string, stderr io.Writer, h *Hooks) (ok bool, hel
 	})
 	fs.StringVar(&o.cacheDir, "cache-dir", "", "directory keeping certificates and the account key (required without -pebble)")
 	fs.StringVar(&o.email, "email", "", "contact address given to the CA")
+	fs.StringVar(&o.profile, "profile", "", `the ACME certificate profile every order asks for (Let's Encrypt: "classic", "tlsserver", "shortlived"); the CA's default if empty`)
 	fs.StringVar(&o.directory, "directory", stagingDirectory, "ACME directory URL")
 	fs.BoolVar(&o.production, "production", false, "use Let's Encrypt's production CA ("+autocert.DefaultACMEDirectory+")")
 	fs.StringVar(&o.httpsAddr, "https-addr", ":443", "HTTPS listen address")
@@ -197,7 +199,7 @@ func serve(ctx context.Context, o *options, hooks *Hooks, stdout io.Writer, log 
 		HostPolicy: autocert.HostWhitelist(o.domains...),
 		Email:      o.email,
 	}
-	cfg := certmgr.Config{Autocert: am, Logger: log, DNS: certmgr.DNSCheck{KnownIPs: o.knownIPs}}
+	cfg := certmgr.Config{Autocert: am, Logger: log, DNS: certmgr.DNSCheck{KnownIPs: o.knownIPs}, Profile: o.profile}
 	var httpsLn, httpLn net.Listener
 	var ca *certmgrtest.Server
 	if o.pebble {

@@ -181,6 +181,22 @@ var mutants = []mutant{
 		pkg:  ".", tests: "^TestRenewalInfoPollIntervals$",
 	},
 
+	// Profiles and replaces.
+	{
+		name: "a profile the CA does not offer is asked for",
+		file: "acme.go",
+		old:  `if dir := o.directoryInfo(); dir.read && !slices.Contains(dir.profiles, o.profile) {`,
+		new:  `if dir := o.directoryInfo(); false && dir.read && !slices.Contains(dir.profiles, o.profile) {`,
+		pkg:  ".", tests: "^TestUnknownProfileMakesNoOrder$",
+	},
+	{
+		name: "an order replaces refused is not sent again",
+		file: "acme.go",
+		old:  `	if !refusesReplaces(res) {`,
+		new:  `	if true || !refusesReplaces(res) {`,
+		pkg:  ".", tests: "^TestRenewalNamesTheCertificateItReplaces$",
+	},
+
 	// Close.
 	{
 		name: "requests go out after Close",
