@@ -61,6 +61,11 @@ func Start(t testing.TB) *Server {
 	cfg.UnsafeNoFsync = true
 	host := loopbackHost()
 	cu, pu := freeURL(t, host), freeURL(t, host)
+	for pu.Host == cu.Host {
+		// The port just closed may be handed out again at once: the
+		// client and peer listeners would then collide.
+		pu = freeURL(t, host)
+	}
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
 	cfg.InitialCluster = cfg.Name + "=" + pu.String()
