@@ -2,7 +2,7 @@ module github.com/certmgr/certmgr/certmgrprom
 
 go 1.26.0
 
-require github.com/certmgr/certmgr v0.0.0-00010101000000-000000000000
+require github.com/certmgr/certmgr v0.1.0
 
 require (
 	github.com/go-jose/go-jose/v4 v4.1.8 // indirect

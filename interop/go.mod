@@ -3,7 +3,7 @@ module github.com/certmgr/certmgr/interop
 go 1.26.0
 
 require (
-	github.com/certmgr/certmgr v0.0.0-00010101000000-000000000000
+	github.com/certmgr/certmgr v0.1.0
 	golang.org/x/crypto v0.59.0
 )
 
