@@ -36,6 +36,9 @@ type Config struct {
 	// its own built from them, so do not use Autocert's own
 	// GetCertificate, TLSConfig or HTTPHandler next to certmgr's.
 	//
+	// If Autocert.Prompt is nil, certmgr accepts the CA's terms
+	// (autocert.AcceptTOS), where autocert alone would refuse them.
+	//
 	// If Autocert.Client is nil, certmgr's client talks to
 	// autocert.DefaultACMEDirectory. If its RetryBackoff is nil, certmgr
 	// sets one that surfaces a 429 at once and retries only short faults.
