@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -37,8 +38,8 @@ type domainStatus struct {
 func waitStatusURL(t *testing.T, lines <-chan string) string {
 	t.Helper()
 	url := testsupport.WaitLines(t, lines, "status: ")["status: "]
-	if !strings.HasPrefix(url, "https://127.0.0.1:") || !strings.HasSuffix(url, statusPath) {
-		t.Fatalf("status URL %q, want https://127.0.0.1:PORT%s", url, statusPath)
+	if want := "https://" + testsupport.PebbleDomains[0] + ":"; !strings.HasPrefix(url, want) || !strings.HasSuffix(url, statusPath) {
+		t.Fatalf("status URL %q, want %sPORT%s", url, want, statusPath)
 	}
 	return url
 }
@@ -47,9 +48,20 @@ func waitStatusURL(t *testing.T, lines <-chan string) string {
 // the PEM file rootFile and expects the certificate of serverName.
 func statusClient(t *testing.T, rootFile, serverName string) *http.Client {
 	t.Helper()
-	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: testsupport.RootPool(t, rootFile), ServerName: serverName}}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: testsupport.RootPool(t, rootFile), ServerName: serverName},
+		DialContext: loopbackDial}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// loopbackDial dials 127.0.0.1 at addr's port, as curl --resolve does
+// for the demo names, which resolve nowhere.
+func loopbackDial(ctx context.Context, network, addr string) (net.Conn, error) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	return (&net.Dialer{}).DialContext(ctx, network, net.JoinHostPort("127.0.0.1", port))
 }
 
 // get fetches url with the given Accept header and returns the body and

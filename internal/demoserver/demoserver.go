@@ -306,17 +306,33 @@ func serve(ctx context.Context, o *options, hooks *Hooks, stdout io.Writer, log 
 	}
 
 	if err == nil && ctx.Err() == nil {
-		if ca != nil && o.rootOut != "" {
+		rootFile := o.rootOut
+		if ca != nil {
+			if rootFile == "" {
+				// curl needs the root to verify the demo's certificates.
+				f, ferr := os.CreateTemp("", "pebble-root-*.pem")
+				if ferr == nil {
+					rootFile = f.Name()
+					f.Close()
+					defer os.Remove(rootFile)
+				}
+			}
 			pemRoot := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Root.Raw})
-			if err := os.WriteFile(o.rootOut, pemRoot, 0o644); err != nil {
+			if err := os.WriteFile(rootFile, pemRoot, 0o644); err != nil {
 				log.Error("writing the Pebble root", "error", err)
 			} else {
-				fmt.Fprintf(stdout, "root: %s\n", o.rootOut)
+				fmt.Fprintf(stdout, "root: %s\n", rootFile)
 			}
 		}
 		fmt.Fprintf(stdout, "https: %s\n", httpsLn.Addr())
 		if o.status {
-			fmt.Fprintf(stdout, "status: %s\n", statusURL(o, httpsLn.Addr()))
+			url := statusURL(o, httpsLn.Addr())
+			fmt.Fprintf(stdout, "status: %s\n", url)
+			if ca != nil {
+				// The demo names resolve nowhere: curl is told where.
+				_, port, _ := net.SplitHostPort(httpsLn.Addr().String())
+				fmt.Fprintf(stdout, "try: curl --cacert %s --resolve %s:%s:127.0.0.1 %s\n", rootFile, o.domains[0], port, url)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -366,9 +382,6 @@ func provision(ctx context.Context, m *certmgr.Manager, domains []string, log *s
 
 // statusURL returns the status page's URL as printed at start.
 func statusURL(o *options, addr net.Addr) string {
-	if o.pebble {
-		return "https://" + addr.String() + statusPath
-	}
 	host := o.domains[0]
 	if _, port, err := net.SplitHostPort(addr.String()); err == nil && port != "443" {
 		host = net.JoinHostPort(host, port)
