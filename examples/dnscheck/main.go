@@ -5,7 +5,7 @@
 // Usage:
 //
 //	dnscheck -known-ip 203.0.113.7 [-known-ip ...] [-resolver host:port ...]
-//	         [-caa letsencrypt.org ...] [-timeout 5s] example.com [more names]
+//	         [-caa letsencrypt.org ...] [-timeout 2s] example.com [more names]
 //
 // For each name it lists the records it found, next to what is expected,
 // and ends with READY or NOT READY and the reason. The verdict is
@@ -77,9 +77,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		c.caaIDs = append(c.caaIDs, s)
 		return nil
 	})
-	fs.DurationVar(&c.timeout, "timeout", 5*time.Second, "timeout of each DNS query")
+	fs.DurationVar(&c.timeout, "timeout", 2*time.Second, "timeout of each DNS query (certmgr's default, DNSCheck.Timeout)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: dnscheck -known-ip IP [-known-ip IP ...] [-resolver host:port ...] [-caa identity ...] [-timeout 5s] domain [domain ...]")
+		fmt.Fprintln(stderr, "usage: dnscheck -known-ip IP [-known-ip IP ...] [-resolver host:port ...] [-caa identity ...] [-timeout 2s] domain [domain ...]")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {

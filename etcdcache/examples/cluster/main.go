@@ -12,6 +12,8 @@ package main
 
 import (
 	"crypto/tls"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -39,6 +41,17 @@ const name = "cluster.test"
 const replicas = 3
 
 func main() {
+	fs := flag.NewFlagSet("cluster", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintln(fs.Output(), "usage: cluster\n\nRuns three replicas on an embedded etcd and CA, sends a burst of handshakes for one fresh name, and prints what each replica serves. It takes no flag.")
+	}
+	if err := fs.Parse(os.Args[1:]); err != nil || fs.NArg() > 0 {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		fs.Usage()
+		os.Exit(2)
+	}
 	if err := run(os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "cluster:", err)
 		os.Exit(1)
