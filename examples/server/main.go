@@ -59,7 +59,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/certmgr/certmgr/internal/demoserver"
+	"github.com/certmgr/certmgr/examples/demoserver"
 )
 
 func main() {

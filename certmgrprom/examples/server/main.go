@@ -18,7 +18,7 @@ import (
 
 	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/certmgrprom"
-	"github.com/certmgr/certmgr/internal/demoserver"
+	"github.com/certmgr/certmgr/examples/demoserver"
 )
 
 func main() {

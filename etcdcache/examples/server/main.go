@@ -51,7 +51,7 @@ import (
 	"golang.org/x/crypto/acme/autocert"
 
 	"github.com/certmgr/certmgr/etcdcache"
-	"github.com/certmgr/certmgr/internal/demoserver"
+	"github.com/certmgr/certmgr/examples/demoserver"
 )
 
 // dialTimeout bounds the etcd client's connection attempts.

@@ -1,8 +1,13 @@
 // Package demoserver is the HTTPS server of the command examples/server,
-// whose documentation describes its flags and behaviour. It is a package
-// of its own so that a build of the command in another module (the
-// etcdcache module's examples/server) can add flags and supply the
-// autocert.Cache through Hooks.
+// whose documentation describes its flags and behaviour: the plumbing of
+// a deployable server around certmgr (flags, listeners, the embedded CA
+// of -pebble, graceful shutdown, the status page). It is a package of its
+// own so that builds of the command in other modules (etcdcache's
+// examples/server, certmgrprom's) can add flags, supply the
+// autocert.Cache and serve metrics through Hooks. Its certmgr-specific
+// part is serve's: certmgr.New with the flags' Config, TLSConfig on the
+// HTTPS listener, HTTPHandler on the HTTP one, Provision of the domains,
+// StatusHandler behind the status page, and Close.
 package demoserver
 
 import (
