@@ -1732,3 +1732,49 @@ func TestClusterBudgetCheckedOnTheRecordWritten(t *testing.T) {
 		t.Errorf("the store's record: %d spends (%v), want the 4 it held", len(rec.Spends), err)
 	}
 }
+
+// TestTokenWrittenOnlyUnderTheLock: with a Coordinator, a domain's
+// TLS-ALPN-01 certificate is written or deleted through certmgr's Cache
+// only while an attempt of this replica holds the domain's lock (an
+// autocert.Manager of another flow, a renewal timer say, writes none);
+// other keys are written whatever the lock.
+func TestTokenWrittenOnlyUnderTheLock(t *testing.T) {
+	t.Parallel()
+	const name = "token.test"
+	store := certmgrtest.NewMemoryStore()
+	m, err := New(Config{Autocert: &autocert.Manager{Cache: store.Open()}, Logger: newTestLogger(&testsupport.Buffer{})})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	d, err := m.domainFor(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := store.Open()
+	if err := m.cache.Put(t.Context(), name+"+token", []byte("token")); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := reader.Get(t.Context(), name+"+token"); !errors.Is(err, autocert.ErrCacheMiss) {
+		t.Errorf("a token written without the lock landed: %q, %v", data, err)
+	}
+	// An attempt that holds the lock writes it.
+	a := &attempt{key: certKey{domain: name}, path: PathProvision, done: make(chan struct{})}
+	m.stateMu.Lock()
+	d.attempt = a
+	m.stateMu.Unlock()
+	if err := m.lockDomain(t.Context(), d, a); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.cache.Put(t.Context(), name+"+token", []byte("token")); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := reader.Get(t.Context(), name+"+token"); err != nil || string(data) != "token" {
+		t.Errorf("the lock holder's token: %q, %v", data, err)
+	}
+	m.stateMu.Lock()
+	unlock := a.unlock
+	d.attempt = nil
+	m.stateMu.Unlock()
+	unlock()
+}

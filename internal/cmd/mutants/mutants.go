@@ -28,7 +28,7 @@ var mutants = []mutant{
 }`,
 		new: `	return true
 }`,
-		pkg: ".", tests: "^(TestLostReplicaKeepsToTheStoresToken|TestReplicaOrdersOnlyUnderItsLock|TestFailedValidationLeavesNoToken)$",
+		pkg: ".", tests: "^TestTokenWrittenOnlyUnderTheLock$",
 	},
 	{
 		name: "etcd lock: any entry counts as held",
