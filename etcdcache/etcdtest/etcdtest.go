@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -33,8 +34,19 @@ type Server struct {
 
 // NewServer starts an etcd server, with its data in a new temporary
 // directory, and waits until it serves. Close stops it and removes the
-// directory.
+// directory. Its ports were free a moment before it binds them; if a
+// listener elsewhere took one meanwhile, it tries other addresses.
 func NewServer() (*Server, error) {
+	for try := 1; ; try++ {
+		s, err := newServer()
+		if err != nil && strings.Contains(err.Error(), "address already in use") && try < 5 {
+			continue
+		}
+		return s, err
+	}
+}
+
+func newServer() (*Server, error) {
 	dir, err := os.MkdirTemp("", "etcdtest-")
 	if err != nil {
 		return nil, fmt.Errorf("etcdtest: %w", err)

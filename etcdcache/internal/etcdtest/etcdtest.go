@@ -3,11 +3,14 @@
 package etcdtest
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -51,46 +54,64 @@ func loopbackHost() string {
 }
 
 // Start starts an etcd server with its data in a temporary directory,
-// and stops it in t's cleanup.
+// and stops it in t's cleanup. Its ports were free a moment before it
+// binds them, and a listener elsewhere on the machine (one on every
+// address) may take one meanwhile: then it tries other addresses.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Name = "test"
-	cfg.Dir = t.TempDir()
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cfg.UnsafeNoFsync = true
-	host := loopbackHost()
-	cu, pu := freeURL(t, host), freeURL(t, host)
-	for pu.Host == cu.Host {
-		// The port just closed may be handed out again at once: the
-		// client and peer listeners would then collide.
-		pu = freeURL(t, host)
+	for try := 1; ; try++ {
+		cfg := embed.NewConfig()
+		cfg.Name = "test"
+		cfg.Dir = t.TempDir()
+		cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+		cfg.UnsafeNoFsync = true
+		host := loopbackHost()
+		cu, pu := freeURL(t, host), freeURL(t, host)
+		for pu.Host == cu.Host {
+			// The port just closed may be handed out again at once: the
+			// client and peer listeners would then collide.
+			pu = freeURL(t, host)
+		}
+		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
+		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
+		cfg.InitialCluster = cfg.Name + "=" + pu.String()
+		s := &Server{cfg: cfg}
+		err := s.start()
+		if err != nil && (errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")) && try < 5 {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(s.Stop)
+		return s
 	}
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{cu}, []url.URL{cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{pu}, []url.URL{pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	s := &Server{cfg: cfg}
-	s.Start(t)
-	t.Cleanup(s.Stop)
-	return s
 }
 
 // Start starts s again, on the same addresses and data, after Stop.
 func (s *Server) Start(t testing.TB) {
 	t.Helper()
+	if err := s.start(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// start starts s and waits until it serves.
+func (s *Server) start() error {
 	e, err := embed.StartEtcd(s.cfg)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	select {
 	case <-e.Server.ReadyNotify():
 	case <-time.After(30 * time.Second):
 		e.Close()
-		t.Fatal("etcd not ready within 30s")
+		return errors.New("etcd not ready within 30s")
 	}
 	s.mu.Lock()
 	s.e = e
 	s.mu.Unlock()
+	return nil
 }
 
 // Stop stops s, if it runs.
