@@ -21,8 +21,8 @@ func (m *Manager) StatusHandler() http.Handler {
 			return
 		}
 		var v any
-		if name, ok := r.URL.Query()["domain"]; ok {
-			s := m.Status(firstOf(name))
+		if q := r.URL.Query(); q.Has("domain") {
+			s := m.Status(q.Get("domain"))
 			if s.State == StateNone && s.Failures == 0 && s.LastError == nil && s.NextAttempt.IsZero() {
 				http.Error(w, "certmgr: status: no such domain", http.StatusNotFound)
 				return
@@ -40,11 +40,4 @@ func (m *Manager) StatusHandler() http.Handler {
 		w.Header().Set("Cache-Control", "no-store")
 		w.Write(append(body, '\n'))
 	})
-}
-
-func firstOf(values []string) string {
-	if len(values) == 0 {
-		return ""
-	}
-	return values[0]
 }
