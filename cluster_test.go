@@ -1582,17 +1582,6 @@ func TestFailedTokenDeleteIsTriedAgain(t *testing.T) {
 	})
 }
 
-// putCounter is a replica's store that counts its conditional writes.
-type putCounter struct {
-	*certmgrtest.MemoryReplica
-	putIfs atomic.Int64
-}
-
-func (p *putCounter) PutIf(ctx context.Context, key string, value []byte, rev int64, fence string) (int64, bool, error) {
-	p.putIfs.Add(1)
-	return p.MemoryReplica.PutIf(ctx, key, value, rev, fence)
-}
-
 // TestRecordWriteOfALostHoldDoesNotLand: a record write under a hold the
 // store has ended lands nowhere. A holder that has not heard yet (paused
 // while its lease expired) writes with the hold's fence, which the store
@@ -1601,7 +1590,7 @@ func TestRecordWriteOfALostHoldDoesNotLand(t *testing.T) {
 	t.Parallel()
 	const name = "fenced.test"
 	store := certmgrtest.NewMemoryStore()
-	replica := &putCounter{MemoryReplica: store.Open()}
+	replica := &countingStore{MemoryReplica: store.Open()} // handshake_test.go
 	m, err := New(Config{Autocert: &autocert.Manager{Cache: replica}, Logger: newTestLogger(&testsupport.Buffer{})})
 	if err != nil {
 		t.Fatal(err)
@@ -1628,12 +1617,12 @@ func TestRecordWriteOfALostHoldDoesNotLand(t *testing.T) {
 	if data, err := other.Get(t.Context(), recordPrefix+name); !errors.Is(err, autocert.ErrCacheMiss) {
 		t.Errorf("the paused holder's record landed: %q, %v", data, err)
 	}
-	n := replica.putIfs.Load()
+	n := replica.n.Load()
 	if err := m.updateRecord(t.Context(), name, fence, lost, nil, write); !errors.Is(err, errLockLost) {
 		t.Errorf("the write of a holder that knows it lost the lock: %v, want errLockLost", err)
 	}
-	if sent := replica.putIfs.Load() - n; sent != 0 {
-		t.Errorf("a holder that knows it lost the lock sent %d writes to the store, want none", sent)
+	if sent := replica.n.Load() - n; sent != 0 {
+		t.Errorf("a holder that knows it lost the lock sent %d requests to the store, want none", sent)
 	}
 }
 
@@ -1757,6 +1746,12 @@ func TestTokenWrittenOnlyUnderTheLock(t *testing.T) {
 	}
 	if data, err := reader.Get(t.Context(), name+"+token"); !errors.Is(err, autocert.ErrCacheMiss) {
 		t.Errorf("a token written without the lock landed: %q, %v", data, err)
+	}
+	if err := m.cache.Put(t.Context(), name, []byte("certificate")); err != nil {
+		t.Fatal(err)
+	}
+	if data, err := reader.Get(t.Context(), name); err != nil || string(data) != "certificate" {
+		t.Errorf("another key written without the lock: %q, %v; want it written", data, err)
 	}
 	// An attempt that holds the lock writes it.
 	a := &attempt{key: certKey{domain: name}, path: PathProvision, done: make(chan struct{})}
