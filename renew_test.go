@@ -6,6 +6,7 @@ import (
 	"crypto/rsa"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -188,5 +189,42 @@ func TestRenewBeforeLongerThanTheLifetimeMakesOneOrder(t *testing.T) {
 	}
 	if n := strings.Count(e.logs.String(), "RenewBefore bounded"); n != 1 {
 		t.Errorf("%d log lines say RenewBefore is bounded, want 1", n)
+	}
+}
+
+// TestRenewalGuard: after a renewal, in this process or, as the record
+// says, on any replica, autocert's timer may not renew again for a
+// quarter of the certificate's lifetime: no renewal loop, whatever
+// RenewBefore or the CA says. An order of a domain never renewed passes.
+func TestRenewalGuard(t *testing.T) {
+	clock := newFakeClock()
+	m := newPureManager(t, clock, nil)
+	d, err := m.domainFor("guard.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := httptest.NewRequest("POST", "https://ca/new-order", nil)
+	check := func() error {
+		m.stateMu.Lock()
+		defer m.stateMu.Unlock()
+		return m.checkOrderLocked(req.WithContext(t.Context()), d, d.name, clock.Now())
+	}
+	m.stateMu.Lock()
+	d.am = nil // the request names no autocert.Manager: neither does the domain
+	d.lifetime = 24 * time.Hour
+	m.stateMu.Unlock()
+	if err := check(); err != nil {
+		t.Fatalf("never renewed: %v, want nil", err)
+	}
+	m.stateMu.Lock()
+	d.fail.Renewed = clock.Now()
+	m.stateMu.Unlock()
+	clock.Advance(6*time.Hour - time.Second)
+	if err := check(); !errors.Is(err, ErrBackoff) {
+		t.Errorf("within a quarter of the lifetime of the renewal: %v, want ErrBackoff", err)
+	}
+	clock.Advance(time.Second)
+	if err := check(); err != nil {
+		t.Errorf("a quarter of the lifetime later: %v, want nil", err)
 	}
 }

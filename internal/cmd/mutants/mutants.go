@@ -150,7 +150,7 @@ var mutants = []mutant{
 		file: "renew.go",
 		old:  `	if !renewedUntilLocked(d, now, 0).IsZero() {`,
 		new:  `	if false {`,
-		pkg:  ".", tests: "^TestCertificateRenewedWithoutTrafficAfterClusterRestart$",
+		pkg:  ".", tests: "^TestRenewalGuard$",
 	},
 	{
 		name: "RenewBefore unbounded",
