@@ -70,6 +70,9 @@ type Server struct {
 	Roots *x509.CertPool
 	// Root is Pebble's root certificate, for programs that hand it on.
 	Root *x509.Certificate
+	// ProxyCert is the proxy's TLS certificate, which HTTPClient trusts,
+	// for ACME clients in other processes.
+	ProxyCert *x509.Certificate
 	// DNS is the VA's resolver; tests program names there and may point
 	// the code under test at DNS.Addr().
 	DNS *DNSServer
@@ -177,6 +180,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.front.Config.ErrorLog = s.errLog
 	s.front.StartTLS()
 	s.HTTPClient = s.front.Client()
+	s.ProxyCert = s.front.Certificate()
 	s.DirectoryURL = s.front.URL + wfe.DirectoryPath
 	return s, nil
 }

@@ -2,187 +2,213 @@ package demoserver
 
 import (
 	"bytes"
-	"context"
-	"errors"
-	"flag"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
-
-	"golang.org/x/crypto/acme/autocert"
-
-	"github.com/certmgr/certmgr/internal/testsupport"
+	"time"
 )
 
 // TestUsage checks that wrong command lines are refused before anything
-// starts.
+// starts, with one line saying why.
 func TestUsage(t *testing.T) {
 	dir := t.TempDir()
-	for _, args := range [][]string{
-		{"unexpected"},
-		{"-pebble", "-cache-dir", dir},
-		{"-pebble", "-production"},
-		{"-pebble", "-https-addr", ":8443"},
-		{"-pebble", "-known-ip", "not-an-ip"},
-		{"-cache-dir", dir},
-		{"-domain", "example.com"},
-		{"-domain", "example.com", "-cache-dir", dir, "-production", "-directory", "https://ca.example/dir"},
-		{"-domain", "example.com", "-cache-dir", dir, "-pebble-root-out", dir + "/root.pem"},
-		{"-no-such-flag"},
+	for msg, args := range map[string][]string{
+		"unexpected arguments: unexpected":                           {"unexpected"},
+		"-cache-dir does not go with -pebble":                        {"-pebble", "-cache-dir", dir},
+		"-production does not go with -pebble":                       {"-pebble", "-production"},
+		"-https-addr does not go with -pebble":                       {"-pebble", "-https-addr", ":8443"},
+		"no -domain given":                                           {"-cache-dir", dir},
+		"-cache-dir is required: certificates must survive restarts": {"-domain", "example.com"},
+		"-production and -directory do not go together":              {"-domain", "example.com", "-cache-dir", dir, "-production", "-directory", "https://ca.example/dir"},
+		"-pebble-root-out needs -pebble":                             {"-domain", "example.com", "-cache-dir", dir, "-pebble-root-out", dir + "/root.pem"},
 	} {
 		var stderr bytes.Buffer
-		if code := Run(context.Background(), args, io.Discard, &stderr, Hooks{}); code != 2 {
-			t.Errorf("server %q: exit status %d, want 2\n%s", args, code, stderr.String())
+		if o, code := Parse(args, &stderr, false); o != nil || code != 2 || stderr.String() != "server: "+msg+"\n" {
+			t.Errorf("server %q: %v, exit status %d, stderr %q; want nil, 2 and %q", args, o, code, stderr.String(), "server: "+msg)
+		}
+	}
+	for _, args := range [][]string{{"-pebble", "-known-ip", "not-an-ip"}, {"-no-such-flag"}} {
+		if o, code := Parse(args, io.Discard, false); o != nil || code != 2 {
+			t.Errorf("server %q: %v, exit status %d, want nil and 2", args, o, code)
 		}
 	}
 	var stderr bytes.Buffer
-	if code := Run(context.Background(), []string{"-help"}, io.Discard, &stderr, Hooks{}); code != 0 {
-		t.Errorf("server -help: exit status %d, want 0", code)
+	if o, code := Parse([]string{"-help"}, &stderr, false); o != nil || code != 0 {
+		t.Errorf("server -help: %v, exit status %d, want nil and 0", o, code)
 	}
 	if !strings.Contains(stderr.String(), "-cache-dir") {
 		t.Errorf("server -help does not list -cache-dir:\n%s", stderr.String())
 	}
 }
 
-// testHooks returns Hooks that add the flag -store, refuse it with
-// -cache-dir, and supply cache when it is given.
-func testHooks(cache autocert.Cache, closeCache func() error) Hooks {
-	return Hooks{
-		Flags: func(fs *flag.FlagSet) { fs.Bool("store", false, "use the test's Cache") },
-		Check: func(given func(string) bool) (bool, error) {
-			if given("store") && given("cache-dir") {
-				return false, errors.New("-store and -cache-dir do not go together")
-			}
-			return given("store"), nil
-		},
-		Cache: func() (autocert.Cache, func() error, error) { return cache, closeCache, nil },
+// TestParse checks the Options of usable command lines.
+func TestParse(t *testing.T) {
+	o, code := Parse([]string{"-domain", "example.com", "-cache-dir", "/var/lib/certs", "-production"}, io.Discard, false)
+	if o == nil || code != 0 {
+		t.Fatalf("exit status %d", code)
+	}
+	if o.Directory != "https://acme-v02.api.letsencrypt.org/directory" || o.HTTPSAddr != ":443" || o.HTTPAddr != ":80" || !o.Status || o.StatusPublic {
+		t.Errorf("-production: %+v", o)
+	}
+	o, _ = Parse([]string{"-pebble"}, io.Discard, false)
+	if o == nil || strings.Join(o.Domains, ",") != "a.pebble.test,b.pebble.test" || len(o.KnownIPs) != 1 || o.KnownIPs[0].String() != "127.0.0.1" {
+		t.Errorf("-pebble: %+v, want the demo names and 127.0.0.1", o)
+	}
+	o, _ = Parse([]string{"-demo", "2"}, io.Discard, true)
+	if o == nil || o.Demo != 2 || o.DemoFile != DefaultDemoFile() || o.EtcdPrefix != "/certmgr/" {
+		t.Errorf("-demo 2: %+v", o)
+	}
+	o, _ = Parse([]string{"-domain", "example.com", "-etcd", "http://127.0.0.1:2379, http://127.0.0.2:2379"}, io.Discard, true)
+	if o == nil || strings.Join(o.Etcd, " ") != "http://127.0.0.1:2379 http://127.0.0.2:2379" {
+		t.Errorf("-etcd: %+v", o)
 	}
 }
 
-// TestHooksUsage checks how the hooks' flags and checks join the
-// command's own.
-func TestHooksUsage(t *testing.T) {
-	dir := t.TempDir()
-	h := testHooks(autocert.DirCache(dir), nil)
-
-	var stderr bytes.Buffer
-	code := Run(context.Background(), []string{"-domain", "example.com", "-cache-dir", dir, "-store"}, io.Discard, &stderr, h)
-	if code != 2 || stderr.String() != "server: -store and -cache-dir do not go together\n" {
-		t.Errorf("Check's error: exit status %d, stderr %q; want 2 and the error after \"server: \"", code, stderr.String())
-	}
-
-	// A Cache of the hooks' stands for -cache-dir.
-	for _, args := range [][]string{
-		{"-domain", "example.com", "-store"},
-		{"-pebble", "-store"},
-	} {
-		var o options
-		stderr.Reset()
-		if ok, _ := o.parse(args, &stderr, &h); !ok || !o.ownCache {
-			t.Errorf("server %q: ok %v, ownCache %v, want both true\n%s", args, ok, o.ownCache, stderr.String())
-		}
-	}
-	var o options
-	if ok, _ := o.parse([]string{"-domain", "example.com", "-cache-dir", dir}, &stderr, &h); !ok || o.ownCache {
-		t.Errorf("-cache-dir without -store: ok %v, ownCache %v, want true, false", ok, o.ownCache)
-	}
-
-	stderr.Reset()
-	if code := Run(context.Background(), []string{"-help"}, io.Discard, &stderr, h); code != 0 || !strings.Contains(stderr.String(), "-store") {
-		t.Errorf("server -help with the hooks: exit status %d, want 0 and -store listed:\n%s", code, stderr.String())
-	}
-}
-
-// recordingCache wraps an autocert.Cache, and records the keys put and
-// any use after close.
-type recordingCache struct {
-	autocert.Cache
-	mu        sync.Mutex
-	put       map[string]bool
-	closes    int
-	afterUses []string
-}
-
-func (c *recordingCache) use(op, key string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closes > 0 {
-		c.afterUses = append(c.afterUses, op+" "+key)
-	}
-	if op == "put" {
-		c.put[key] = true
-	}
-}
-
-func (c *recordingCache) Get(ctx context.Context, key string) ([]byte, error) {
-	c.use("get", key)
-	return c.Cache.Get(ctx, key)
-}
-
-func (c *recordingCache) Put(ctx context.Context, key string, data []byte) error {
-	c.use("put", key)
-	return c.Cache.Put(ctx, key, data)
-}
-
-func (c *recordingCache) Delete(ctx context.Context, key string) error {
-	c.use("delete", key)
-	return c.Cache.Delete(ctx, key)
-}
-
-func (c *recordingCache) close() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.closes++
-	return nil
-}
-
-// TestHooksCache runs the server against the embedded CA with a Cache
-// that the hooks supply: the certificates land in it, and it is closed
-// once, after the Manager is done with it.
-func TestHooksCache(t *testing.T) {
-	cache := &recordingCache{Cache: autocert.DirCache(t.TempDir()), put: make(map[string]bool)}
-	srv := testsupport.StartServer(t, "Run", func(ctx context.Context, stdout, stderr io.Writer) int {
-		return Run(ctx, []string{"-pebble", "-store"}, stdout, stderr, testHooks(cache, cache.close))
-	})
-
-	// The status line comes once every domain is provisioned.
-	testsupport.WaitLines(t, srv.Lines, "status: ")
-	cache.mu.Lock()
-	for _, d := range testsupport.PebbleDomains {
-		if !cache.put[d] {
-			t.Errorf("no certificate of %s put in the hooks' Cache (keys put: %v)", d, cache.put)
-		}
-	}
-	if cache.closes != 0 {
-		t.Errorf("the Cache was closed %d times while the server runs", cache.closes)
-	}
-	cache.mu.Unlock()
-
-	srv.Stop(t, shutdownTimeout)
-	cache.mu.Lock()
-	defer cache.mu.Unlock()
-	if cache.closes != 1 {
-		t.Errorf("the Cache was closed %d times, want 1", cache.closes)
-	}
-	if len(cache.afterUses) > 0 {
-		t.Errorf("the Cache was used after its close: %v", cache.afterUses)
-	}
-}
-
-// TestStatusLoopbackOnly: without -status-public, the status page answers
+// TestStatusLoopbackOnly: without -status-public, Private answers
 // loopback clients only.
 func TestStatusLoopbackOnly(t *testing.T) {
-	h := loopbackOnly(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "status") }))
-	for addr, want := range map[string]int{"127.0.0.1:5000": 200, "[::1]:5000": 200, "198.51.100.7:5000": 404, "[2001:db8::1]:443": 404} {
-		r := httptest.NewRequest("GET", "/certmgr/status", nil)
-		r.RemoteAddr = addr
-		w := httptest.NewRecorder()
-		h.ServeHTTP(w, r)
-		if w.Code != want {
-			t.Errorf("from %s: %d, want %d", addr, w.Code, want)
+	h := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "status") })
+	for _, public := range []bool{false, true} {
+		p := (&Options{StatusPublic: public}).Private(h)
+		for addr, loopback := range map[string]bool{"127.0.0.1:5000": true, "[::1]:5000": true, "198.51.100.7:5000": false, "[2001:db8::1]:443": false} {
+			r := httptest.NewRequest("GET", "/certmgr/status", nil)
+			r.RemoteAddr = addr
+			w := httptest.NewRecorder()
+			p.ServeHTTP(w, r)
+			if want := map[bool]int{true: 200, false: 404}[loopback || public]; w.Code != want {
+				t.Errorf("-status-public=%v, from %s: %d, want %d", public, addr, w.Code, want)
+			}
 		}
+	}
+}
+
+// echo serves on a new loopback listener, answering each connection with
+// its name, until the test ends.
+func echo(t *testing.T, name string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, name)
+			c.Close()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// dialRead connects to addr and returns what it reads until EOF.
+func dialRead(addr string) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+// TestForwarderSkipsStoppedBackends: the demo's load balancer hands each
+// connection to the next backend in turn, or, if that one refuses it, to
+// the first after it that accepts it; so every connection is served
+// while one backend accepts, however many arrive at once.
+func TestForwarderSkipsStoppedBackends(t *testing.T) {
+	stopped, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := forward(ln, []string{echo(t, "one"), stopped, echo(t, "two")})
+	defer f.close()
+	var got []string
+	for range 4 {
+		s, err := dialRead(ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, s)
+	}
+	if s := strings.Join(got, " "); s != "one two two one" {
+		t.Errorf("connections reached %q, want one two two one", s)
+	}
+
+	// At once, with one backend of three accepting.
+	ln2, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f2 := forward(ln2, []string{stopped, stopped, echo(t, "up")})
+	defer f2.close()
+	const n = 30
+	results := make(chan string, n)
+	for range n {
+		go func() {
+			s, err := dialRead(ln2.Addr().String())
+			if err != nil {
+				s = err.Error()
+			}
+			results <- s
+		}()
+	}
+	for range n {
+		if s := <-results; s != "up" {
+			t.Errorf("a connection got %q, want up", s)
+		}
+	}
+}
+
+// TestDemoFiles: StartDemo writes a description that ReadDemo reads, with
+// a PEM file that makes a working ACME client; Close removes both.
+func TestDemoFiles(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "demo.json")
+	c, err := StartDemo(file, "http://127.0.0.1:2379", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := ReadDemo(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Directory != c.CA.DirectoryURL || d.Etcd != "http://127.0.0.1:2379" || len(d.Replicas) != 2 || len(d.Domains) != 2 {
+		t.Errorf("read %+v", d)
+	}
+	for _, r := range d.Replicas {
+		for _, a := range []string{r.HTTPS, r.HTTP} {
+			if ap, err := net.ResolveTCPAddr("tcp", a); err != nil || !ap.IP.IsLoopback() {
+				t.Errorf("replica address %q: not on loopback", a)
+			}
+		}
+	}
+	client, err := d.client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := client.Discover(t.Context()); err != nil {
+		t.Errorf("the demo's ACME client: %v", err)
+	}
+	c.Close()
+	for _, f := range []string{file, d.Roots} {
+		if _, err := os.Stat(f); !os.IsNotExist(err) {
+			t.Errorf("%s left after Close (%v)", f, err)
+		}
+	}
+	if _, err := ReadDemo(file); err == nil || !strings.Contains(err.Error(), "examples/demoenv") {
+		t.Errorf("ReadDemo of no file: %v, want an error naming examples/demoenv", err)
 	}
 }

@@ -39,8 +39,13 @@
 // -etcd-prefix, "/certmgr/" by default) instead of -cache-dir, and one
 // replica at a time orders a domain's certificate (see the etcdcache
 // package). That needs etcd's client, which this module does not depend
-// on: this build refuses -etcd and -etcd-prefix, and the build in the
-// etcdcache module, which takes the same flags, has them.
+// on: this build refuses -etcd, -etcd-prefix and -demo, and the build in
+// the etcdcache module, which takes the same flags, has them.
+//
+// Every call to certmgr is in this file, which is meant to be copied:
+// serve is the whole of what a server does with certmgr. The rest
+// (flags, listeners, the embedded CA, the status page, the graceful
+// shutdown) is the plumbing of the package examples/demoserver.
 //
 // The status page names domains, addresses and errors: it answers only
 // clients on loopback addresses, unless -status-public is given. It tells
@@ -52,13 +57,17 @@ package main
 
 import (
 	"context"
-	"errors"
-	"flag"
+	"fmt"
 	"io"
+	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
 
+	"golang.org/x/crypto/acme/autocert"
+
+	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/examples/demoserver"
 )
 
@@ -69,23 +78,60 @@ func main() {
 	os.Exit(code)
 }
 
-// errNoEtcd refuses -etcd and -etcd-prefix.
-var errNoEtcd = errors.New("this build has no etcd support: run (cd etcdcache && go run ./examples/server -etcd ...) instead")
-
-// run runs the server until ctx is done, and returns the exit status.
+// run runs the server until ctx is done, and returns the exit status: 0,
+// 1 if the server failed, 2 for a command line that is not usable.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return demoserver.Run(ctx, args, stdout, stderr, demoserver.Hooks{
-		// The flags of the etcdcache module's build, so that a command
-		// line for it gets told where to go rather than an unknown flag.
-		Flags: func(fs *flag.FlagSet) {
-			fs.String("etcd", "", "etcd client endpoints, comma-separated: not in this build, see the etcdcache module's examples/server")
-			fs.String("etcd-prefix", "/certmgr/", "prefix of the etcd keys: not in this build, see the etcdcache module's examples/server")
-		},
-		Check: func(given func(string) bool) (bool, error) {
-			if given("etcd") || given("etcd-prefix") {
-				return false, errNoEtcd
-			}
-			return false, nil
-		},
+	o, code := demoserver.Parse(args, stderr, false)
+	if o == nil {
+		return code
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	if err := serve(ctx, o, stdout, log); err != nil {
+		log.Error("server failed", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// serve serves o's domains until ctx is done.
+func serve(ctx context.Context, o *demoserver.Options, stdout io.Writer, log *slog.Logger) error {
+	env, err := demoserver.Open(o, log) // the CA, the listeners
+	if err != nil {
+		return err
+	}
+	defer env.Close() // last
+
+	am := &autocert.Manager{
+		Prompt:     autocert.AcceptTOS, // running the server accepts the CA's terms
+		HostPolicy: autocert.HostWhitelist(o.Domains...),
+		Email:      o.Email,
+		Client:     env.Client,
+	}
+	if o.CacheDir != "" { // else, with -pebble, in memory
+		am.Cache = autocert.DirCache(o.CacheDir)
+	}
+	m, err := certmgr.New(certmgr.Config{
+		Autocert: am,
+		Logger:   log,
+		DNS:      certmgr.DNSCheck{KnownIPs: o.KnownIPs, Resolvers: env.Resolvers},
+		Profile:  o.Profile,
+	})
+	if err != nil {
+		return err
+	}
+	defer m.Close() // after the servers stopped: waits for attempts in flight
+
+	mux := http.NewServeMux()
+	if o.Status {
+		mux.Handle(demoserver.StatusPath, o.Private(demoserver.StatusPage(m.Domains, m.StatusHandler())))
+	}
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "Hello from %s\n", r.Host)
+	})
+	// HTTPS with certmgr's TLSConfig (it offers acme-tls/1 for TLS-ALPN-01);
+	// HTTP-01 and redirects on HTTP; every domain provisioned at start
+	// rather than at its first visitor.
+	return env.Serve(ctx, stdout, mux, m.TLSConfig(), m.HTTPHandler(nil), func(ctx context.Context) {
+		demoserver.Provision(ctx, o.Domains, m.Provision, log)
 	})
 }

@@ -207,14 +207,16 @@ func TestSIGTERM(t *testing.T) {
 	}
 }
 
-// TestNoEtcd: this build refuses -etcd and -etcd-prefix, naming the build
-// that has them, before anything starts.
+// TestNoEtcd: this build refuses -etcd, -etcd-prefix and -demo, naming
+// the build that has them, before anything starts.
 func TestNoEtcd(t *testing.T) {
 	for _, args := range [][]string{
 		{"-etcd", "http://127.0.0.1:2379"},
 		{"-pebble", "-etcd", "http://127.0.0.1:2379"},
 		{"-pebble", "-etcd-prefix", "/certmgr/"},
 		{"-domain", "example.com", "-etcd", "http://127.0.0.1:2379", "-etcd-prefix", "/certmgr/"},
+		{"-demo", "1"},
+		{"-demo", "1", "-demo-file", "/tmp/demo.json"},
 	} {
 		var stdout, stderr bytes.Buffer
 		if code := run(context.Background(), args, &stdout, &stderr); code != 2 {

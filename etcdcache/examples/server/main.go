@@ -16,6 +16,8 @@
 //
 //	go run ./examples/server -pebble -etcd http://127.0.0.1:2379 [-etcd-prefix /certmgr/]
 //
+//	go run ./examples/server -demo N [-demo-file FILE] [-etcd-prefix /certmgr/]
+//
 // With -etcd (etcd's client endpoints, comma-separated), the server makes
 // one etcd client and an etcdcache.Cache on it, which takes the place of
 // -cache-dir (the two do not go together): certificates, the ACME account
@@ -32,17 +34,36 @@
 // from a CA that is gone at the next run, which still finds and serves
 // them. Give each -pebble run an -etcd-prefix of its own, or delete its
 // keys afterwards (etcdctl del --prefix /certmgr/).
+//
+// With -demo N, the server is replica N (from 1) of the shared demo that
+// examples/demoenv runs: one etcd, one Pebble CA and its DNS server for
+// every replica, each in a process of its own. It reads the demo's
+// description from -demo-file (certmgr-demo.json in the temporary
+// directory, where demoenv writes it by default), and serves the demo's
+// names on that replica's loopback ports, which demoenv's load balancer
+// forwards the CA's validations to:
+//
+//	go run ./examples/demoenv    # one terminal: etcd, the CA, the DNS server
+//	go run ./examples/server -demo 1
+//	go run ./examples/server -demo 2
+//
+// The replicas order each name once between them, and serve the same
+// certificate; each prints its status URL and a curl command line.
+//
+// Every call to certmgr and etcdcache is in this file, which is meant to
+// be copied: serve is the whole of what a server does with them. The rest
+// is the plumbing of the package examples/demoserver.
 package main
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -50,6 +71,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/crypto/acme/autocert"
 
+	"github.com/certmgr/certmgr"
 	"github.com/certmgr/certmgr/etcdcache"
 	"github.com/certmgr/certmgr/examples/demoserver"
 )
@@ -64,42 +86,70 @@ func main() {
 	os.Exit(code)
 }
 
-// run runs the server until ctx is done, and returns the exit status.
+// run runs the server until ctx is done, and returns the exit status: 0,
+// 1 if the server failed, 2 for a command line that is not usable.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var (
-		etcd      string
-		prefix    string
-		endpoints []string
-	)
-	return demoserver.Run(ctx, args, stdout, stderr, demoserver.Hooks{
-		Flags: func(fs *flag.FlagSet) {
-			fs.StringVar(&etcd, "etcd", "", "etcd client endpoints, comma-separated (e.g. http://127.0.0.1:2379): keep certificates in etcd, instead of -cache-dir, for replicas to share")
-			fs.StringVar(&prefix, "etcd-prefix", "/certmgr/", "with -etcd, the prefix of every etcd key the server uses")
-		},
-		Check: func(given func(string) bool) (bool, error) {
-			if !given("etcd") {
-				if given("etcd-prefix") {
-					return false, errors.New("-etcd-prefix needs -etcd")
-				}
-				return false, nil
+	o, code := demoserver.Parse(args, stderr, true)
+	if o == nil {
+		return code
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	if err := serve(ctx, o, stdout, log); err != nil {
+		log.Error("server failed", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// serve serves o's domains until ctx is done.
+func serve(ctx context.Context, o *demoserver.Options, stdout io.Writer, log *slog.Logger) error {
+	env, err := demoserver.Open(o, log) // the CA, the listeners; with -demo, the etcd
+	if err != nil {
+		return err
+	}
+	defer env.Close() // last
+
+	am := &autocert.Manager{
+		Prompt:     autocert.AcceptTOS, // running the server accepts the CA's terms
+		HostPolicy: autocert.HostWhitelist(o.Domains...),
+		Email:      o.Email,
+		Client:     env.Client,
+	}
+	switch {
+	case len(o.Etcd) > 0:
+		cache, closeCache, err := open(o.Etcd, o.EtcdPrefix)
+		if err != nil {
+			return err
+		}
+		defer func() { // after the Manager's Close
+			if err := closeCache(); err != nil {
+				log.Warn("closing the cache", "error", err)
 			}
-			if given("cache-dir") {
-				return false, errors.New("-etcd and -cache-dir do not go together")
-			}
-			for e := range strings.SplitSeq(etcd, ",") {
-				if e = strings.TrimSpace(e); e == "" {
-					return false, fmt.Errorf("-etcd %q: an empty endpoint", etcd)
-				}
-				endpoints = append(endpoints, e)
-			}
-			if prefix == "" {
-				return false, errors.New("-etcd-prefix must not be empty")
-			}
-			return true, nil
-		},
-		Cache: func() (autocert.Cache, func() error, error) {
-			return open(endpoints, prefix)
-		},
+		}()
+		am.Cache = cache
+	case o.CacheDir != "": // else, with -pebble, in memory
+		am.Cache = autocert.DirCache(o.CacheDir)
+	}
+	m, err := certmgr.New(certmgr.Config{
+		Autocert: am,
+		Logger:   log,
+		DNS:      certmgr.DNSCheck{KnownIPs: o.KnownIPs, Resolvers: env.Resolvers},
+		Profile:  o.Profile,
+	})
+	if err != nil {
+		return err
+	}
+	defer m.Close() // after the servers stopped: waits for attempts in flight
+
+	mux := http.NewServeMux()
+	if o.Status {
+		mux.Handle(demoserver.StatusPath, o.Private(demoserver.StatusPage(m.Domains, m.StatusHandler())))
+	}
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "Hello from %s\n", r.Host)
+	})
+	return env.Serve(ctx, stdout, mux, m.TLSConfig(), m.HTTPHandler(nil), func(ctx context.Context) {
+		demoserver.Provision(ctx, o.Domains, m.Provision, log)
 	})
 }
 

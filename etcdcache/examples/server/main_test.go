@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
+	"github.com/certmgr/certmgr/examples/demoserver"
 	"github.com/certmgr/certmgr/internal/leakcheck"
 	"github.com/certmgr/certmgr/internal/testsupport"
 )
@@ -141,8 +143,8 @@ func TestEtcd(t *testing.T) {
 	}
 }
 
-// TestUsage checks that wrong uses of -etcd are refused before anything
-// starts.
+// TestUsage checks that wrong uses of -etcd and -demo are refused before
+// anything starts.
 func TestUsage(t *testing.T) {
 	dir := t.TempDir()
 	for msg, args := range map[string][]string{
@@ -153,10 +155,65 @@ func TestUsage(t *testing.T) {
 		`-etcd "": an empty endpoint`:             {"-pebble", "-etcd", ""},
 		"-etcd-prefix must not be empty":          {"-pebble", "-etcd", "http://127.0.0.1:2379", "-etcd-prefix", ""},
 		"no -domain given":                        {"-etcd", "http://127.0.0.1:2379"},
+		"-demo: replicas are numbered from 1":     {"-demo", "0"},
+		"-pebble does not go with -demo":          {"-demo", "1", "-pebble"},
+		"-etcd does not go with -demo":            {"-demo", "1", "-etcd", "http://127.0.0.1:2379"},
+		"-https-addr does not go with -demo":      {"-demo", "2", "-https-addr", ":8443"},
+		"-demo-file needs -demo":                  {"-pebble", "-demo-file", dir + "/demo.json"},
 	} {
 		var stderr bytes.Buffer
 		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 || stderr.String() != "server: "+msg+"\n" {
 			t.Errorf("server %q: exit status %d, stderr %q; want 2 and %q", args, code, stderr.String(), "server: "+msg)
 		}
+	}
+}
+
+// TestDemo runs the README's two-replica demo in process: a shared demo
+// (examples/demoenv's) on a real etcd, and two replicas run with -demo 1
+// and -demo 2. Each serves every demo name with the same certificate,
+// verified against the demo's roots, and the CA saw one order per name.
+func TestDemo(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "demo.json")
+	demo, err := demoserver.StartDemo(file, etcdtest.Start(t).Endpoint(), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer demo.Close()
+
+	var servers []*testsupport.Server
+	var addrs []string
+	for i := range 2 {
+		args := []string{"-demo", strconv.Itoa(i + 1), "-demo-file", file}
+		srv := testsupport.StartServer(t, "replica "+args[1], func(ctx context.Context, stdout, stderr io.Writer) int {
+			return run(ctx, args, stdout, stderr)
+		})
+		servers = append(servers, srv)
+		got := testsupport.WaitLines(t, srv.Lines, "https: ", "root: ", "try: ")
+		if got["https: "] != demo.Demo.Replicas[i].HTTPS || got["root: "] != demo.Demo.Roots {
+			t.Errorf("replica %d printed %v; want its address in the demo, %s, and the demo's roots", i+1, got, demo.Demo.Replicas[i].HTTPS)
+		}
+		addrs = append(addrs, got["https: "])
+	}
+
+	roots := testsupport.RootPool(t, demo.Demo.Roots)
+	for _, d := range demo.Demo.Domains {
+		var serials []string
+		for _, addr := range addrs {
+			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, &tls.Config{RootCAs: roots, ServerName: d})
+			if err != nil {
+				t.Fatalf("handshake for %s at %s: %v", d, addr, err)
+			}
+			serials = append(serials, conn.ConnectionState().PeerCertificates[0].SerialNumber.String())
+			conn.Close()
+		}
+		if serials[0] != serials[1] {
+			t.Errorf("%s: the replicas serve serials %v, want one certificate", d, serials)
+		}
+		if n := demo.CA.Proxy.Counts(d).Orders; n != 1 {
+			t.Errorf("%s: %d orders, want 1 for both replicas", d, n)
+		}
+	}
+	for _, srv := range servers {
+		srv.Stop(t, 10*time.Second)
 	}
 }
