@@ -4,9 +4,12 @@
 // run certmgr against it over loopback: issuance, the failures step-ca
 // reports its own way, a restart and a burst of new names.
 //
-// Run them from this directory with
+// The README's test command runs them, with every other module's; alone,
+// from this directory:
 //
-//	GOWORK=off go test -race ./...
+//	go test -race ./...
 //
-// The first run downloads and builds step-ca (about 160 modules).
+// The first run downloads and builds step-ca (about 160 modules), in the
+// stepca module, which stays outside the workspace so that step-ca keeps
+// its own dependency versions.
 package interop
