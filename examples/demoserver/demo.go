@@ -138,6 +138,9 @@ func StartDemo(file, etcd string, replicas int) (_ *DemoCA, err error) {
 	for _, cert := range []*x509.Certificate{ca.Root, ca.ProxyCert} {
 		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
 	}
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		return nil, err
+	}
 	if err := os.WriteFile(c.Demo.Roots, roots, 0o644); err != nil {
 		return nil, err
 	}
@@ -145,7 +148,7 @@ func StartDemo(file, etcd string, replicas int) (_ *DemoCA, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(file, append(desc, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(file, append(desc, '\n'), 0o600); err != nil {
 		return nil, err
 	}
 	return c, nil

@@ -47,9 +47,15 @@ type Options struct {
 }
 
 // DefaultDemoFile is where StartDemo writes, and -demo reads, the
-// description of a shared demo, unless told otherwise.
+// description of a shared demo, unless told otherwise: certmgr-demo.json
+// in the user's cache directory (os.UserCacheDir), which other users
+// cannot write, or in the temporary directory if there is none.
 func DefaultDemoFile() string {
-	return filepath.Join(os.TempDir(), "certmgr-demo.json")
+	dir, err := os.UserCacheDir()
+	if err != nil {
+		dir = os.TempDir()
+	}
+	return filepath.Join(dir, "certmgr-demo.json")
 }
 
 // Parse parses the command line args (without the program name) of a

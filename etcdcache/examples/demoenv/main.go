@@ -2,7 +2,7 @@
 // mode (-demo N), all on loopback: one etcd, one Pebble CA with its DNS
 // server, and a load balancer that hands the CA's validation connections
 // to the replicas in turn, skipping any not running. It writes the demo's
-// description to -file (certmgr-demo.json in the temporary directory,
+// description to -file (certmgr-demo.json in the user's cache directory,
 // where the server's -demo looks by default), prints the commands that
 // start the replicas, and then, as they order certificates, the CA's
 // order count per name. Run it, from the etcdcache module, with:

@@ -38,7 +38,7 @@
 // With -demo N, the server is replica N (from 1) of the shared demo that
 // examples/demoenv runs: one etcd, one Pebble CA and its DNS server for
 // every replica, each in a process of its own. It reads the demo's
-// description from -demo-file (certmgr-demo.json in the temporary
+// description from -demo-file (certmgr-demo.json in the user's cache
 // directory, where demoenv writes it by default), and serves the demo's
 // names on that replica's loopback ports, which demoenv's load balancer
 // forwards the CA's validations to:
