@@ -6,9 +6,9 @@
 // the root, a .info, a .mod and a .zip each, without the nested modules'
 // files. Then, in a scratch module outside the tree, with that proxy ahead
 // of the usual one for third-party modules, it gets etcdcache at that
-// version and runs a program that obtains a certificate from certmgrtest's
-// CA on two replicas sharing an etcd (etcdtest). Run from the repository's
-// root:
+// version, builds the example servers' main.go files copied into it, and
+// runs a program that obtains a certificate from certmgrtest's CA on two
+// replicas sharing an etcd (etcdtest). Run from the repository's root:
 //
 //	go run .ci/consumer/main.go
 //
@@ -30,6 +30,14 @@ import (
 )
 
 const root = "github.com/certmgr/certmgr"
+
+// copied are the files a user copies into their own module, by the
+// directory of the scratch module they go to: the deployable servers'
+// main.go, which must build there as they are.
+var copied = map[string]string{
+	"cmd/server":     "examples/server/main.go",
+	"cmd/etcdserver": "etcdcache/examples/server/main.go",
+}
 
 func main() {
 	if err := run(); err != nil {
@@ -69,13 +77,36 @@ func run() error {
 	if err := os.WriteFile(filepath.Join(scratch, "main.go"), []byte(program), 0o644); err != nil {
 		return err
 	}
+	// The example servers' one files, copied as a user would.
+	for dir, from := range copied {
+		if err := os.MkdirAll(filepath.Join(scratch, dir), 0o755); err != nil {
+			return err
+		}
+		src, err := os.ReadFile(from)
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(scratch, dir, "main.go"), src, 0o644); err != nil {
+			return err
+		}
+	}
 	upstream, err := goEnv("GOPROXY")
 	if err != nil {
 		return err
 	}
+	modCache, err := goEnv("GOMODCACHE")
+	if err != nil {
+		return err
+	}
 	env := append(os.Environ(),
-		"GOWORK=off", "GOFLAGS=-mod=mod",
-		"GOPROXY=file://"+filepath.ToSlash(proxy)+","+upstream,
+		"GOWORK=off", "GOFLAGS=-mod=mod -modcacherw -trimpath",
+		// A module cache of its own: the machine's may hold an older
+		// build of the same version, which Go would use instead of the
+		// tree's. The machine's cache is a proxy too (its cache/download),
+		// after the tree's, for third-party modules; -trimpath keeps the
+		// build cache's entries valid from one module cache to the next.
+		"GOMODCACHE="+filepath.Join(tmp, "modcache"),
+		"GOPROXY=file://"+filepath.ToSlash(proxy)+",file://"+filepath.ToSlash(filepath.Join(modCache, "cache", "download"))+","+upstream,
 		// The tree's modules are in no checksum database: go.sum records
 		// what the proxy served (GOPRIVATE would bypass the proxy).
 		"GONOSUMDB="+root, "GOSUMDB=off",
@@ -83,6 +114,7 @@ func run() error {
 	for _, args := range [][]string{
 		{"get", root + "/etcdcache@" + version},
 		{"mod", "tidy"},
+		{"build", "./cmd/..."},
 		{"run", "."},
 	} {
 		cmd := exec.Command("go", args...)
