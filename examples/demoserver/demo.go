@@ -51,11 +51,22 @@ type Replica struct {
 }
 
 // ReadDemo reads the Demo in file.
+//
+// The description says which CA to trust and which etcd to use: ReadDemo
+// refuses a file that is not a regular one, or that users other than its
+// owner may write.
 func ReadDemo(file string) (*Demo, error) {
-	b, err := os.ReadFile(file)
+	fi, err := os.Lstat(file)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("no shared demo: %s does not exist (start one with (cd etcdcache && go run ./examples/demoenv))", file)
 	}
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() || fi.Mode().Perm()&0o022 != 0 {
+		return nil, fmt.Errorf("%s: not a regular file that only its owner may write (%v)", file, fi.Mode())
+	}
+	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, err
 	}
@@ -91,7 +102,7 @@ type DemoCA struct {
 	// Demo is what StartDemo wrote.
 	Demo Demo
 
-	file       string
+	written    []string // the files StartDemo wrote, which Close removes
 	forwarders []*forwarder
 }
 
@@ -99,17 +110,22 @@ type DemoCA struct {
 // client endpoint etcd: an embedded CA whose DNS server gives the demo
 // names 127.0.0.1, and load balancers on the ports its validation
 // authority connects to, which forward to the replicas' addresses,
-// chosen among free ports of 127.0.0.1. It writes the Demo to file, and
-// the PEM file it names beside it. Close stops it and removes both files.
+// chosen among free ports of 127.0.0.1. It writes the Demo to file (only
+// its owner may read it), and the PEM file it names beside it; if either
+// exists, another demo may be running on it, and StartDemo fails. Close
+// stops the demo and removes both files.
 func StartDemo(file, etcd string, replicas int) (_ *DemoCA, err error) {
 	if replicas < 1 {
 		return nil, errors.New("a demo needs a replica at least")
+	}
+	if file == "" {
+		return nil, errors.New("no file for the demo's description: there is no user cache directory for the default")
 	}
 	ca, err := certmgrtest.NewServer(certmgrtest.Options{})
 	if err != nil {
 		return nil, err
 	}
-	c := &DemoCA{CA: ca, file: file}
+	c := &DemoCA{CA: ca}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -120,17 +136,13 @@ func StartDemo(file, etcd string, replicas int) (_ *DemoCA, err error) {
 	for _, d := range c.Demo.Domains {
 		ca.DNS.SetA(d, "127.0.0.1")
 	}
-	var httpsAddrs, httpAddrs []string
-	for range replicas {
-		r := Replica{}
-		if r.HTTPS, err = freePort(); err != nil {
-			return nil, err
-		}
-		if r.HTTP, err = freePort(); err != nil {
-			return nil, err
-		}
-		c.Demo.Replicas = append(c.Demo.Replicas, r)
-		httpsAddrs, httpAddrs = append(httpsAddrs, r.HTTPS), append(httpAddrs, r.HTTP)
+	addrs, err := freePorts(2 * replicas)
+	if err != nil {
+		return nil, err
+	}
+	httpsAddrs, httpAddrs := addrs[:replicas], addrs[replicas:]
+	for i := range replicas {
+		c.Demo.Replicas = append(c.Demo.Replicas, Replica{HTTPS: httpsAddrs[i], HTTP: httpAddrs[i]})
 	}
 	c.forwarders = []*forwarder{forward(ca.TLSListener, httpsAddrs), forward(ca.HTTPListener, httpAddrs)}
 
@@ -138,20 +150,48 @@ func StartDemo(file, etcd string, replicas int) (_ *DemoCA, err error) {
 	for _, cert := range []*x509.Certificate{ca.Root, ca.ProxyCert} {
 		roots = append(roots, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
 	}
-	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(c.Demo.Roots, roots, 0o644); err != nil {
-		return nil, err
-	}
 	desc, err := json.MarshalIndent(c.Demo, "", "  ")
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(file, append(desc, '\n'), 0o600); err != nil {
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
 		return nil, err
 	}
+	if err := writeNew(c.Demo.Roots, roots, 0o644); err != nil {
+		return nil, err
+	}
+	c.written = append(c.written, c.Demo.Roots)
+	if err := writeNew(file, append(desc, '\n'), 0o600); err != nil {
+		return nil, err
+	}
+	c.written = append(c.written, file)
 	return c, nil
+}
+
+// writeNew writes data to a new file of the given permissions, and fails
+// if the file exists.
+func writeNew(file string, data []byte, perm os.FileMode) error {
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
+	if errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("%s exists: a demo may be running on it (or one that crashed left it: remove it)", file)
+	}
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	return errors.Join(err, f.Close())
+}
+
+// Validations returns how many of the CA's validation connections were
+// handed to each replica, in the order of Demo.Replicas.
+func (c *DemoCA) Validations() []int {
+	n := make([]int, len(c.Demo.Replicas))
+	for _, f := range c.forwarders {
+		for i, k := range f.handed() {
+			n[i] += k
+		}
+	}
+	return n
 }
 
 // Close stops the demo's CA and load balancers and removes its files.
@@ -160,22 +200,25 @@ func (c *DemoCA) Close() error {
 		f.close()
 	}
 	err := c.CA.Close()
-	os.Remove(c.file)
-	if c.Demo.Roots != "" {
-		os.Remove(c.Demo.Roots)
+	for _, file := range c.written {
+		os.Remove(file)
 	}
 	return err
 }
 
-// freePort returns an address on 127.0.0.1 with a port free a moment
-// ago.
-func freePort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+// freePorts returns n distinct addresses on 127.0.0.1 whose ports were
+// free a moment ago.
+func freePorts(n int) ([]string, error) {
+	var addrs []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close() // held until all are chosen, so that they differ
+		addrs = append(addrs, ln.Addr().String())
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
+	return addrs, nil
 }
 
 // dialTimeout bounds a forwarder's connection to a backend.
@@ -188,8 +231,9 @@ type forwarder struct {
 	ln       net.Listener
 	backends []string
 
-	mu     sync.Mutex // guards next, conns and closed
+	mu     sync.Mutex // guards next, counts, conns and closed
 	next   int
+	counts []int // connections handed to each backend
 	conns  map[net.Conn]bool
 	closed bool
 
@@ -198,7 +242,7 @@ type forwarder struct {
 
 // forward serves ln in the background until close.
 func forward(ln net.Listener, backends []string) *forwarder {
-	f := &forwarder{ln: ln, backends: backends, conns: make(map[net.Conn]bool)}
+	f := &forwarder{ln: ln, backends: backends, counts: make([]int, len(backends)), conns: make(map[net.Conn]bool)}
 	f.wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -226,8 +270,11 @@ func (f *forwarder) handle(c net.Conn) {
 	var b net.Conn
 	for i := range f.backends {
 		var err error
-		addr := f.backends[(start+i)%len(f.backends)]
-		if b, err = net.DialTimeout("tcp", addr, dialTimeout); err == nil {
+		k := (start + i) % len(f.backends)
+		if b, err = net.DialTimeout("tcp", f.backends[k], dialTimeout); err == nil {
+			f.mu.Lock()
+			f.counts[k]++
+			f.mu.Unlock()
 			break
 		}
 	}
@@ -248,6 +295,13 @@ func (f *forwarder) handle(c net.Conn) {
 	io.Copy(c, b)
 	c.Close() // ends the copy above, if the client is still sending
 	<-done
+}
+
+// handed returns how many connections were handed to each backend.
+func (f *forwarder) handed() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]int(nil), f.counts...)
 }
 
 // track records conn for close, unless the forwarder is closed.

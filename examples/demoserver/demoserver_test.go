@@ -126,10 +126,11 @@ func dialRead(addr string) (string, error) {
 // the first after it that accepts it; so every connection is served
 // while one backend accepts, however many arrive at once.
 func TestForwarderSkipsStoppedBackends(t *testing.T) {
-	stopped, err := freePort()
+	addrs, err := freePorts(1) // nothing listens there
 	if err != nil {
 		t.Fatal(err)
 	}
+	stopped := addrs[0]
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -146,6 +147,9 @@ func TestForwarderSkipsStoppedBackends(t *testing.T) {
 	}
 	if s := strings.Join(got, " "); s != "one two two one" {
 		t.Errorf("connections reached %q, want one two two one", s)
+	}
+	if n := f.handed(); n[0] != 2 || n[1] != 0 || n[2] != 2 {
+		t.Errorf("handed %v, want [2 0 2]", n)
 	}
 
 	// At once, with one backend of three accepting.
@@ -174,7 +178,9 @@ func TestForwarderSkipsStoppedBackends(t *testing.T) {
 }
 
 // TestDemoFiles: StartDemo writes a description that ReadDemo reads, with
-// a PEM file that makes a working ACME client; Close removes both.
+// a PEM file that makes a working ACME client; it refuses to write over a
+// running demo's; ReadDemo refuses a file others may write; Close removes
+// both files.
 func TestDemoFiles(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "demo.json")
 	c, err := StartDemo(file, "http://127.0.0.1:2379", 2)
@@ -201,6 +207,18 @@ func TestDemoFiles(t *testing.T) {
 	}
 	if _, err := client.Discover(t.Context()); err != nil {
 		t.Errorf("the demo's ACME client: %v", err)
+	}
+	if _, err := StartDemo(file, "http://127.0.0.1:2379", 2); err == nil || !strings.Contains(err.Error(), "exists") {
+		t.Errorf("a second StartDemo on the file: %v, want an error saying it exists", err)
+	}
+	if _, err := ReadDemo(file); err != nil {
+		t.Errorf("the first demo's file after a second StartDemo failed: %v", err)
+	}
+	if err := os.Chmod(file, 0o620); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadDemo(file); err == nil {
+		t.Errorf("ReadDemo of a file others may write: no error")
 	}
 	c.Close()
 	for _, f := range []string{file, d.Roots} {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,15 +50,16 @@ type Env struct {
 	closers  []func()            // in the reverse order
 }
 
-// Open makes the Env that o describes, logging to log. With -demo, it
-// fills in o's domains, known IPs and etcd endpoints from the demo's
-// file. Close releases it.
-func Open(o *Options, log *slog.Logger) (e *Env, err error) {
-	e = &Env{o: o, log: log}
+// Open makes the Env that o describes, logging to log: it opens the
+// listeners, starts the embedded CA and writes its root (-pebble-root-out)
+// or reads the shared demo's description, and fails if any of that does.
+// With -demo, it fills in o's domains, known IPs and etcd endpoints from
+// the demo's description. Close releases the Env.
+func Open(o *Options, log *slog.Logger) (_ *Env, err error) {
+	e := &Env{o: o, log: log}
 	defer func() {
 		if err != nil {
-			e.Close()
-			e = nil
+			e.Close() // what was opened before the error
 		}
 	}()
 	switch {
@@ -84,12 +86,8 @@ func Open(o *Options, log *slog.Logger) (e *Env, err error) {
 		if o.Demo > len(d.Replicas) {
 			return nil, fmt.Errorf("-demo %d: the demo in %s has %d replicas", o.Demo, o.DemoFile, len(d.Replicas))
 		}
-		if len(o.Domains) == 0 {
-			o.Domains = d.Domains
-		}
-		if len(o.KnownIPs) == 0 {
-			o.KnownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1")}
-		}
+		o.Domains = d.Domains
+		o.KnownIPs = []netip.Addr{netip.MustParseAddr("127.0.0.1")}
 		o.Etcd = []string{d.Etcd}
 		if e.Client, err = d.client(); err != nil {
 			return nil, err
@@ -172,7 +170,7 @@ func (e *Env) Serve(ctx context.Context, stdout io.Writer, site http.Handler, tl
 	go func() { serveErr <- httpsSrv.ServeTLS(e.HTTPS, "", "") }()
 	go func() { serveErr <- httpSrv.Serve(e.HTTP) }()
 	e.log.Info("serving", "https", e.HTTPS.Addr().String(), "http", e.HTTP.Addr().String(),
-		"directory", e.Client.DirectoryURL, "domains", e.o.Domains)
+		"directory", e.Client.DirectoryURL, "domains", strings.Join(e.o.Domains, ","))
 
 	pctx, stopProvisioning := context.WithCancel(ctx)
 	defer stopProvisioning()

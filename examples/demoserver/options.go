@@ -26,8 +26,8 @@ var errNoEtcd = errors.New("this build has no etcd support: run (cd etcdcache &&
 // Options are the server's command-line flags, as examples/server
 // documents them.
 type Options struct {
-	Domains      []string     // -domain; the demo names by default with -pebble or -demo
-	KnownIPs     []netip.Addr // -known-ip; 127.0.0.1 by default with -pebble or -demo
+	Domains      []string     // -domain; with -pebble, the demo names if none; with -demo, the demo's (set by Open)
+	KnownIPs     []netip.Addr // -known-ip; with -pebble, 127.0.0.1 if none; with -demo, 127.0.0.1 (set by Open)
 	CacheDir     string       // -cache-dir; empty with -pebble, -demo or -etcd
 	Email        string       // -email
 	Profile      string       // -profile
@@ -40,7 +40,7 @@ type Options struct {
 	RootOut      string       // -pebble-root-out
 
 	// In a build with etcd support only:
-	Etcd       []string // -etcd, split at commas; with -demo, the demo's etcd
+	Etcd       []string // -etcd, split at commas; with -demo, the demo's etcd (set by Open)
 	EtcdPrefix string   // -etcd-prefix
 	Demo       int      // -demo: this replica's number, from 1; 0 without -demo
 	DemoFile   string   // -demo-file
@@ -49,11 +49,12 @@ type Options struct {
 // DefaultDemoFile is where StartDemo writes, and -demo reads, the
 // description of a shared demo, unless told otherwise: certmgr-demo.json
 // in the user's cache directory (os.UserCacheDir), which other users
-// cannot write, or in the temporary directory if there is none.
+// cannot write; or "" if there is none (no home directory), when the file
+// must be named.
 func DefaultDemoFile() string {
 	dir, err := os.UserCacheDir()
 	if err != nil {
-		dir = os.TempDir()
+		return ""
 	}
 	return filepath.Join(dir, "certmgr-demo.json")
 }
@@ -62,8 +63,9 @@ func DefaultDemoFile() string {
 // build of the server; etcd reports whether the build has etcd's client
 // (the flags -etcd, -etcd-prefix, -demo and -demo-file). If args are not
 // usable, Parse explains why on stderr and returns nil and the exit
-// status: 0 after -help, 2 otherwise; else it returns the Options and 0. A build without etcd refuses the
-// etcd flags with a line naming the build that has them.
+// status: 0 after -help, 2 otherwise; else it returns the Options and 0.
+// A build without etcd refuses the etcd flags with a line naming the build
+// that has them.
 func Parse(args []string, stderr io.Writer, etcd bool) (*Options, int) {
 	o := &Options{}
 	fs := flag.NewFlagSet("server", flag.ContinueOnError)
@@ -80,7 +82,7 @@ func Parse(args []string, stderr io.Writer, etcd bool) (*Options, int) {
 		o.KnownIPs = append(o.KnownIPs, a.Unmap())
 		return nil
 	})
-	fs.StringVar(&o.CacheDir, "cache-dir", "", "directory keeping certificates and the account key (required without -pebble)")
+	fs.StringVar(&o.CacheDir, "cache-dir", "", "directory keeping certificates and the account key (required, but with -pebble, -etcd or -demo)")
 	fs.StringVar(&o.Email, "email", "", "contact address given to the CA")
 	fs.StringVar(&o.Profile, "profile", "", `the ACME certificate profile every order asks for (Let's Encrypt: "classic", "tlsserver", "shortlived"); the CA's default if empty`)
 	fs.StringVar(&o.Directory, "directory", stagingDirectory, "ACME directory URL")
@@ -135,7 +137,7 @@ func Parse(args []string, stderr io.Writer, etcd bool) (*Options, int) {
 		if o.EtcdPrefix == "" {
 			return fail(stderr, "-etcd-prefix must not be empty")
 		}
-	} else if set["etcd-prefix"] && !set["demo"] {
+	} else if set["etcd-prefix"] && !set["demo"] { // -demo refuses it below
 		return fail(stderr, "-etcd-prefix needs -etcd")
 	}
 	if set["demo-file"] && !set["demo"] {
@@ -148,10 +150,15 @@ func Parse(args []string, stderr io.Writer, etcd bool) (*Options, int) {
 		if o.Demo < 1 {
 			return fail(stderr, "-demo: replicas are numbered from 1")
 		}
-		for _, name := range append(own, "pebble", "pebble-root-out", "etcd") {
+		// The demo's names, addresses and etcd keys are the same for
+		// every replica.
+		for _, name := range append(own, "pebble", "pebble-root-out", "etcd", "etcd-prefix", "domain", "known-ip") {
 			if set[name] {
 				return fail(stderr, "-"+name+" does not go with -demo")
 			}
+		}
+		if o.DemoFile == "" {
+			return fail(stderr, "-demo needs -demo-file: there is no user cache directory for the default")
 		}
 	case o.Pebble:
 		for _, name := range own {

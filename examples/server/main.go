@@ -39,13 +39,17 @@
 // -etcd-prefix, "/certmgr/" by default) instead of -cache-dir, and one
 // replica at a time orders a domain's certificate (see the etcdcache
 // package). That needs etcd's client, which this module does not depend
-// on: this build refuses -etcd, -etcd-prefix and -demo, and the build in
-// the etcdcache module, which takes the same flags, has them.
+// on: this build refuses -etcd, -etcd-prefix, -demo and -demo-file, and
+// the build in the etcdcache module, which takes the same flags, has
+// them; there, -demo N runs the server as replica N of a shared demo.
 //
 // Every call to certmgr is in this file, which is meant to be copied:
 // serve is the whole of what a server does with certmgr. The rest
 // (flags, listeners, the embedded CA, the status page, the graceful
-// shutdown) is the plumbing of the package examples/demoserver.
+// shutdown) is the plumbing of the package examples/demoserver, which
+// links the embedded CA (Pebble) into the binary: a production server
+// that needs no -pebble opens its listeners and acme.Client itself
+// instead of calling demoserver.Open.
 //
 // The status page names domains, addresses and errors: it answers only
 // clients on loopback addresses, unless -status-public is given. It tells

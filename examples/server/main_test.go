@@ -232,3 +232,45 @@ func TestNoEtcd(t *testing.T) {
 		}
 	}
 }
+
+// TestStartFailures: what cannot start (a port taken, a root file that
+// cannot be written) ends the server with status 1 and one "server
+// failed" line, having released what it had opened: a listener opened
+// before the failure is free again.
+func TestStartFailures(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	freeAddr := free.Addr().String()
+	free.Close()
+
+	dir := t.TempDir()
+	for name, args := range map[string][]string{
+		"HTTPS port taken": {"-domain", "example.com", "-cache-dir", dir, "-https-addr", taken.Addr().String(), "-http-addr", freeAddr},
+		"HTTP port taken":  {"-domain", "example.com", "-cache-dir", dir, "-https-addr", freeAddr, "-http-addr", taken.Addr().String()},
+		"root not written": {"-pebble", "-pebble-root-out", filepath.Join(dir, "no-such-dir", "root.pem")},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := run(context.Background(), args, &stdout, &stderr); code != 1 {
+			t.Errorf("%s: exit status %d, want 1\n%s", name, code, stderr.String())
+		}
+		if n := strings.Count(stderr.String(), "msg=\"server failed\""); n != 1 {
+			t.Errorf("%s: %d lines \"server failed\", want 1:\n%s", name, n, stderr.String())
+		}
+		if stdout.Len() > 0 {
+			t.Errorf("%s: printed %q", name, stdout.String())
+		}
+		ln, err := net.Listen("tcp", freeAddr)
+		if err != nil {
+			t.Errorf("%s: %s not released: %v", name, freeAddr, err)
+			continue
+		}
+		ln.Close()
+	}
+}

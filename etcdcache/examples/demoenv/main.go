@@ -5,7 +5,8 @@
 // description to -file (certmgr-demo.json in the user's cache directory,
 // where the server's -demo looks by default), prints the commands that
 // start the replicas, and then, as they order certificates, the CA's
-// order count per name. Run it, from the etcdcache module, with:
+// order count per name and how many of its validation connections each
+// replica answered. Run it, from the etcdcache module, with:
 //
 //	go run ./examples/demoenv [-replicas 2] [-file FILE]
 //
@@ -84,7 +85,7 @@ func serve(ctx context.Context, file string, replicas int, stdout io.Writer) err
 	}
 
 	// The CA's order counts, as they change: one order per name, however
-	// many replicas.
+	// many replicas; and the validations, which reach every replica.
 	last := ""
 	tick := time.NewTicker(reportEvery)
 	defer tick.Stop()
@@ -94,11 +95,14 @@ func serve(ctx context.Context, file string, replicas int, stdout io.Writer) err
 			return nil
 		case <-tick.C:
 		}
-		var counts []string
+		var orders, validations []string
 		for _, d := range demo.Demo.Domains {
-			counts = append(counts, fmt.Sprintf("%s %d", d, demo.CA.Proxy.Counts(d).Orders))
+			orders = append(orders, fmt.Sprintf("%s %d", d, demo.CA.Proxy.Counts(d).Orders))
 		}
-		if now := strings.Join(counts, ", "); now != last {
+		for i, n := range demo.Validations() {
+			validations = append(validations, fmt.Sprintf("replica %d %d", i+1, n))
+		}
+		if now := strings.Join(orders, ", ") + "; validation connections: " + strings.Join(validations, ", "); now != last {
 			fmt.Fprintf(stdout, "orders: %s\n", now)
 			last = now
 		}

@@ -32,7 +32,7 @@ func TestDemoEnv(t *testing.T) {
 	if want := "go run ./examples/server -demo 3 -demo-file " + file; got["replica 3: "] != want {
 		t.Errorf("replica 3: %q, want %q", got["replica 3: "], want)
 	}
-	if want := "a.pebble.test 0, b.pebble.test 0"; got["orders: "] != want {
+	if want := "a.pebble.test 0, b.pebble.test 0; validation connections: replica 1 0, replica 2 0, replica 3 0"; got["orders: "] != want {
 		t.Errorf("orders: %q, want %q", got["orders: "], want)
 	}
 	srv.Stop(t, 10*time.Second)

@@ -5,7 +5,7 @@
 // flag, the status page at /certmgr/status and the line "status: URL" it
 // prints once its domains are provisioned are those of the certmgr
 // module's examples/server, whose documentation describes them; without
-// -etcd, it is that server.
+// -etcd or -demo, it is that server.
 //
 // Usage, from the etcdcache module:
 //

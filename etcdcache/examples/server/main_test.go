@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/certmgr/certmgr/certmgrtest"
 	"github.com/certmgr/certmgr/etcdcache/internal/etcdtest"
 	"github.com/certmgr/certmgr/examples/demoserver"
 	"github.com/certmgr/certmgr/internal/leakcheck"
@@ -160,6 +161,9 @@ func TestUsage(t *testing.T) {
 		"-etcd does not go with -demo":            {"-demo", "1", "-etcd", "http://127.0.0.1:2379"},
 		"-https-addr does not go with -demo":      {"-demo", "2", "-https-addr", ":8443"},
 		"-demo-file needs -demo":                  {"-pebble", "-demo-file", dir + "/demo.json"},
+		"-domain does not go with -demo":          {"-demo", "1", "-domain", "example.com"},
+		"-known-ip does not go with -demo":        {"-demo", "1", "-known-ip", "127.0.0.1"},
+		"-etcd-prefix does not go with -demo":     {"-demo", "1", "-etcd-prefix", "/other/"},
 	} {
 		var stderr bytes.Buffer
 		if code := run(context.Background(), args, io.Discard, &stderr); code != 2 || stderr.String() != "server: "+msg+"\n" {
@@ -170,29 +174,50 @@ func TestUsage(t *testing.T) {
 
 // TestDemo runs the README's two-replica demo in process: a shared demo
 // (examples/demoenv's) on a real etcd, and two replicas run with -demo 1
-// and -demo 2. Each serves every demo name with the same certificate,
-// verified against the demo's roots, and the CA saw one order per name.
+// and -demo 2, both serving before the CA answers an order. The CA's
+// validations reach both replicas, whichever ordered; each replica serves
+// every demo name with the same certificate, verified against the demo's
+// roots; and the CA saw one order per name.
 func TestDemo(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "demo.json")
 	demo, err := demoserver.StartDemo(file, etcdtest.Start(t).Endpoint(), 2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer demo.Close()
+	t.Cleanup(func() { demo.Close() }) // after the replicas' cleanups
+	// No order is answered until both replicas serve, so that either may
+	// get the validations of the other's order.
+	removeHold := demo.CA.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Hold: true})
 
 	var servers []*testsupport.Server
-	var addrs []string
 	for i := range 2 {
 		args := []string{"-demo", strconv.Itoa(i + 1), "-demo-file", file}
-		srv := testsupport.StartServer(t, "replica "+args[1], func(ctx context.Context, stdout, stderr io.Writer) int {
+		servers = append(servers, testsupport.StartServer(t, "replica "+args[1], func(ctx context.Context, stdout, stderr io.Writer) int {
 			return run(ctx, args, stdout, stderr)
-		})
-		servers = append(servers, srv)
+		}))
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for _, srv := range servers {
+		for !strings.Contains(srv.Stderr.String(), "msg=serving") {
+			if time.Now().After(deadline) {
+				t.Fatalf("a replica does not serve within 30 s:\n%s", srv.Stderr.String())
+			}
+			time.Sleep(10 * time.Millisecond) // polling with a deadline
+		}
+	}
+	removeHold()
+	demo.CA.Proxy.Release()
+
+	var addrs []string
+	for i, srv := range servers {
 		got := testsupport.WaitLines(t, srv.Lines, "https: ", "root: ", "try: ")
 		if got["https: "] != demo.Demo.Replicas[i].HTTPS || got["root: "] != demo.Demo.Roots {
 			t.Errorf("replica %d printed %v; want its address in the demo, %s, and the demo's roots", i+1, got, demo.Demo.Replicas[i].HTTPS)
 		}
 		addrs = append(addrs, got["https: "])
+	}
+	if v := demo.Validations(); v[0] == 0 || v[1] == 0 {
+		t.Errorf("validation connections per replica: %v, want some to each", v)
 	}
 
 	roots := testsupport.RootPool(t, demo.Demo.Roots)
@@ -215,5 +240,25 @@ func TestDemo(t *testing.T) {
 	}
 	for _, srv := range servers {
 		srv.Stop(t, 10*time.Second)
+	}
+}
+
+// TestDemoStartFailures: a replica whose demo is not there, or has no
+// room for it, ends with status 1 and says why.
+func TestDemoStartFailures(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "demo.json")
+	demo, err := demoserver.StartDemo(file, "http://127.0.0.1:2379", 2) // no replica gets as far as etcd
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer demo.Close()
+	for want, args := range map[string][]string{
+		"does not exist": {"-demo", "1", "-demo-file", file + ".missing"},
+		"-demo 3: the demo in " + file + " has 2": {"-demo", "3", "-demo-file", file},
+	} {
+		var stderr bytes.Buffer
+		if code := run(context.Background(), args, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), want) {
+			t.Errorf("server %q: exit status %d, stderr %q; want 1 and %q", args, code, stderr.String(), want)
+		}
 	}
 }
