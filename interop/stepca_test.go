@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -408,4 +409,21 @@ func listenPair(t *testing.T, other string) (main, second net.Listener) {
 	}
 	t.Fatal("no port free on both addresses")
 	return nil, nil
+}
+
+// TestStepCAPinned: the stepca module pins step-ca. Reading its go.mod
+// and go.sum here also ties go test's cached results to them: TestMain's
+// build of step-ca happens in a child process, whose reads the test cache
+// does not see, and before the test log starts.
+func TestStepCAPinned(t *testing.T) {
+	mod, err := os.ReadFile(filepath.Join("stepca", "go.mod"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.ReadFile(filepath.Join("stepca", "go.sum")); err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`(?m)^\s*(require\s+)?github\.com/smallstep/certificates v\d+\.\d+\.\d+(\s|$)`).Match(mod) {
+		t.Errorf("stepca/go.mod does not require a released step-ca:\n%s", mod)
+	}
 }
