@@ -1,14 +1,15 @@
 // Command consumer proves that a module outside this repository can use
-// certmgr and etcdcache at the versions the nested go.mod files name, as
-// a user will once they are tagged (RELEASING.md). It builds a module
-// proxy in a directory (GOPROXY=file://...) from the working tree: for the
-// root module and etcdcache, the version etcdcache's go.mod requires of
-// the root, a .info, a .mod and a .zip each, without the nested modules'
-// files. Then, in a scratch module outside the tree, with that proxy ahead
-// of the usual one for third-party modules, it gets etcdcache at that
-// version, builds the example servers' main.go files copied into it, and
-// runs a program that obtains a certificate from certmgrtest's CA on two
-// replicas sharing an etcd (etcdtest). Run from the repository's root:
+// certmgr, etcdcache and certmgrprom at the versions the nested go.mod
+// files name, as a user will once they are tagged (RELEASING.md). It
+// builds a module proxy in a directory (GOPROXY=file://...) from the
+// working tree: for the root module, etcdcache and certmgrprom, at the
+// version the nested go.mod files require of the root, a .info, a .mod
+// and a .zip each, without the nested modules' files. Then, in a scratch
+// module outside the tree, with that proxy ahead of the usual one for
+// third-party modules, it gets etcdcache and certmgrprom at that version,
+// builds the example servers' main.go files copied into it, and runs a
+// program that obtains a certificate from certmgrtest's CA on two replicas
+// sharing an etcd (etcdtest). Run from the repository's root:
 //
 //	go run .ci/consumer/main.go
 //
@@ -37,6 +38,7 @@ const root = "github.com/certmgr/certmgr"
 var copied = map[string]string{
 	"cmd/server":     "examples/server/main.go",
 	"cmd/etcdserver": "etcdcache/examples/server/main.go",
+	"cmd/promserver": "certmgrprom/examples/server/main.go",
 }
 
 func main() {
@@ -55,13 +57,20 @@ func run() error {
 	if strings.HasPrefix(version, "v0.0.0-") {
 		return fmt.Errorf("etcdcache/go.mod requires %s %s, a pseudo-version no consumer can resolve: require the version to be tagged (RELEASING.md)", root, version)
 	}
+	// The published nested modules are tagged on the same commit as the
+	// root, at the same version (RELEASING.md).
+	if v, err := requiredRoot("certmgrprom/go.mod"); err != nil {
+		return err
+	} else if v != version {
+		return fmt.Errorf("certmgrprom/go.mod requires %s %s, etcdcache/go.mod %s: they are released together", root, v, version)
+	}
 	tmp, err := os.MkdirTemp("", "certmgr-consumer-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(tmp)
 	proxy := filepath.Join(tmp, "proxy")
-	for _, m := range []struct{ path, dir string }{{root, "."}, {root + "/etcdcache", "etcdcache"}} {
+	for _, m := range []struct{ path, dir string }{{root, "."}, {root + "/etcdcache", "etcdcache"}, {root + "/certmgrprom", "certmgrprom"}} {
 		if err := addModule(proxy, m.path, m.dir, version); err != nil {
 			return err
 		}
@@ -112,7 +121,7 @@ func run() error {
 		"GONOSUMDB="+root, "GOSUMDB=off",
 	)
 	for _, args := range [][]string{
-		{"get", root + "/etcdcache@" + version},
+		{"get", root + "/etcdcache@" + version, root + "/certmgrprom@" + version},
 		{"mod", "tidy"},
 		{"build", "./cmd/..."},
 		{"run", "."},
@@ -125,7 +134,7 @@ func run() error {
 			return fmt.Errorf("go %s: %w", strings.Join(args, " "), err)
 		}
 	}
-	fmt.Printf("consumer: %s and etcdcache %s resolved from the module proxy built from the tree, in %v\n",
+	fmt.Printf("consumer: %s, etcdcache and certmgrprom %s resolved from the module proxy built from the tree, in %v\n",
 		root, version, time.Since(start).Round(time.Second))
 	return nil
 }
