@@ -19,7 +19,8 @@ const provisionTimeout = 2 * time.Minute
 
 // Provision calls provision (a certmgr.Manager's Provision) for each of
 // domains in parallel, each with a context ending after 2 minutes at
-// most, and logs the outcomes.
+// most, and logs the outcomes: a failure at Warn level, unless ctx ended
+// (the server is shutting down).
 func Provision(ctx context.Context, domains []string, provision func(ctx context.Context, domain string) error, log *slog.Logger) {
 	var wg sync.WaitGroup
 	for _, d := range domains {
@@ -28,6 +29,10 @@ func Provision(ctx context.Context, domains []string, provision func(ctx context
 			defer cancel()
 			start := time.Now()
 			if err := provision(pctx, d); err != nil {
+				if ctx.Err() != nil { // shutting down
+					log.Debug("provisioning stopped", "domain", d, "error", err)
+					return
+				}
 				log.Warn("provisioning failed; handshakes will retry as backoff allows", "domain", d, "error", err)
 				return
 			}

@@ -262,3 +262,46 @@ func TestDemoStartFailures(t *testing.T) {
 		}
 	}
 }
+
+// TestStopDuringAnOrder stops the server while its orders are held at
+// the CA: it stops within the shutdown's bound, logs nothing above Info
+// level (the provisioning it cuts short included), and leaves no lock
+// entry in etcd.
+func TestStopDuringAnOrder(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "demo.json")
+	endpoint := etcdtest.Start(t).Endpoint()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: dialTimeout, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	demo, err := demoserver.StartDemo(file, endpoint, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { demo.Close() })
+	demo.CA.Proxy.AddRule(certmgrtest.Rule{Class: certmgrtest.ClassNewOrder, Hold: true})
+
+	srv := testsupport.StartServer(t, "run", func(ctx context.Context, stdout, stderr io.Writer) int {
+		return run(ctx, []string{"-demo", "1", "-demo-file", file}, stdout, stderr)
+	})
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	if err := demo.CA.Proxy.WaitFor(ctx, func() bool { return demo.CA.Proxy.Requests(certmgrtest.ClassNewOrder) >= 2 }); err != nil {
+		t.Fatalf("no order for both names: %v", err)
+	}
+	srv.Stop(t, 10*time.Second)
+
+	for line := range strings.Lines(srv.Stderr.String()) {
+		if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+			t.Errorf("logged: %s", line)
+		}
+	}
+	locks, err := cli.Get(ctx, "/certmgr/locks/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range locks.Kvs {
+		t.Errorf("lock entry %s left after shutdown", kv.Key)
+	}
+}
