@@ -277,6 +277,10 @@ func TestStepCAValidationFailing(t *testing.T) {
 
 			// The first handshake waited for the attempt until its
 			// timeout; every one that started after that did not wait.
+			// "Waited" is the library's own measure (gaveUp): half the
+			// timeout or more. A handshake that does not wait takes a
+			// few hundred milliseconds here under -race when the
+			// machine is loaded, so a smaller bound fails by chance.
 			slices.SortFunc(results, func(a, b result) int { return a.start.Compare(b.start) })
 			firstEnd := results[0].start.Add(results[0].took)
 			var after []time.Duration
@@ -288,7 +292,7 @@ func TestStepCAValidationFailing(t *testing.T) {
 					t.Errorf("handshake at %v got a certificate step-ca issued, want the fallback", r.start)
 				case r.start.After(firstEnd):
 					after = append(after, r.took)
-					if r.took > timeout/3 {
+					if r.took >= timeout/2 {
 						t.Errorf("a handshake after the first timed out took %v: it waited", r.took)
 					}
 				}
