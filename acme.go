@@ -563,16 +563,17 @@ func (o *acmeObserver) owner(url string) tracked {
 }
 
 // firstFailure reports whether the authorization at url is seen invalid
-// for the first time.
+// for the first time by the attempt in flight. A URL no longer tracked
+// belongs to an attempt that ended while the request was out: autocert's
+// detached clean-up reads the authorizations of an attempt that failed,
+// so its answer is news to nobody.
 func (o *acmeObserver) firstFailure(url string) bool {
 	o.urlsMu.Lock()
 	defer o.urlsMu.Unlock()
-	if o.failed[url] {
+	if _, ok := o.urls[url]; !ok || o.failed[url] {
 		return false
 	}
-	if _, ok := o.urls[url]; ok {
-		o.failed[url] = true
-	}
+	o.failed[url] = true
 	return true
 }
 

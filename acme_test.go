@@ -137,8 +137,8 @@ func TestObserverCountsEachFailedAuthorizationOnce(t *testing.T) {
 	if o.owner("https://ca/authz/1") != (tracked{}) || o.owner("https://ca/authz/2") != b {
 		t.Error("forget dropped the wrong URLs")
 	}
-	if !o.firstFailure("https://ca/authz/1") || !o.firstFailure("https://ca/authz/1") {
-		t.Error("an untracked URL's failure is not news every time")
+	if o.firstFailure("https://ca/authz/1") {
+		t.Error("the failure of an ended attempt's authorization is news")
 	}
 	o.forget("b.test")
 	if len(o.urls)+len(o.byName)+len(o.failed) != 0 {
@@ -638,6 +638,50 @@ func TestObserverForgetsEndedAttempts(t *testing.T) {
 	o.urlsMu.Unlock()
 	if left != 0 {
 		t.Errorf("%d entries tracked after the attempt ended", left)
+	}
+}
+
+// TestObserverCountsAFailureOnceWhenTheAttemptEndsMeanwhile: autocert
+// polls an authorization until it is invalid, its attempt fails, and its
+// detached clean-up reads the authorization again while the attempt ends.
+// The failure is reported once, not again with the clean-up's answer.
+func TestObserverCountsAFailureOnceWhenTheAttemptEndsMeanwhile(t *testing.T) {
+	const invalid = `{"status":"invalid","challenges":[{"type":"tls-alpn-01","url":"https://ca/chall/1","status":"invalid","error":{"detail":"refused"}}]}`
+	var (
+		o             *acmeObserver
+		polls, failed int
+	)
+	o = newACMEObserver(roundTripFunc(func(r *http.Request) (*http.Response, error) {
+		if r.URL.Path == "/new-order" {
+			return acmeResponse(201, http.Header{"Location": {"https://ca/order/1"}},
+				`{"status":"pending","authorizations":["https://ca/authz/1"],"finalize":"https://ca/finalize/1"}`), nil
+		}
+		if polls++; polls == 2 {
+			o.forget("a.test") // the attempt ends while the clean-up's request is out
+		}
+		return acmeResponse(200, nil, invalid), nil
+	}), &fakeOwner{
+		admit: func(*http.Request, string) (string, error) { return "r1", nil },
+		report: func(_ string, ob observation) {
+			if ob.authzFailed {
+				failed++
+			}
+		},
+	})
+	o.life = context.Background()
+	o.timeout = time.Minute
+	for _, path := range []string{"/new-order", "/authz/1", "/authz/1"} { // the order, the poll that sees it invalid, the clean-up
+		body := jws("")
+		if path == "/new-order" {
+			body = jws(`{"identifiers":[{"type":"dns","value":"a.test"}]}`)
+		}
+		req, _ := http.NewRequest("POST", "https://ca"+path, strings.NewReader(string(body)))
+		if _, err := o.RoundTrip(req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if polls != 2 || failed != 1 {
+		t.Errorf("%d polls, %d failed authorizations reported; want 2 and 1", polls, failed)
 	}
 }
 

@@ -362,6 +362,9 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		return // already finished
 	}
 	d.attempt = nil
+	// From here an answer to one of a's requests still out (autocert's
+	// detached clean-up) is no news to the attempt that may follow.
+	m.obs.forget(d.name)
 	if a.path != PathRenewal {
 		m.inFlight--
 	}
@@ -482,7 +485,6 @@ func (m *Manager) finish(d *domain, a *attempt, cert *tls.Certificate, err error
 		}
 		unlock()
 	}
-	m.obs.forget(d.name)
 	if cert != nil {
 		m.serve(certKey{domain: d.name, rsa: isRSA(cert)}, cert)
 	}
