@@ -20,7 +20,7 @@ type Counters struct {
 	Attempts map[Path]AttemptCounts
 
 	Orders               uint64 // orders the CA made
-	FailedAuthorizations uint64 // authorizations the CA failed, or certmgr took as failed (see the README's "Tested against")
+	FailedAuthorizations uint64 // authorizations the CA failed, or certmgr took as failed (see the README's "Tested against"), seen while their attempt ran
 
 	RenewalInfoAnswered    uint64 // polls of renewal information the CA answered usably
 	RenewalInfoUnusable    uint64 // ... answered with something that cannot be used
